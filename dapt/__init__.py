@@ -1,0 +1,3 @@
+"""dapt: domain-adaptive pretraining of masked language models, run rigorously."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,99 @@
+"""Config validation and resolvers.
+
+Configs are the API: Hydra composes YAML files, and each group is validated against a dataclass here
+(or the strategy's own dataclass), so a misspelt key or an out-of-range value fails at start-up with
+the key's full name instead of an hour into a run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from dapt.errors import ConfigError
+
+T = TypeVar("T")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def config_dir() -> Path:
+    """Where the Hydra configs live: ``$DAPT_CONFIG_DIR`` or the repo's ``conf/``."""
+    env = os.environ.get("DAPT_CONFIG_DIR")
+    path = Path(env) if env else REPO_ROOT / "conf"
+    if not (path / "train.yaml").exists():
+        raise ConfigError(f"no train.yaml in config dir {path} (set DAPT_CONFIG_DIR or install dapt editable)")
+    return path
+
+
+def default_data_dir() -> str:
+    """``$DAPT_DATA_DIR``, else ``../shared/data`` beside the repo (or the cwd) when it exists."""
+    env = os.environ.get("DAPT_DATA_DIR")
+    if env:
+        return env
+    for base in (REPO_ROOT, Path.cwd()):
+        candidate = base.parent / "shared" / "data"
+        if candidate.exists():
+            return str(candidate.resolve())
+    return str((REPO_ROOT.parent / "shared" / "data").resolve())
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("DAPT_CACHE_DIR") or str(Path.home() / ".cache" / "dapt")
+
+
+def register_resolvers() -> None:
+    """Resolvers used by ``conf/paths``: ``${dapt_data_dir:}`` and ``${dapt_cache_dir:}``."""
+    if not OmegaConf.has_resolver("dapt_data_dir"):
+        OmegaConf.register_new_resolver("dapt_data_dir", default_data_dir)
+    if not OmegaConf.has_resolver("dapt_cache_dir"):
+        OmegaConf.register_new_resolver("dapt_cache_dir", default_cache_dir)
+
+
+def _describe(exc: OmegaConfBaseException, prefix: str) -> str:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or ""
+    full = f"{prefix}.{key}" if prefix and key else (key or prefix)
+    msg = str(exc).splitlines()[0]
+    if isinstance(exc, ConfigKeyError):
+        return f"unknown config key '{full}'"
+    return f"invalid value for '{full}': {msg}"
+
+
+def to_dataclass(cls: type[T], cfg: Any, *, prefix: str = "") -> T:
+    """Validate ``cfg`` against dataclass ``cls`` and return an instance.
+
+    Unknown keys and type mismatches raise ``ConfigError`` naming ``prefix.key``; range checks live
+    in the dataclass's ``__post_init__`` (which must itself raise ``ConfigError``).
+    """
+    if not is_dataclass(cls):
+        raise TypeError(f"{cls} is not a dataclass")
+    if isinstance(cfg, DictConfig):
+        data = OmegaConf.to_container(cfg, resolve=True)
+    else:
+        data = dict(cfg or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix + '.' if prefix else ''}{unknown[0]}' (valid keys: {', '.join(sorted(known))})"
+        )
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls), data)
+        obj = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except (ValidationError, ConfigKeyError, OmegaConfBaseException) as exc:
+        raise ConfigError(_describe(exc, prefix)) from exc
+    except Exception as exc:  # __post_init__ raising ConfigError is wrapped by OmegaConf
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        if isinstance(exc.args[0] if exc.args else None, str) and "ConfigError" in type(exc).__name__:
+            raise
+        raise
+    return obj  # type: ignore[return-value]

@@ -1,0 +1,39 @@
+"""Masking strategies. Importing this package registers every strategy module.
+
+Add a strategy: subclass ``MaskingStrategy`` in its own module, decorate it with ``@register(name)``,
+give it a ``config_class`` dataclass (subclass of ``MaskingConfig``) for its knobs, import the module
+here, and add ``conf/masking/<name>.yaml``.
+"""
+
+from dapt.masking import random  # noqa: F401  (registers "random")
+from dapt.masking.base import (
+    IGNORE_INDEX,
+    Masker,
+    MaskingConfig,
+    MaskingContext,
+    MaskingInput,
+    MaskingStrategy,
+    apply_corruption,
+    available_strategies,
+    build_masker,
+    masker_for,
+    rate_at,
+    register,
+    strategy_class,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Masker",
+    "MaskingConfig",
+    "MaskingContext",
+    "MaskingInput",
+    "MaskingStrategy",
+    "apply_corruption",
+    "available_strategies",
+    "build_masker",
+    "masker_for",
+    "rate_at",
+    "register",
+    "strategy_class",
+]

@@ -1,0 +1,313 @@
+"""The masking interface: strategies choose positions, one shared step corrupts them.
+
+Masking is data, not model. A ``MaskingStrategy`` looks at a batch of packed token ids (with the word
+index of every token and a mask of never-maskable positions) and returns a boolean matrix of positions
+to predict. ``apply_corruption`` then replaces them mask/random/keep (80/10/10 by default) and builds
+labels. Keeping the two apart means every strategy gets the same corruption, the same guarantees
+(specials and padding never masked, seeded ``torch.Generator``, vectorised torch) and the same tests.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from dapt.errors import ConfigError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MaskingInput:
+    """What a strategy sees. All tensors are ``[batch, seq]`` on the same device.
+
+    ``word_ids`` numbers the words of each row from 0 (a word = the sub-tokens the fast tokenizer
+    assigned to one pre-tokenized word, so it works for WordPiece, BPE and SentencePiece alike);
+    special tokens and padding have ``-1`` and ``maskable`` False.
+    """
+
+    input_ids: torch.Tensor
+    word_ids: torch.Tensor
+    maskable: torch.Tensor
+
+    @classmethod
+    def from_word_starts(cls, input_ids: torch.Tensor, word_starts: torch.Tensor, maskable: torch.Tensor) -> "MaskingInput":
+        """Build word ids from the per-token 'starts a new word' flags that packed blocks carry.
+
+        The first maskable token of a row always starts a word (a word cut by a block boundary
+        becomes a word of its own in the next block).
+        """
+        starts = word_starts.bool() & maskable
+        first = maskable & (maskable.long().cumsum(1) == 1)
+        starts = starts | first
+        word_ids = starts.long().cumsum(1) - 1
+        word_ids = torch.where(maskable, word_ids, torch.full_like(word_ids, -1))
+        return cls(input_ids=input_ids, word_ids=word_ids, maskable=maskable)
+
+
+@dataclass
+class MaskingConfig:
+    """Knobs shared by every strategy; strategy configs subclass this with their own fields.
+
+    Attributes:
+        name: registered strategy name (``random``, ``whole_word``, ``span``, ``pmi``, ``salient``).
+        rate: fraction of maskable tokens to predict during training (Wettig et al. 2023 find 0.3-0.4
+            better than 0.15 for uniform masking).
+        schedule: ``constant`` or ``linear`` (rate -> final_rate over schedule_steps, then constant).
+        final_rate: end rate of a linear schedule.
+        schedule_steps: length of the linear schedule; null means the run's ``trainer.max_steps``.
+        mask_fraction / random_fraction: corruption split of the chosen positions; the rest keep
+            their token (BERT's 80/10/10).
+        eval_rate / eval_strategy / eval_seed: held-out sets are masked once with these, so every
+            evaluation of every run (whatever its train strategy) sees identical masks.
+    """
+
+    name: str = "random"
+    rate: float = 0.15
+    schedule: str = "constant"
+    final_rate: float | None = None
+    schedule_steps: int | None = None
+    mask_fraction: float = 0.8
+    random_fraction: float = 0.1
+    eval_rate: float = 0.15
+    eval_strategy: str = "random"
+    eval_seed: int = 1234
+
+    def __post_init__(self) -> None:
+        for key in ("rate", "eval_rate"):
+            value = getattr(self, key)
+            if not 0.0 < value < 1.0:
+                raise ConfigError(f"masking.{key}={value} must be in (0, 1)")
+        if self.final_rate is not None and not 0.0 < self.final_rate < 1.0:
+            raise ConfigError(f"masking.final_rate={self.final_rate} must be in (0, 1)")
+        if self.schedule not in ("constant", "linear"):
+            raise ConfigError(f"masking.schedule={self.schedule!r}: choose constant or linear")
+        if self.schedule == "linear" and self.final_rate is None:
+            raise ConfigError("masking.schedule=linear needs masking.final_rate")
+        for key in ("mask_fraction", "random_fraction"):
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"masking.{key}={value} must be in [0, 1]")
+        if self.mask_fraction + self.random_fraction > 1.0 + 1e-9:
+            raise ConfigError(
+                f"masking.mask_fraction + masking.random_fraction = {self.mask_fraction + self.random_fraction} exceeds 1"
+            )
+
+
+@dataclass
+class MaskingContext:
+    """What a strategy may need beyond its config, e.g. corpus statistics for PMI or salient terms.
+
+    ``domain_documents`` / ``general_documents`` are zero-argument callables returning fresh
+    iterators of document strings (streamed, never a whole corpus in memory); ``cache_dir`` is where
+    statistics computed from them are cached.
+    """
+
+    tokenizer: Any = None
+    domain_documents: Callable[[], Any] | None = None
+    general_documents: Callable[[], Any] | None = None
+    cache_dir: str | None = None
+
+
+class MaskingStrategy(ABC):
+    """Chooses which positions the model must predict. Subclasses register with ``@register``."""
+
+    config_class: ClassVar[type[MaskingConfig]] = MaskingConfig
+
+    def __init__(self, config: MaskingConfig, context: MaskingContext | None = None) -> None:
+        self.config = config
+        self.context = context
+
+    @abstractmethod
+    def select(self, batch: MaskingInput, rate: float, generator: torch.Generator) -> torch.Tensor:
+        """Return a bool ``[batch, seq]`` matrix, True where the token is to be predicted.
+
+        Must never select a position whose ``maskable`` is False, and the expected fraction of
+        selected maskable tokens must equal ``rate``.
+        """
+
+
+_REGISTRY: dict[str, type[MaskingStrategy]] = {}
+
+
+def register(name: str) -> Callable[[type[MaskingStrategy]], type[MaskingStrategy]]:
+    """Class decorator: make a strategy available as ``masking.name=<name>``."""
+
+    def wrap(cls: type[MaskingStrategy]) -> type[MaskingStrategy]:
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available_strategies() -> list[str]:
+    from dapt import masking  # noqa: F401  (imports every strategy module, filling the registry)
+
+    return sorted(_REGISTRY)
+
+
+def strategy_class(name: str) -> type[MaskingStrategy]:
+    names = available_strategies()
+    if name not in _REGISTRY:
+        raise ConfigError(f"masking.name={name!r} is not a strategy; available: {', '.join(names)}")
+    return _REGISTRY[name]
+
+
+def rate_at(config: MaskingConfig, step: int, default_steps: int | None = None) -> float:
+    """The training mask rate at optimizer ``step`` under the configured schedule."""
+    if config.schedule == "constant" or config.final_rate is None:
+        return config.rate
+    steps = config.schedule_steps or default_steps
+    if not steps:
+        return config.rate
+    frac = min(max(step, 0) / steps, 1.0)
+    return config.rate + (config.final_rate - config.rate) * frac
+
+
+def exact_count_selection(scores: torch.Tensor, eligible: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Select, per row, the ``counts[row]`` eligible positions with the lowest ``scores``.
+
+    Vectorised: one sort per batch. Used to pick tokens (random masking) or units (words, spans).
+    """
+    scores = scores.masked_fill(~eligible, math.inf)
+    order = scores.argsort(dim=1)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return (ranks < counts.unsqueeze(1)) & eligible
+
+
+def stochastic_round(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Round to an integer so that the expectation is exact (``E[round(x)] = x``)."""
+    floor = values.floor()
+    frac = values - floor
+    u = torch.rand(values.shape, generator=generator, device=values.device)
+    return (floor + (u < frac).to(values.dtype)).long()
+
+
+def apply_corruption(
+    input_ids: torch.Tensor,
+    selected: torch.Tensor,
+    *,
+    mask_token_id: int,
+    vocab_size: int,
+    mask_fraction: float,
+    random_fraction: float,
+    generator: torch.Generator,
+    random_token_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corrupt the selected positions and return ``(inputs, labels)``.
+
+    Labels are the original ids at selected positions and ``-100`` elsewhere. Of the selected
+    positions, ``mask_fraction`` become ``[MASK]``, ``random_fraction`` a random token (drawn from
+    ``random_token_ids`` when given, so special tokens never appear as noise), the rest keep theirs.
+    """
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    inputs = input_ids.clone()
+    u = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    to_mask = selected & (u < mask_fraction)
+    to_random = selected & (u >= mask_fraction) & (u < mask_fraction + random_fraction)
+    inputs[to_mask] = mask_token_id
+    n_random = int(to_random.sum())
+    if n_random:
+        if random_token_ids is not None:
+            idx = torch.randint(len(random_token_ids), (n_random,), generator=generator, device=input_ids.device)
+            inputs[to_random] = random_token_ids.to(input_ids.device)[idx]
+        else:
+            inputs[to_random] = torch.randint(vocab_size, (n_random,), generator=generator, device=input_ids.device)
+    return inputs, labels
+
+
+@dataclass
+class Masker:
+    """Strategy + schedule + corruption: turns packed blocks into ``(input_ids, labels)``.
+
+    Built once per run from the tokenizer; the data module calls it on every training batch (after
+    the batch reaches its device, so it knows the optimizer step) and once for the held-out sets.
+    """
+
+    strategy: MaskingStrategy
+    mask_token_id: int
+    vocab_size: int
+    special_ids: torch.Tensor
+    pad_token_id: int | None = None
+    default_schedule_steps: int | None = None
+    _random_ids: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def config(self) -> MaskingConfig:
+        return self.strategy.config
+
+    def maskable(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        ok = ~torch.isin(input_ids, self.special_ids.to(input_ids.device))
+        if attention_mask is not None:
+            ok &= attention_mask.bool()
+        return ok
+
+    def random_token_ids(self) -> torch.Tensor:
+        if self._random_ids is None:
+            all_ids = torch.arange(self.vocab_size)
+            self._random_ids = all_ids[~torch.isin(all_ids, self.special_ids)]
+        return self._random_ids
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        word_starts: torch.Tensor,
+        generator: torch.Generator,
+        *,
+        step: int = 0,
+        attention_mask: torch.Tensor | None = None,
+        rate: float | None = None,
+    ) -> dict[str, torch.Tensor]:
+        maskable = self.maskable(input_ids, attention_mask)
+        batch = MaskingInput.from_word_starts(input_ids, word_starts, maskable)
+        rate = rate if rate is not None else rate_at(self.config, step, self.default_schedule_steps)
+        selected = self.strategy.select(batch, rate, generator) & maskable
+        inputs, labels = apply_corruption(
+            input_ids,
+            selected,
+            mask_token_id=self.mask_token_id,
+            vocab_size=self.vocab_size,
+            mask_fraction=self.config.mask_fraction,
+            random_fraction=self.config.random_fraction,
+            generator=generator,
+            random_token_ids=self.random_token_ids(),
+        )
+        out = {"input_ids": inputs, "labels": labels}
+        if attention_mask is not None:
+            out["attention_mask"] = attention_mask
+        return out
+
+
+def build_masker(
+    cfg: Any, tokenizer: Any, *, default_schedule_steps: int | None = None, context: MaskingContext | None = None
+) -> Masker:
+    """Validate ``cfg`` (a dict/DictConfig of the ``masking`` group) and build its ``Masker``.
+
+    Unknown keys fail here, naming the key, because each strategy declares its config dataclass.
+    """
+    from dapt.config import to_dataclass
+
+    name = cfg["name"] if "name" in cfg else "random"
+    cls = strategy_class(name)
+    config = to_dataclass(cls.config_class, cfg, prefix="masking")
+    strategy = cls(config, context or MaskingContext(tokenizer=tokenizer))
+    return masker_for(strategy, tokenizer, default_schedule_steps=default_schedule_steps)
+
+
+def masker_for(strategy: MaskingStrategy, tokenizer: Any, *, default_schedule_steps: int | None = None) -> Masker:
+    if tokenizer.mask_token_id is None:
+        raise ConfigError(f"tokenizer {type(tokenizer).__name__} has no mask token; it cannot be used for MLM")
+    special = sorted(set(tokenizer.all_special_ids))
+    return Masker(
+        strategy=strategy,
+        mask_token_id=int(tokenizer.mask_token_id),
+        vocab_size=len(tokenizer),
+        special_ids=torch.tensor(special, dtype=torch.long),
+        pad_token_id=tokenizer.pad_token_id,
+        default_schedule_steps=default_schedule_steps,
+    )

