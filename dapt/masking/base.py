@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -38,12 +38,15 @@ class MaskingInput:
     def from_word_starts(cls, input_ids: torch.Tensor, word_starts: torch.Tensor, maskable: torch.Tensor) -> "MaskingInput":
         """Build word ids from the per-token 'starts a new word' flags that packed blocks carry.
 
-        The first maskable token of a row always starts a word (a word cut by a block boundary
-        becomes a word of its own in the next block).
+        The first maskable token of a row, and any maskable token right after a non-maskable one,
+        always starts a word: a word cut by a block boundary becomes a word of its own in the next
+        block, and a word can never run across a separator or special token (which would let a
+        whole-word strategy glue the last word of one document to the first of the next when the
+        packer's flags are off by one).
         """
         starts = word_starts.bool() & maskable
-        first = maskable & (maskable.long().cumsum(1) == 1)
-        starts = starts | first
+        prev_maskable = torch.nn.functional.pad(maskable[:, :-1], (1, 0), value=False)
+        starts = starts | (maskable & ~prev_maskable)
         word_ids = starts.long().cumsum(1) - 1
         word_ids = torch.where(maskable, word_ids, torch.full_like(word_ids, -1))
         return cls(input_ids=input_ids, word_ids=word_ids, maskable=maskable)
@@ -92,6 +95,8 @@ class MaskingConfig:
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"masking.{key}={value} must be in [0, 1]")
+        if self.schedule_steps is not None and self.schedule_steps <= 0:
+            raise ConfigError(f"masking.schedule_steps={self.schedule_steps} must be a positive number of steps (or null)")
         if self.mask_fraction + self.random_fraction > 1.0 + 1e-9:
             raise ConfigError(
                 f"masking.mask_fraction + masking.random_fraction = {self.mask_fraction + self.random_fraction} exceeds 1"
@@ -121,6 +126,16 @@ class MaskingStrategy(ABC):
     def __init__(self, config: MaskingConfig, context: MaskingContext | None = None) -> None:
         self.config = config
         self.context = context
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Drop the context when pickled (e.g. into DataLoader workers).
+
+        The context holds a tokenizer and document-iterator callables (often closures that do not
+        pickle); strategies read it once at construction, so a worker never needs it.
+        """
+        state = self.__dict__.copy()
+        state["context"] = None
+        return state
 
     @abstractmethod
     def select(self, batch: MaskingInput, rate: float, generator: torch.Generator) -> torch.Tensor:
@@ -157,15 +172,46 @@ def strategy_class(name: str) -> type[MaskingStrategy]:
     return _REGISTRY[name]
 
 
+def schedule_length(config: MaskingConfig, default_steps: int | None = None) -> int | None:
+    """Steps of the linear schedule: ``schedule_steps``, else the run's ``max_steps`` when positive.
+
+    Lightning uses ``max_steps=-1`` for "unbounded"; a non-positive length would run the schedule
+    backwards, so it counts as missing.
+    """
+    for steps in (config.schedule_steps, default_steps):
+        if steps is not None and steps > 0:
+            return int(steps)
+    return None
+
+
 def rate_at(config: MaskingConfig, step: int, default_steps: int | None = None) -> float:
-    """The training mask rate at optimizer ``step`` under the configured schedule."""
+    """The training mask rate at optimizer ``step`` under the configured schedule.
+
+    ``linear`` interpolates ``rate -> final_rate`` over the schedule length and then stays at
+    ``final_rate``. A linear schedule without a length raises ``ConfigError`` rather than silently
+    training at a constant rate (``build_masker`` checks this at start-up).
+    """
     if config.schedule == "constant" or config.final_rate is None:
         return config.rate
-    steps = config.schedule_steps or default_steps
-    if not steps:
-        return config.rate
+    steps = schedule_length(config, default_steps)
+    if steps is None:
+        raise ConfigError(
+            "masking.schedule=linear needs masking.schedule_steps (or a positive trainer.max_steps)"
+        )
     frac = min(max(step, 0) / steps, 1.0)
     return config.rate + (config.final_rate - config.rate) * frac
+
+
+def achieved_rate(labels: torch.Tensor, maskable: torch.Tensor) -> float:
+    """Fraction of maskable tokens that carry a label: the rate a batch actually got.
+
+    Logged next to the configured rate so a strategy whose units make it over- or under-shoot is
+    visible in the run, not only in the tests.
+    """
+    n = int(maskable.sum())
+    if n == 0:
+        return 0.0
+    return float(((labels != IGNORE_INDEX) & maskable.bool()).sum()) / n
 
 
 def exact_count_selection(scores: torch.Tensor, eligible: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -295,8 +341,51 @@ def build_masker(
     name = cfg["name"] if "name" in cfg else "random"
     cls = strategy_class(name)
     config = to_dataclass(cls.config_class, cfg, prefix="masking")
-    strategy = cls(config, context or MaskingContext(tokenizer=tokenizer))
+    if config.schedule == "linear" and schedule_length(config, default_schedule_steps) is None:
+        raise ConfigError(
+            "masking.schedule=linear needs masking.schedule_steps (or a positive trainer.max_steps)"
+        )
+    strategy_class(config.eval_strategy)  # an unknown eval strategy fails at start-up, naming the key
+    strategy = cls(config, _with_tokenizer(context, tokenizer))
     return masker_for(strategy, tokenizer, default_schedule_steps=default_schedule_steps)
+
+
+def build_eval_masker(cfg: Any, tokenizer: Any, *, context: MaskingContext | None = None) -> Masker:
+    """The held-out masker: ``eval_strategy`` at a constant ``eval_rate``, whatever the train strategy.
+
+    Perplexities are only comparable across runs and steps if every run masks its held-out sets
+    identically, so this ignores the train ``rate``/``schedule`` (call it with the generator from
+    ``eval_generator``). When ``eval_strategy`` is the train strategy its own knobs (span length,
+    PMI vocabulary...) are kept; otherwise the eval strategy's defaults are used.
+    """
+    from dapt.config import to_dataclass
+
+    train_name = cfg["name"] if "name" in cfg else "random"
+    train_config = to_dataclass(strategy_class(train_name).config_class, cfg, prefix="masking")
+    eval_cls = strategy_class(train_config.eval_strategy)
+    keep = {f.name for f in fields(eval_cls.config_class)}
+    values = {k: v for k, v in asdict(train_config).items() if k in keep} if train_config.eval_strategy == train_name else {
+        k: getattr(train_config, k) for k in ("mask_fraction", "random_fraction", "eval_rate", "eval_strategy", "eval_seed")
+    }
+    values.update(name=train_config.eval_strategy, rate=train_config.eval_rate, schedule="constant", final_rate=None,
+                  schedule_steps=None)
+    eval_config = to_dataclass(eval_cls.config_class, values, prefix="masking")
+    strategy = eval_cls(eval_config, _with_tokenizer(context, tokenizer))
+    return masker_for(strategy, tokenizer)
+
+
+def eval_generator(cfg: Any, device: str | torch.device = "cpu") -> torch.Generator:
+    """A fresh generator seeded with ``masking.eval_seed`` (default 1234): same eval masks every time."""
+    seed = cfg["eval_seed"] if "eval_seed" in cfg else MaskingConfig.eval_seed
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def _with_tokenizer(context: MaskingContext | None, tokenizer: Any) -> MaskingContext:
+    if context is None:
+        return MaskingContext(tokenizer=tokenizer)
+    if context.tokenizer is None:
+        return replace(context, tokenizer=tokenizer)
+    return context
 
 
 def masker_for(strategy: MaskingStrategy, tokenizer: Any, *, default_schedule_steps: int | None = None) -> Masker:

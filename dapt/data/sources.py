@@ -1,0 +1,235 @@
+"""Corpus sources: stream documents (strings) from JSONL, text files, Parquet or HF ``datasets``.
+
+A corpus is an iterator of documents, never a list: files are read line by line or in Parquet record
+batches, HF datasets with ``streaming=True``. Every source can be sharded (document ``i`` belongs to
+shard ``i % count``) so DDP ranks × dataloader workers read disjoint documents, and can hold out
+every N-th document for evaluation when a corpus has no separate test split.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from dapt.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+SOURCE_TYPES = ("jsonl", "text", "parquet", "hf")
+
+
+@dataclass
+class SourceConfig:
+    """One corpus source.
+
+    Attributes:
+        type: ``jsonl`` | ``text`` | ``parquet`` | ``hf``.
+        path: file, directory or glob, relative to ``paths.data_dir`` unless absolute; for ``hf``
+            the dataset name (hub id or local builder/dir).
+        text_field: JSON key / Parquet column / dataset column holding the text.
+        glob: file pattern when ``path`` is a directory.
+        split_by: for ``text``: ``file`` (one document per file), ``line`` (one per non-empty line)
+            or ``blank_line`` (paragraph blocks).
+        hf_config / hf_split / streaming: ``datasets.load_dataset`` arguments.
+        max_documents: stop after this many documents (per pass, before sharding).
+        holdout_every / holdout: with ``holdout_every=N`` the source yields documents ``i % N != 0``
+            (``holdout=false``, training) or ``i % N == 0`` (``holdout=true``, evaluation).
+    """
+
+    type: str = "jsonl"
+    path: str = ""
+    text_field: str = "text"
+    glob: str = "*.txt"
+    split_by: str = "file"
+    hf_config: str | None = None
+    hf_split: str = "train"
+    streaming: bool = True
+    max_documents: int | None = None
+    holdout_every: int | None = None
+    holdout: bool = False
+
+    def __post_init__(self) -> None:
+        if self.type not in SOURCE_TYPES:
+            raise ConfigError(f"source type {self.type!r} unknown; choose one of {', '.join(SOURCE_TYPES)}")
+        if not self.path:
+            raise ConfigError(f"a {self.type} source needs a path")
+        if self.split_by not in ("file", "line", "blank_line"):
+            raise ConfigError(f"source.split_by={self.split_by!r}: choose file, line or blank_line")
+        if self.holdout_every is not None and self.holdout_every < 2:
+            raise ConfigError(f"source.holdout_every={self.holdout_every} must be >= 2")
+
+
+def as_source(cfg: Any, prefix: str = "source") -> SourceConfig:
+    if isinstance(cfg, SourceConfig):
+        return cfg
+    from dapt.config import to_dataclass
+
+    return to_dataclass(SourceConfig, cfg, prefix=prefix)
+
+
+def resolve_path(path: str, data_dir: str | None) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_absolute() and data_dir:
+        p = Path(data_dir) / p
+    return p
+
+
+def _files(source: SourceConfig, data_dir: str | None) -> list[Path]:
+    """The files a file-based source reads, in a stable order; errors name the missing path."""
+    path = resolve_path(source.path, data_dir)
+    if any(ch in str(path) for ch in "*?["):
+        files = sorted(Path(p) for p in globlib.glob(str(path), recursive=True))
+        if not files:
+            raise DataError(f"corpus glob matched no files: {path}")
+        return files
+    if path.is_dir():
+        files = sorted(p for p in path.rglob(source.glob) if p.is_file())
+        if not files:
+            raise DataError(f"corpus directory has no files matching '{source.glob}': {path}")
+        return files
+    if not path.exists():
+        raise DataError(f"corpus path does not exist: {path}")
+    return [path]
+
+
+class _DecodeCounter:
+    """Decodes bytes as UTF-8, replacing and counting undecodable bytes instead of crashing."""
+
+    def __init__(self) -> None:
+        self.bad_lines = 0
+
+    def decode(self, raw: bytes) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.bad_lines += 1
+            return raw.decode("utf-8", errors="replace")
+
+    def report(self, path: Path) -> None:
+        if self.bad_lines:
+            log.warning("%s: %d line(s) had undecodable bytes, replaced with U+FFFD", path, self.bad_lines)
+
+
+def _raw_documents(source: SourceConfig, data_dir: str | None) -> Iterator[str]:
+    """Every document of the source in order (before holdout, sharding and limits)."""
+    if source.type == "hf":
+        yield from _hf_documents(source)
+        return
+    for path in _files(source, data_dir):
+        counter = _DecodeCounter()
+        if source.type == "parquet":
+            yield from _parquet_documents(path, source.text_field)
+        elif source.type == "jsonl":
+            with path.open("rb") as fh:
+                for lineno, raw in enumerate(fh, start=1):
+                    if not raw.strip():
+                        continue
+                    try:
+                        record = json.loads(counter.decode(raw))
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+                    if not isinstance(record, dict) or source.text_field not in record:
+                        raise DataError(f"{path}:{lineno}: no field '{source.text_field}' (set text_field)")
+                    text = record[source.text_field]
+                    if isinstance(text, str) and text.strip():
+                        yield text
+        elif source.split_by == "file":
+            text = counter.decode(path.read_bytes())
+            if text.strip():
+                yield text
+        else:
+            with path.open("rb") as fh:
+                para: list[str] = []
+                for raw in fh:
+                    line = counter.decode(raw).rstrip("\n")
+                    if source.split_by == "line":
+                        if line.strip():
+                            yield line
+                    elif line.strip():
+                        para.append(line)
+                    elif para:
+                        yield "\n".join(para)
+                        para = []
+                if para:
+                    yield "\n".join(para)
+        counter.report(path)
+
+
+def _parquet_documents(path: Path, field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if field not in pf.schema_arrow.names:
+        raise DataError(f"{path}: no column '{field}' (columns: {', '.join(pf.schema_arrow.names)})")
+    for batch in pf.iter_batches(columns=[field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if isinstance(text, str) and text.strip():
+                yield text
+
+
+def _hf_documents(source: SourceConfig) -> Iterator[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source.path, source.hf_config, split=source.hf_split, streaming=source.streaming)
+    except Exception as exc:  # datasets raises many types (FileNotFoundError, ConnectionError, ValueError)
+        raise DataError(f"could not load dataset '{source.path}' ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+    for record in ds:
+        if source.text_field not in record:
+            raise DataError(f"dataset '{source.path}': no column '{source.text_field}' (columns: {', '.join(record)})")
+        text = record[source.text_field]
+        if isinstance(text, str) and text.strip():
+            yield text
+
+
+def iter_documents(
+    sources: Sequence[SourceConfig] | SourceConfig,
+    data_dir: str | None,
+    *,
+    shard_index: int = 0,
+    num_shards: int = 1,
+) -> Iterator[str]:
+    """Stream the documents of ``sources`` that belong to shard ``shard_index`` of ``num_shards``.
+
+    Sharding counts documents across all sources, so shards stay balanced whatever the files.
+    """
+    if isinstance(sources, SourceConfig):
+        sources = [sources]
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard {shard_index} of {num_shards}")
+    global_index = 0
+    for source in sources:
+        kept = 0
+        for i, doc in enumerate(_raw_documents(source, data_dir)):
+            if source.holdout_every is not None and ((i % source.holdout_every == 0) != source.holdout):
+                continue
+            if source.max_documents is not None and kept >= source.max_documents:
+                break
+            kept += 1
+            if global_index % num_shards == shard_index:
+                yield doc
+            global_index += 1
+
+
+def check_nonempty(sources: Iterable[SourceConfig], data_dir: str | None, what: str) -> None:
+    """Fail before training when a source is missing or yields no document."""
+    for source in sources:
+        if next(iter_documents(source, data_dir), None) is None:
+            raise DataError(f"{what} corpus is empty (no non-blank documents): {resolve_path(source.path, data_dir)}")
+
+
+def describe(sources: Iterable[SourceConfig], data_dir: str | None) -> list[dict[str, Any]]:
+    """A JSON-able fingerprint of sources (paths, sizes, mtimes) for cache keys and provenance."""
+    out: list[dict[str, Any]] = []
+    for source in sources:
+        entry: dict[str, Any] = {k: v for k, v in vars(source).items()}
+        if source.type != "hf":
+            files = _files(source, data_dir)
+            entry["files"] = len(files)
+            entry["bytes"] = sum(f.stat().st_size for f in files)
+        out.append(entry)
+    return out

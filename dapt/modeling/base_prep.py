@@ -1,0 +1,223 @@
+"""General-MLM base preparation: give a head-less encoder a working MLM head before DAPT.
+
+Sentence-embedding checkpoints such as all-MiniLM-L6-v2 ship no MLM head. Measuring "before
+adaptation" on a freshly initialised head is meaningless (perplexity in the thousands), and DAPT from
+there mostly re-learns MLM, which hides forgetting. So dapt first trains MLM on *general* text (the
+raw Wikipedia in the shared data), caches the result on disk keyed by a hash of everything that
+determines it, and every later run or sweep job starts from that cached base. Models that ship an
+MLM head (bert-base, roberta-base) skip this under ``base.mode=auto``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dapt.errors import ConfigError
+from dapt.io import atomic_save_dir, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+BASE_PREP_VERSION = 1
+MARKER = "dapt_base.json"
+
+
+@dataclass
+class BaseConfig:
+    """The ``base`` config group.
+
+    Attributes:
+        mode: ``auto`` (prepare only when the checkpoint has no MLM head), ``always``, ``never``.
+        trainable: ``all`` parameters, only the MLM ``head``, or the head plus the ``top_k`` layers.
+        top_k: layers unfrozen when ``trainable=top_k``.
+        steps / lr / batch_size / max_seq_length / warmup_ratio / rate: the MLM recipe on general text.
+        data: general-text sources (see ``SourceConfig``).
+        cache: reuse a base with the same hash; false retrains every time.
+    """
+
+    mode: str = "auto"
+    trainable: str = "all"
+    top_k: int = 2
+    steps: int = 400
+    lr: float = 3e-4
+    batch_size: int = 16
+    max_seq_length: int = 128
+    warmup_ratio: float = 0.06
+    rate: float = 0.15
+    data: list[Any] = field(default_factory=list)
+    cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "always", "never"):
+            raise ConfigError(f"base.mode={self.mode!r}: choose auto, always or never")
+        if self.trainable not in ("all", "head", "top_k"):
+            raise ConfigError(f"base.trainable={self.trainable!r}: choose all, head or top_k")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError("base.steps and base.batch_size must be >= 1")
+        if not 0 < self.rate < 1:
+            raise ConfigError(f"base.rate={self.rate} must be in (0, 1)")
+
+
+@dataclass
+class BaseInfo:
+    """Where the starting point of DAPT came from (recorded in results.json)."""
+
+    source: str
+    path: str
+    steps: int
+    cache_key: str | None
+    cached: bool
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def needs_preparation(cfg: BaseConfig, has_pretrained_head: bool) -> bool:
+    return cfg.mode == "always" or (cfg.mode == "auto" and not has_pretrained_head)
+
+
+def _model_fingerprint(model_cfg: Any, model_path: str) -> dict[str, Any]:
+    fp: dict[str, Any] = {
+        "source": model_cfg.source,
+        "random_init": bool(model_cfg.random_init),
+        "config_overrides": dict(model_cfg.config_overrides or {}),
+    }
+    cfg_file = Path(model_path) / "config.json"
+    if cfg_file.exists():
+        fp["config_sha"] = hashlib.sha256(cfg_file.read_bytes()).hexdigest()[:16]
+        weights = sorted(Path(model_path).glob("*.safetensors")) + sorted(Path(model_path).glob("*.bin"))
+        fp["weights"] = [(w.name, w.stat().st_size) for w in weights]
+    if model_cfg.source.startswith("package:"):
+        dist = model_cfg.source.split(":", 1)[1].replace("_", "-")
+        try:
+            fp["package_version"] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return fp
+
+
+def cache_key(model_cfg: Any, model_path: str, base_cfg: BaseConfig, data_fingerprint: Any, seed: int, tokenizer_len: int) -> str:
+    payload = {
+        "version": BASE_PREP_VERSION,
+        "model": _model_fingerprint(model_cfg, model_path),
+        "base": {k: v for k, v in asdict(base_cfg).items() if k not in ("cache", "mode", "data")},
+        "data": data_fingerprint,
+        "seed": seed,
+        "vocab": tokenizer_len,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def freeze_for(model: torch.nn.Module, trainable: str, top_k: int) -> None:
+    """Leave only the requested parameter set trainable (the MLM head is always trainable)."""
+    if trainable == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return
+    for p in model.parameters():
+        p.requires_grad_(False)
+    base = model.base_model
+    head_params = {id(p) for p in base.parameters()}
+    for p in model.parameters():
+        if id(p) not in head_params:
+            p.requires_grad_(True)  # the head (its decoder is tied to embeddings, which stay frozen)
+    if trainable == "top_k":
+        encoder = getattr(base, "encoder", None) or getattr(base, "transformer", None)
+        layers = getattr(encoder, "layer", None) or getattr(encoder, "layers", None)
+        if layers is None:
+            raise ConfigError(f"base.trainable=top_k: cannot find the layer list of {type(base).__name__}")
+        for layer in list(layers)[-top_k:]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+
+
+def prepare_base(
+    *,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    model_cfg: Any,
+    model_path: str,
+    base_cfg: BaseConfig,
+    data_dir: str | None,
+    cache_dir: str,
+    seed: int,
+    trainer_kwargs: dict[str, Any] | None = None,
+) -> BaseInfo:
+    """Return the cached base for this (model, recipe, data), training and caching it if needed.
+
+    Concurrent sweep jobs wait on a file lock, so the base is built once per machine.
+    """
+    from filelock import FileLock
+
+    from dapt.data.sources import as_source, describe
+
+    sources = [as_source(s, f"base.data[{i}]") for i, s in enumerate(base_cfg.data)]
+    if not sources:
+        raise ConfigError("base.data lists no general-text source for base preparation")
+    key = cache_key(model_cfg, model_path, base_cfg, describe(sources, data_dir), seed, len(tokenizer))
+    target = Path(cache_dir) / "bases" / key
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if base_cfg.cache and (target / MARKER).exists():
+            log.info("using cached general-MLM base %s", target)
+            info = json.loads((target / MARKER).read_text())
+            return BaseInfo(source=info["source"], path=str(target), steps=info["steps"], cache_key=key, cached=True, seconds=info.get("seconds", 0.0))
+        log.info("preparing general-MLM base (%d steps, trainable=%s); cached at %s", base_cfg.steps, base_cfg.trainable, target)
+        t0 = time.time()
+        _train_base(model, tokenizer, sources, base_cfg, data_dir, seed, trainer_kwargs or {})
+        seconds = time.time() - t0
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            atomic_write_json(tmp / MARKER, {"source": model_cfg.source, "steps": base_cfg.steps, "seconds": seconds, "cache_key": key, "recipe": asdict(base_cfg)})
+
+        atomic_save_dir(target, write)
+    return BaseInfo(source=model_cfg.source, path=str(target), steps=base_cfg.steps, cache_key=key, cached=False, seconds=seconds)
+
+
+def _train_base(model: torch.nn.Module, tokenizer: Any, sources: list[Any], cfg: BaseConfig, data_dir: str | None, seed: int, trainer_kwargs: dict[str, Any]) -> None:
+    import pytorch_lightning as pl
+
+    from dapt.data.datamodule import DataConfig, PackedCorpusDataModule
+    from dapt.masking import build_masker
+    from dapt.modeling.mlm_module import MLMModule
+    from dapt.modeling.optim import OptimizerConfig, SchedulerConfig
+    from dapt.tracking.progress import StepProgressBar
+
+    freeze_for(model, cfg.trainable, cfg.top_k)
+    masker = build_masker({"name": "random", "rate": cfg.rate}, tokenizer)
+    data_cfg = DataConfig(name="general", train=sources, max_seq_length=cfg.max_seq_length, batch_size=cfg.batch_size)
+    dm = PackedCorpusDataModule(data_cfg, tokenizer, masker, data_dir=data_dir, seed=seed)
+    dm.check_inputs()
+    module = MLMModule(
+        model,
+        optimizer=OptimizerConfig(lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01),
+        scheduler=SchedulerConfig(name="linear", warmup_ratio=cfg.warmup_ratio),
+        total_steps=cfg.steps,
+        eval_names=(),
+    )
+    kwargs = {k: v for k, v in trainer_kwargs.items() if k in ("accelerator", "devices", "precision", "gradient_clip_val")}
+    trainer = pl.Trainer(
+        max_steps=cfg.steps,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[StepProgressBar(description="base prep")],
+        enable_model_summary=False,
+        **kwargs,
+    )
+    pl.seed_everything(seed, workers=True, verbose=False)
+    trainer.fit(module, datamodule=dm)

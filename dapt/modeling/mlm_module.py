@@ -1,0 +1,97 @@
+"""``MLMModule``: the LightningModule that adapts a transformers masked LM to a domain.
+
+Training uses the sparse head (masked positions only). Validation runs over named held-out sets
+(``domain``, ``general``) and logs per set ``val/<set>/loss``, ``val/<set>/ppl`` (torchmetrics
+Perplexity over all masked tokens of the set) and ``val/<set>/acc`` (masked-token accuracy).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from dapt.errors import TrainingError
+from dapt.masking import IGNORE_INDEX
+from dapt.modeling.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler
+from dapt.modeling.sparse_head import sparse_mlm_loss
+
+
+class MLMModule(pl.LightningModule):
+    """Masked-LM training with sparse prediction, fixed held-out sets and a warmup/decay schedule."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        optimizer: OptimizerConfig | None = None,
+        scheduler: SchedulerConfig | None = None,
+        total_steps: int = 1000,
+        eval_names: Sequence[str] = ("domain", "general"),
+        compile_model: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_cfg = optimizer or OptimizerConfig()
+        self.scheduler_cfg = scheduler or SchedulerConfig()
+        self.total_steps = total_steps
+        self.eval_names = list(eval_names)
+        self.compile_model = compile_model
+        self.val_ppl = torch.nn.ModuleDict({n: Perplexity() for n in self.eval_names})
+        self.val_loss = torch.nn.ModuleDict({n: MeanMetric() for n in self.eval_names})
+        self.val_acc = torch.nn.ModuleDict({n: MeanMetric() for n in self.eval_names})
+        self._forward_model: Any = model
+
+    def configure_model(self) -> None:
+        if self.compile_model and self._forward_model is self.model:
+            self._forward_model = torch.compile(self.model, dynamic=True)
+
+    def mlm_loss(self, batch: dict[str, torch.Tensor], reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return sparse_mlm_loss(
+            self._forward_model if self.compile_model else self.model,
+            batch["input_ids"],
+            batch["labels"],
+            batch.get("attention_mask"),
+            reduction=reduction,
+        )
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _, targets = self.mlm_loss(batch)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"non-finite MLM loss ({loss.item()}) at step {self.global_step}: lower optimizer.lr, "
+                "raise scheduler warmup or enable gradient clipping (trainer.gradient_clip_val)"
+            )
+        n_masked = targets.numel()
+        self.log("train/loss", loss, prog_bar=True, batch_size=max(n_masked, 1))
+        if "n_maskable" in batch:
+            self.log("train/mask_rate", n_masked / max(float(batch["n_maskable"]), 1.0), batch_size=1)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        name = self.eval_names[dataloader_idx]
+        loss_sum, logits, targets = self.mlm_loss(batch, reduction="sum")
+        n = targets.numel()
+        if n == 0:
+            return
+        self.val_ppl[name].update(logits.float().unsqueeze(0), targets.unsqueeze(0))
+        self.val_loss[name].update(loss_sum / n, weight=n)
+        self.val_acc[name].update((logits.argmax(-1) == targets).float().mean(), weight=n)
+        for key, metric in (("ppl", self.val_ppl[name]), ("loss", self.val_loss[name]), ("acc", self.val_acc[name])):
+            self.log(f"val/{name}/{key}", metric, on_step=False, on_epoch=True, add_dataloader_idx=False, prog_bar=key == "ppl")
+
+    def configure_optimizers(self) -> Any:
+        optimizer = build_optimizer(self.model, self.optimizer_cfg)
+        scheduler = build_scheduler(optimizer, self.scheduler_cfg, self.total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def perplexity_from_loss(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+__all__ = ["MLMModule", "IGNORE_INDEX", "perplexity_from_loss"]

@@ -1,0 +1,99 @@
+"""Experiment loggers: W&B (offline unless an API key or config says otherwise) + a local CSV log.
+
+Offline is a mode: without ``WANDB_API_KEY`` runs are written under the run directory and can be
+uploaded later with ``wandb sync``. The CSV logger keeps a plain metrics history next to
+``results.json`` so ``dapt compare`` works without W&B.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dapt.errors import ConfigError
+
+
+@dataclass
+class WandbConfig:
+    """W&B settings. ``mode``: null = online when ``WANDB_API_KEY`` is set, else offline."""
+
+    enabled: bool = True
+    project: str = "dapt"
+    entity: str | None = None
+    mode: str | None = None
+    group: str | None = None
+    job_type: str = "dapt"
+    tags: list[str] = field(default_factory=list)
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in (None, "online", "offline", "disabled"):
+            raise ConfigError(f"logger.wandb.mode={self.mode!r}: online, offline, disabled or null")
+
+
+@dataclass
+class CSVConfig:
+    enabled: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    csv: CSVConfig = field(default_factory=CSVConfig)
+
+
+def wandb_mode(cfg: WandbConfig) -> str:
+    if cfg.mode:
+        return cfg.mode
+    env = os.environ.get("WANDB_MODE")
+    if env in ("online", "offline", "disabled", "dryrun"):
+        return "offline" if env == "dryrun" else env
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def build_loggers(cfg: LoggerConfig, run_dir: Path, *, run_name: str, group: str, tags: list[str], config: dict[str, Any]) -> list[Any]:
+    """Lightning loggers for this run; W&B gets the full resolved config, group and tags."""
+    from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+    loggers: list[Any] = []
+    if cfg.csv.enabled:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+    if cfg.wandb.enabled and wandb_mode(cfg.wandb) != "disabled":
+        os.environ.setdefault("WANDB_SILENT", "true")
+        loggers.append(
+            WandbLogger(
+                project=cfg.wandb.project,
+                entity=cfg.wandb.entity,
+                name=cfg.wandb.name or run_name,
+                group=cfg.wandb.group or group,
+                job_type=cfg.wandb.job_type,
+                tags=list(dict.fromkeys([*cfg.wandb.tags, *tags]))[:64],
+                save_dir=str(run_dir),
+                mode=wandb_mode(cfg.wandb),
+                config=config,
+                reinit="finish_previous",
+            )
+        )
+    return loggers
+
+
+def wandb_run_of(loggers: list[Any]) -> Any:
+    from pytorch_lightning.loggers import WandbLogger
+
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            return lg.experiment
+    return None
+
+
+def finish_wandb() -> None:
+    """End the active W&B run so the next multirun job starts its own."""
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    except Exception:  # noqa: BLE001 - logging must never fail a finished run
+        pass

@@ -1,0 +1,338 @@
+"""``dapt train``: compose config → prepare base → stream, mask, adapt → evaluate → results.json.
+
+``train(cfg)`` is a pure function of the composed config (the Hydra entry point is a thin wrapper in
+``dapt.cli``) returning ``(metrics, objects)`` so tests and sweepers can call it directly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dapt.config import to_dataclass
+from dapt.data.datamodule import DataConfig, PackedCorpusDataModule
+from dapt.data.sources import as_source, describe
+from dapt.errors import ConfigError
+from dapt.io import atomic_save_dir, atomic_write_json
+from dapt.masking import MaskingContext, build_masker
+from dapt.modeling.base_prep import BaseConfig, BaseInfo, needs_preparation, prepare_base
+from dapt.modeling.callbacks import AtomicCheckpointIO, ThroughputMonitor
+from dapt.modeling.loading import load_mlm_model, load_tokenizer
+from dapt.modeling.mlm_module import MLMModule
+from dapt.modeling.optim import OptimizerConfig, SchedulerConfig
+from dapt.tracking.loggers import LoggerConfig, build_loggers, finish_wandb, wandb_run_of
+from dapt.tracking.progress import StepProgressBar
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelConfig:
+    """The ``model`` group.
+
+    Attributes:
+        name: short label. source: hub id, local ``save_pretrained`` dir, or ``package:<module>``.
+        tokenizer: tokenizer source when it differs from ``source``.
+        random_init: build the architecture from config without weights (tests, from-scratch runs).
+        config_overrides: ``AutoConfig`` fields to override (e.g. 2 layers, hidden 64 for tests).
+        attn_implementation: transformers attention backend (``sdpa``, ``eager``, ``flash_attention_2``).
+        compile: wrap the model in ``torch.compile``.
+    """
+
+    name: str = "model"
+    source: str = ""
+    tokenizer: str | None = None
+    random_init: bool = False
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    attn_implementation: str | None = "sdpa"
+    compile: bool = False
+
+
+@dataclass
+class RunConfig:
+    """The validated, typed view of a composed train config."""
+
+    model: ModelConfig
+    data: DataConfig
+    optimizer: OptimizerConfig
+    scheduler: SchedulerConfig
+    base: BaseConfig
+    logger: LoggerConfig
+    trainer: dict[str, Any]
+    raw: DictConfig
+
+
+_TOP_LEVEL = {
+    "model", "data", "masking", "optimizer", "scheduler", "trainer", "logger", "paths", "base",
+    "experiment_name", "seed", "tasks", "downstream", "optimized_metric", "save_model", "tags",
+    "checkpoint", "hydra", "hparams_search", "experiment",
+}
+
+
+def validate(cfg: DictConfig) -> RunConfig:
+    """Check every group against its schema; raise ``ConfigError`` naming the first bad key."""
+    unknown = sorted(set(cfg.keys()) - _TOP_LEVEL)
+    if unknown:
+        raise ConfigError(f"unknown top-level config key '{unknown[0]}'")
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True) or {}
+    valid = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self", "callbacks", "logger", "plugins"}
+    for key in trainer:
+        if key not in valid:
+            raise ConfigError(f"unknown config key 'trainer.{key}' (not a Lightning Trainer argument)")
+    if not trainer.get("max_steps") or trainer["max_steps"] < 1:
+        raise ConfigError("trainer.max_steps must be >= 1 (streamed corpora have no epoch length)")
+    run = RunConfig(
+        model=to_dataclass(ModelConfig, cfg.model, prefix="model"),
+        data=to_dataclass(DataConfig, cfg.data, prefix="data"),
+        optimizer=to_dataclass(OptimizerConfig, cfg.optimizer, prefix="optimizer"),
+        scheduler=to_dataclass(SchedulerConfig, cfg.scheduler, prefix="scheduler"),
+        base=to_dataclass(BaseConfig, cfg.base, prefix="base"),
+        logger=to_dataclass(LoggerConfig, cfg.logger, prefix="logger"),
+        trainer=trainer,
+        raw=cfg,
+    )
+    for i, s in enumerate(run.data.train):
+        as_source(s, f"data.train[{i}]")
+    return run
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    out = OmegaConf.select(cfg, "paths.output_dir", default=None)
+    if out is None:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            out = HydraConfig.get().runtime.output_dir
+        except ValueError:
+            out = "outputs/manual"
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _eval_summary(metrics: list[dict[str, float]] | dict[str, float], names: list[str]) -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for entry in metrics if isinstance(metrics, list) else [metrics]:
+        flat.update({k: float(v) for k, v in entry.items()})
+    out: dict[str, float] = {}
+    for name in names:
+        for key in ("ppl", "loss", "acc"):
+            value = flat.get(f"val/{name}/{key}")
+            if value is not None:
+                out[f"{name}_{key}"] = value
+    return out
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run one domain-adaptive pretraining job; returns (flat metrics, objects)."""
+    run = validate(cfg)
+    seed = int(cfg.seed)
+    data_dir = str(cfg.paths.data_dir)
+    cache_dir = str(cfg.paths.cache_dir)
+    run_dir = run_dir_of(cfg)
+    pl.seed_everything(seed, workers=True, verbose=False)
+    if torch.get_num_threads() > 1 and not torch.cuda.is_available():
+        torch.set_num_threads(torch.get_num_threads())  # keep intra-op threads = cores on CPU
+
+    tokenizer = load_tokenizer(run.model.tokenizer or run.model.source)
+    max_steps = int(run.trainer["max_steps"])
+    context = MaskingContext(
+        tokenizer=tokenizer,
+        domain_documents=lambda: _documents(run.data.train, data_dir),
+        general_documents=lambda: _documents(run.base.data or [run.data.general_eval], data_dir),
+        cache_dir=str(Path(cache_dir) / "masking"),
+    )
+    masker = build_masker(cfg.masking, tokenizer, default_schedule_steps=max_steps, context=context)
+    eval_masker = build_masker(
+        {"name": masker.config.eval_strategy, "rate": masker.config.eval_rate}, tokenizer, context=context
+    )
+    datamodule = PackedCorpusDataModule(run.data, tokenizer, masker, data_dir=data_dir, seed=seed, eval_masker=eval_masker)
+    datamodule.check_inputs()  # missing/empty corpora fail here, before any model work
+
+    loaded = load_mlm_model(
+        run.model.source,
+        random_init=run.model.random_init,
+        config_overrides=run.model.config_overrides,
+        attn_implementation=run.model.attn_implementation,
+    )
+    model = loaded.model
+    base = BaseInfo(source=run.model.source, path=loaded.path, steps=0, cache_key=None, cached=False)
+    if needs_preparation(run.base, loaded.has_pretrained_head):
+        base = prepare_base(
+            model=model, tokenizer=tokenizer, model_cfg=run.model, model_path=loaded.path, base_cfg=run.base,
+            data_dir=data_dir, cache_dir=cache_dir, seed=seed, trainer_kwargs=run.trainer,
+        )
+        if base.cached:
+            model = load_mlm_model(base.path, attn_implementation=run.model.attn_implementation).model
+    elif not loaded.has_pretrained_head:
+        log.warning("model has no pretrained MLM head and base.mode=never: 'before' numbers use a random head")
+
+    module = MLMModule(
+        model,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        total_steps=max_steps,
+        eval_names=datamodule.eval_names,
+        compile_model=run.model.compile,
+    )
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    experiment = str(cfg.experiment_name)
+    tags = [str(t) for t in (cfg.get("tags") or [])]
+    loggers = build_loggers(run.logger, run_dir, run_name=run_dir.name, group=experiment, tags=tags, config=resolved)
+    throughput = ThroughputMonitor()
+    callbacks: list[Any] = [throughput, StepProgressBar(description=f"dapt {run.data.name}")]
+    checkpoint_cfg = cfg.get("checkpoint") or {}
+    if checkpoint_cfg.get("enabled", False):
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, every_n_train_steps=checkpoint_cfg.get("every_n_steps", 500)))
+    trainer_kwargs = dict(run.trainer)
+    trainer_kwargs.setdefault("enable_checkpointing", bool(checkpoint_cfg.get("enabled", False)))
+    # Held-out metrics are validated before, during and after fit; metric states created under
+    # inference_mode could not be updated later, so evaluation runs under no_grad instead.
+    trainer_kwargs.setdefault("inference_mode", False)
+    trainer = pl.Trainer(
+        logger=loggers or False,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(run_dir),
+        **trainer_kwargs,
+    )
+
+    names = datamodule.eval_names
+    t0 = time.time()
+    before = _eval_summary(trainer.validate(module, datamodule=datamodule, verbose=False), names)
+    trainer.fit(module, datamodule=datamodule)
+    after = _eval_summary(trainer.validate(module, datamodule=datamodule, verbose=False), names)
+    train_seconds = time.time() - t0
+
+    results: dict[str, Any] = {}
+    objects: dict[str, Any] = {"trainer": trainer, "module": module, "datamodule": datamodule, "tokenizer": tokenizer}
+    if trainer.is_global_zero:
+        model_dir = run_dir / "model"
+        if cfg.get("save_model", True):
+            atomic_save_dir(model_dir, lambda tmp: (module.model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+        results = {
+            "experiment": experiment,
+            "domain_ppl_before": before.get("domain_ppl"),
+            "domain_ppl_after": after.get("domain_ppl"),
+            "general_ppl_before": before.get("general_ppl"),
+            "general_ppl_after": after.get("general_ppl"),
+            "domain_acc_before": before.get("domain_acc"),
+            "domain_acc_after": after.get("domain_acc"),
+            "general_acc_before": before.get("general_acc"),
+            "general_acc_after": after.get("general_acc"),
+            "tokens_per_s": throughput.tokens_per_s,
+            "train_tokens": throughput.tokens,
+            "steps": trainer.global_step,
+            "train_seconds": train_seconds,
+            "base": base.as_dict(),
+            "model_dir": str(model_dir) if cfg.get("save_model", True) else None,
+            "data": {"name": run.data.name, "train": describe([as_source(s) for s in run.data.train], data_dir)},
+            "config": resolved,
+        }
+        downstream = _downstream(cfg, base, results.get("model_dir"), run_dir, loggers)
+        if downstream:
+            results["downstream"] = downstream
+        results["metrics"] = flat_metrics(results)
+        atomic_write_json(run_dir / "results.json", results)
+        _log_summary(loggers, results["metrics"])
+        print_summary(results)
+        print(f"results: {run_dir / 'results.json'}", flush=True)
+    finish_wandb()
+    metrics = flat_metrics(results) if results else {}
+    objects["results"] = results
+    objects["run_dir"] = run_dir
+    return metrics, objects
+
+
+def _documents(sources: list[Any], data_dir: str) -> Any:
+    from dapt.data.sources import iter_documents
+
+    return iter_documents([as_source(s) for s in sources if s], data_dir)
+
+
+def _downstream(cfg: DictConfig, base: BaseInfo, model_dir: str | None, run_dir: Path, loggers: list[Any]) -> dict[str, Any]:
+    tasks = cfg.get("tasks") or []
+    if not tasks:
+        return {}
+    from dapt.evaluation.downstream import evaluate_downstream
+
+    before = base.path if base.cache_key else base.source
+    return evaluate_downstream(cfg, before=before, after=model_dir, run_dir=run_dir, wandb_run=wandb_run_of(loggers))
+
+
+def flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
+    """Scalar metrics as a flat ``key -> value`` dict (the objective a sweeper optimises is one key)."""
+    flat: dict[str, Any] = {}
+    for key in (
+        "domain_ppl_before", "domain_ppl_after", "general_ppl_before", "general_ppl_after",
+        "domain_acc_before", "domain_acc_after", "general_acc_before", "general_acc_after",
+        "tokens_per_s", "train_tokens", "steps",
+    ):
+        if results.get(key) is not None:
+            flat[key] = results[key]
+    if results.get("domain_ppl_after") and results.get("domain_ppl_before"):
+        flat["domain_ppl_change"] = results["domain_ppl_after"] / results["domain_ppl_before"] - 1
+    if results.get("general_ppl_after") and results.get("general_ppl_before"):
+        flat["forgetting"] = results["general_ppl_after"] / results["general_ppl_before"] - 1
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            flat[prefix] = node
+
+    for task, entry in (results.get("downstream") or {}).items():
+        walk(f"downstream/{task}", {k: v for k, v in entry.items() if k != "per_seed"})
+    return flat
+
+
+def _log_summary(loggers: list[Any], metrics: dict[str, Any]) -> None:
+    run = wandb_run_of(loggers)
+    if run is not None:
+        for key, value in metrics.items():
+            run.summary[key] = value
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def fmt(v: Any, spec: str = ".2f") -> str:
+        return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+    table = Table(title=f"dapt: {results.get('experiment')} ({results['steps']} steps)")
+    table.add_column("held-out set")
+    table.add_column("ppl before", justify="right")
+    table.add_column("ppl after", justify="right")
+    table.add_column("change", justify="right")
+    for name, label in (("domain", "domain"), ("general", "general (forgetting)")):
+        b, a = results.get(f"{name}_ppl_before"), results.get(f"{name}_ppl_after")
+        change = f"{(a / b - 1) * 100:+.1f}%" if a and b else "—"
+        table.add_row(label, fmt(b), fmt(a), change)
+    console = Console()
+    console.print(table)
+    base = results["base"]
+    console.print(
+        f"base: {base['source']} ({'cached' if base['cached'] else 'prepared now'}, {base['steps']} general-MLM steps)"
+        if base.get("cache_key") else f"base: {base['source']} (pretrained MLM head, no preparation)"
+    )
+    console.print(f"throughput: {fmt(results.get('tokens_per_s'), ',.0f')} tokens/s, {results['train_tokens']:,} training tokens")
+    if results.get("downstream"):
+        try:
+            from dapt.evaluation.downstream import format_downstream_table
+
+            console.print(format_downstream_table(results["downstream"]))
+        except ImportError:
+            pass
