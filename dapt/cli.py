@@ -72,6 +72,9 @@ def _train_task(cfg: Any) -> float | None:
     except Exception as exc:
         finish_wandb()
         if not _is_multirun():
+            if isinstance(exc, DaptError):  # the user's input: one line, no traceback
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+                raise SystemExit(2) from None
             raise
         run_dir = run_dir_of(cfg)
         atomic_write_json(run_dir / "failure.json", {"error": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()})

