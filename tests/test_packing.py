@@ -105,3 +105,16 @@ def test_hf_datasets_sources_stream_builder_files_and_saved_datasets(tmp_path):
     ds_dir = tmp_path / "hf"
     datasets.Dataset.from_dict({"text": ["alpha", "beta", "gamma"]}).save_to_disk(str(ds_dir))
     assert list(iter_documents(SourceConfig(type="hf", path=str(ds_dir)), None)) == ["alpha", "beta", "gamma"]
+
+
+def test_general_replay_mixes_the_configured_fraction(tmp_path, tokenizer):
+    (tmp_path / "domain.jsonl").write_text("".join(f'{{"text": "cardiology patient {i}"}}\n' for i in range(3000)))
+    (tmp_path / "general.jsonl").write_text("".join(f'{{"text": "football season {i}"}}\n' for i in range(3000)))
+    stream = PackedBlockStream(
+        [SourceConfig(type="jsonl", path=str(tmp_path / "domain.jsonl"))], None, tokenizer, 32, max_passes=1, seed=3,
+        replay=[SourceConfig(type="jsonl", path=str(tmp_path / "general.jsonl"))], replay_fraction=0.25,
+    )
+    football = tokenizer.convert_tokens_to_ids("football")
+    blocks = list(stream)
+    share = sum(football in b["input_ids"] for b in blocks) / len(blocks)
+    assert 0.2 < share < 0.3, share

@@ -48,6 +48,8 @@ class DataConfig:
         num_workers: dataloader workers; tokenization runs there when > 0.
         docs_per_batch: documents tokenized per call to the fast tokenizer.
         max_passes: stop after this many passes over the corpus (null = as many as max_steps needs).
+        replay / replay_fraction: general-text sources mixed into training so that a fraction of the
+            blocks is general text (a standard remedy against forgetting; 0 disables it).
     """
 
     name: str = "corpus"
@@ -62,8 +64,14 @@ class DataConfig:
     num_workers: int = 0
     docs_per_batch: int = 64
     max_passes: int | None = None
+    replay: list[Any] = field(default_factory=list)
+    replay_fraction: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.replay_fraction < 1.0:
+            raise ConfigError(f"data.replay_fraction={self.replay_fraction} must be in [0, 1)")
+        if self.replay_fraction > 0 and not self.replay:
+            raise ConfigError("data.replay_fraction > 0 needs data.replay sources")
         if not self.train:
             raise ConfigError("data.train lists no corpus source")
         if self.max_seq_length < 8:
@@ -100,8 +108,12 @@ class PackedBlockStream(IterableDataset):
         seed: int = 0,
         docs_per_batch: int = 64,
         max_passes: int | None = None,
+        replay: Sequence[SourceConfig] = (),
+        replay_fraction: float = 0.0,
     ) -> None:
         self.sources = list(sources)
+        self.replay = list(replay)
+        self.replay_fraction = replay_fraction
         self.data_dir = data_dir
         self.tokenizer = tokenizer
         self.block_size = block_size
@@ -120,8 +132,7 @@ class PackedBlockStream(IterableDataset):
             blocks = _buffer_shuffle(blocks, self.shuffle_buffer, random.Random(hash((self.seed, shard, pass_index))))
         return blocks
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        shard, num_shards = shard_of(self.rank, self.world_size)
+    def _domain_blocks(self, shard: int, num_shards: int) -> Iterator[dict[str, np.ndarray]]:
         passes = range(self.max_passes) if self.max_passes else itertools.count()
         for pass_index in passes:
             n = 0
@@ -133,6 +144,30 @@ class PackedBlockStream(IterableDataset):
                     f"training shard {shard}/{num_shards} produced no full block of {self.block_size} tokens: "
                     "the corpus is empty or too small for this many ranks × workers"
                 )
+
+    def _replay_blocks(self, shard: int, num_shards: int) -> Iterator[dict[str, np.ndarray]]:
+        packer = BlockPacker(self.tokenizer, self.block_size, docs_per_batch=self.docs_per_batch)
+        for pass_index in itertools.count():
+            n = 0
+            docs = iter_documents(self.replay, self.data_dir, shard_index=shard, num_shards=num_shards)
+            for block in packer.pack(docs):
+                n += 1
+                yield block
+            if n == 0:
+                raise DataError(f"replay shard {shard}/{num_shards} produced no full block of {self.block_size} tokens")
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        shard, num_shards = shard_of(self.rank, self.world_size)
+        domain = self._domain_blocks(shard, num_shards)
+        if not (self.replay and self.replay_fraction > 0):
+            yield from domain
+            return
+        replay = self._replay_blocks(shard, num_shards)
+        rng = random.Random(hash(("replay", self.seed, shard)))
+        for block in domain:  # domain passes bound the stream; replay cycles as needed
+            while rng.random() < self.replay_fraction:
+                yield next(replay)
+            yield block
 
 
 def _buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -213,6 +248,8 @@ class PackedCorpusDataModule(pl.LightningDataModule):
             seed=seed,
             docs_per_batch=config.docs_per_batch,
             max_passes=config.max_passes,
+            replay=[as_source(s, f"data.replay[{i}]") for i, s in enumerate(config.replay)],
+            replay_fraction=config.replay_fraction,
         )
         self.eval_sets: dict[str, TensorDataset] = {}
         self._generators: dict[str, torch.Generator] = {}
