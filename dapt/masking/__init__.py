@@ -5,7 +5,7 @@ give it a ``config_class`` dataclass (subclass of ``MaskingConfig``) for its kno
 here, and add ``conf/masking/<name>.yaml``.
 """
 
-from dapt.masking import random  # noqa: F401  (registers "random")
+from dapt.masking import pmi, random, salient, span, whole_word  # noqa: F401  (register the strategies)
 from dapt.masking.base import (
     IGNORE_INDEX,
     Masker,
@@ -13,9 +13,12 @@ from dapt.masking.base import (
     MaskingContext,
     MaskingInput,
     MaskingStrategy,
+    achieved_rate,
     apply_corruption,
     available_strategies,
+    build_eval_masker,
     build_masker,
+    eval_generator,
     masker_for,
     rate_at,
     register,
@@ -29,9 +32,12 @@ __all__ = [
     "MaskingContext",
     "MaskingInput",
     "MaskingStrategy",
+    "achieved_rate",
     "apply_corruption",
     "available_strategies",
+    "build_eval_masker",
     "build_masker",
+    "eval_generator",
     "masker_for",
     "rate_at",
     "register",

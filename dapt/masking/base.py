@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -165,10 +165,11 @@ def available_strategies() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def strategy_class(name: str) -> type[MaskingStrategy]:
+def strategy_class(name: str, key: str = "masking.name") -> type[MaskingStrategy]:
+    """The registered strategy ``name``; ``key`` names the config key in the error message."""
     names = available_strategies()
     if name not in _REGISTRY:
-        raise ConfigError(f"masking.name={name!r} is not a strategy; available: {', '.join(names)}")
+        raise ConfigError(f"{key}={name!r} is not a strategy; available: {', '.join(names)}")
     return _REGISTRY[name]
 
 
@@ -345,7 +346,7 @@ def build_masker(
         raise ConfigError(
             "masking.schedule=linear needs masking.schedule_steps (or a positive trainer.max_steps)"
         )
-    strategy_class(config.eval_strategy)  # an unknown eval strategy fails at start-up, naming the key
+    strategy_class(config.eval_strategy, "masking.eval_strategy")  # fails at start-up, naming the key
     strategy = cls(config, _with_tokenizer(context, tokenizer))
     return masker_for(strategy, tokenizer, default_schedule_steps=default_schedule_steps)
 
@@ -362,13 +363,14 @@ def build_eval_masker(cfg: Any, tokenizer: Any, *, context: MaskingContext | Non
 
     train_name = cfg["name"] if "name" in cfg else "random"
     train_config = to_dataclass(strategy_class(train_name).config_class, cfg, prefix="masking")
-    eval_cls = strategy_class(train_config.eval_strategy)
-    keep = {f.name for f in fields(eval_cls.config_class)}
-    values = {k: v for k, v in asdict(train_config).items() if k in keep} if train_config.eval_strategy == train_name else {
-        k: getattr(train_config, k) for k in ("mask_fraction", "random_fraction", "eval_rate", "eval_strategy", "eval_seed")
-    }
-    values.update(name=train_config.eval_strategy, rate=train_config.eval_rate, schedule="constant", final_rate=None,
-                  schedule_steps=None)
+    eval_cls = strategy_class(train_config.eval_strategy, "masking.eval_strategy")
+    if train_config.eval_strategy == train_name:  # same strategy: keep its own knobs
+        values = asdict(train_config)
+    else:  # another strategy: its defaults, plus the shared corruption split and eval settings
+        shared = ("mask_fraction", "random_fraction", "eval_rate", "eval_strategy", "eval_seed")
+        values = {k: getattr(train_config, k) for k in shared}
+    values.update(name=train_config.eval_strategy, rate=train_config.eval_rate, schedule="constant",
+                  final_rate=None, schedule_steps=None)
     eval_config = to_dataclass(eval_cls.config_class, values, prefix="masking")
     strategy = eval_cls(eval_config, _with_tokenizer(context, tokenizer))
     return masker_for(strategy, tokenizer)

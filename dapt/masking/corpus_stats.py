@@ -1,0 +1,233 @@
+"""Streaming, capping, tokenizing and caching for the corpus statistics PMI and salient masking use.
+
+Statistics are computed once per (tokenizer, corpus sample, parameters) and cached as JSON in the
+masking cache folder (``MaskingContext.cache_dir``; ``dapt train`` passes ``<paths.cache_dir>/masking``,
+which ``dapt masking-stats`` uses too). The cache key hashes the *text* of the capped document sample rather than
+a path, so editing or re-filtering a corpus can never silently reuse stale statistics; reading the
+capped sample to hash it costs well under a second, tokenizing and counting it a few seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from dapt.errors import ConfigError, DataError
+from dapt.masking.base import MaskingInput
+from dapt.masking.units import HASH_VERSION, WordTable, word_hashes
+
+log = logging.getLogger(__name__)
+
+STATS_FORMAT_VERSION = 1
+
+
+@dataclass
+class CorpusStatsConfig:
+    """Caps on the corpus sample that statistics are computed from (mixed into PMI/salient configs).
+
+    Attributes:
+        stats_path: a statistics file written by ``dapt masking-stats --out``; null computes them from
+            the run's corpus (cached under ``paths.cache_dir``).
+        stats_max_documents: read at most this many documents per corpus.
+        stats_max_words: ... and at most this many whitespace-separated words per corpus; bounds the
+            start-up cost (about 1.2M words, the default biomedical corpus, takes ~10 s on 2 cores).
+    """
+
+    stats_path: str | None = None
+    stats_max_documents: int = 50_000
+    stats_max_words: int = 2_000_000
+
+    def _check_caps(self) -> None:
+        for key in ("stats_max_documents", "stats_max_words"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"masking.{key}={getattr(self, key)} must be >= 1")
+
+
+@dataclass
+class CorpusSample:
+    """The capped, in-memory document sample a statistic is computed from, with its content hash."""
+
+    documents: list[str]
+    sha: str
+    n_words: int
+
+
+def take_documents(documents: Callable[[], Iterable[str]] | Iterable[str], max_documents: int, max_words: int) -> CorpusSample:
+    """Stream documents until either cap is reached, hashing their text for the cache key."""
+    stream = documents() if callable(documents) else documents
+    digest = hashlib.sha256()
+    kept: list[str] = []
+    n_words = 0
+    for doc in stream:
+        if not isinstance(doc, str):
+            raise DataError(f"corpus statistics expect document strings, got {type(doc).__name__}")
+        if not doc.strip():
+            continue
+        kept.append(doc)
+        digest.update(doc.encode("utf-8"))
+        digest.update(b"\x00")
+        n_words += len(doc.split())
+        if len(kept) >= max_documents or n_words >= max_words:
+            break
+    if not kept:
+        raise DataError("corpus statistics: the corpus yielded no non-empty document")
+    return CorpusSample(documents=kept, sha=digest.hexdigest(), n_words=n_words)
+
+
+def iter_documents(paths: Iterable[str | Path]) -> Iterator[str]:
+    """Documents from JSONL files (``text``, else ``title``), ``.txt`` files (one per file) or folders of them."""
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise DataError(f"corpus path does not exist: {path}")
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".txt")) if path.is_dir() else [path]
+        for file in files:
+            if file.suffix == ".jsonl":
+                with file.open(encoding="utf-8") as handle:
+                    for lineno, line in enumerate(handle, 1):
+                        if not line.strip():
+                            continue
+                        try:
+                            record = json.loads(line)
+                        except json.JSONDecodeError as exc:
+                            raise DataError(f"{file}:{lineno}: not valid JSON ({exc.msg})") from exc
+                        text = record.get("text") or record.get("title") if isinstance(record, dict) else None
+                        if not isinstance(text, str):
+                            raise DataError(f"{file}:{lineno}: no 'text' string field")
+                        yield text
+            else:
+                yield file.read_text(encoding="utf-8")
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of the full tokenizer definition (vocab, normaliser, pre-tokenizer): word hashes are
+    built from token ids, so statistics are only valid for the exact tokenizer that made them."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ConfigError(f"tokenizer {type(tokenizer).__name__} is not a fast tokenizer; masking statistics need word ids")
+    spec = json.loads(backend.to_str())
+    # Truncation / padding are call-time state (transformers sets them on first use), not identity.
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class TokenizedCorpus:
+    """A document sample as one long row: documents separated by a non-maskable token.
+
+    Laid out exactly like a packed training block, so ``WordTable`` / ``word_hashes`` /
+    ``ngram_hashes`` give the same hashes here as at training time and no n-gram crosses documents.
+    """
+
+    input_ids: torch.Tensor  # [1, T]
+    table: WordTable
+    word_hash: torch.Tensor  # [1, T]
+
+    @property
+    def n_words(self) -> int:
+        return int(self.table.valid.sum())
+
+    def word_token_ids(self, word: int) -> list[int]:
+        """Token ids of corpus word ``word`` (for decoding the few words that get displayed)."""
+        start = int(self.table.first_pos[0, word])
+        return self.input_ids[0, start: start + int(self.table.length[0, word])].tolist()
+
+
+def tokenize_corpus(documents: list[str], tokenizer: Any, batch_size: int = 1000) -> TokenizedCorpus:
+    """Tokenize with the fast tokenizer (batched) and build word ids from its ``word_ids()``."""
+    ids: list[int] = []
+    starts: list[bool] = []
+    sep = -1  # any non-maskable filler; its id never enters a hash
+    for lo in range(0, len(documents), batch_size):
+        enc = tokenizer(documents[lo: lo + batch_size], add_special_tokens=False)
+        for i, doc_ids in enumerate(enc["input_ids"]):
+            wids = enc.word_ids(i)
+            ids.extend(doc_ids)
+            starts.extend(w is not None and (j == 0 or w != wids[j - 1]) for j, w in enumerate(wids))
+            ids.append(sep)
+            starts.append(False)
+    input_ids = torch.tensor([ids], dtype=torch.long)
+    maskable = input_ids != sep
+    batch = MaskingInput.from_word_starts(input_ids, torch.tensor([starts]), maskable)
+    table = WordTable.build(batch.word_ids)
+    return TokenizedCorpus(input_ids=input_ids, table=table, word_hash=word_hashes(input_ids, table))
+
+
+def cache_key(kind: str, tokenizer_fp: str, corpus_shas: list[str], params: dict[str, Any]) -> str:
+    payload = json.dumps(
+        {"kind": kind, "format": STATS_FORMAT_VERSION, "hash": HASH_VERSION, "tokenizer": tokenizer_fp,
+         "corpora": corpus_shas, "params": params},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:20]
+
+
+def default_masking_cache_dir() -> Path:
+    """``<DAPT_CACHE_DIR or ~/.cache/dapt>/masking``: what ``dapt train`` passes as ``MaskingContext.cache_dir``."""
+    from dapt.config import default_cache_dir
+
+    return Path(default_cache_dir()).expanduser() / "masking"
+
+
+def cache_file(cache_dir: str | Path | None, kind: str, key: str) -> Path:
+    """``<cache_dir>/<kind>-<key>.json``; ``cache_dir`` is the masking cache folder itself."""
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_masking_cache_dir()
+    return folder / f"{kind}-{key}.json"
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write via a temp file + rename, so parallel sweep runs computing the same stats never read half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: str | Path, kind: str) -> dict[str, Any]:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"masking.stats_path={path} does not exist (write it with: dapt masking-stats --out ...)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not a masking statistics file ({exc.msg})") from exc
+    if data.get("kind") != kind:
+        raise ConfigError(f"masking.stats_path={path} holds '{data.get('kind')}' statistics, not '{kind}'")
+    if data.get("hash_version") != HASH_VERSION:
+        raise ConfigError(f"masking.stats_path={path} was made by another dapt version; recompute it with dapt masking-stats")
+    return data
+
+
+def check_tokenizer(data: dict[str, Any], tokenizer: Any, path: str | Path) -> None:
+    """Refuse statistics made with another tokenizer: their hashes would silently match nothing."""
+    if tokenizer is None:
+        return
+    fp = tokenizer_fingerprint(tokenizer)
+    if data.get("tokenizer") != fp:
+        raise ConfigError(
+            f"masking.stats_path={path} was computed with another tokenizer ({data.get('tokenizer')} != {fp}); "
+            "recompute it with dapt masking-stats --tokenizer <the model's tokenizer>"
+        )
+
+
+def is_wordlike(text: str) -> bool:
+    """A word with at least one letter or digit (not punctuation)."""
+    return any(ch.isalnum() for ch in text)
+
+
+def decode_word(tokenizer: Any, token_ids: list[int]) -> str:
+    return tokenizer.decode(token_ids).strip()
