@@ -75,6 +75,11 @@ def load_tokenizer(source: str) -> Any:
         raise ConfigError(f"tokenizer for {source} is not a fast tokenizer; dapt needs word ids from tokenizers")
     # Packing splits long documents itself; silence the "sequence longer than model max" warning.
     tokenizer.model_max_length = int(1e9)
+    # Some tokenizer.json files (sentence-transformers' among them) enable truncation at 128 and
+    # padding in the Rust backend; dapt calls the backend directly for speed, so turn both off here
+    # (the high-level __call__ sets its own truncation/padding per call and is unaffected).
+    tokenizer.backend_tokenizer.no_truncation()
+    tokenizer.backend_tokenizer.no_padding()
     return tokenizer
 
 
