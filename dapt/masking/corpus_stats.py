@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -80,6 +81,22 @@ def take_documents(documents: Callable[[], Iterable[str]] | Iterable[str], max_d
     if not kept:
         raise DataError("corpus statistics: the corpus yielded no non-empty document")
     return CorpusSample(documents=kept, sha=digest.hexdigest(), n_words=n_words)
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run corpus-sized torch ops on one thread, then restore the setting.
+
+    Sorting and hashing a few million int64 on one core takes well under a second; with intra-op
+    threads on a busy 2-core machine (a sweep, a DataLoader, another run) the same ops were measured
+    10x slower from thread contention, so one thread is both fast enough and predictable.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def iter_documents(paths: Iterable[str | Path]) -> Iterator[str]:

@@ -27,6 +27,7 @@ from dapt.masking.corpus_stats import (
     cache_key,
     check_tokenizer,
     read_json,
+    single_threaded,
     take_documents,
     tokenize_corpus,
     tokenizer_fingerprint,
@@ -92,9 +93,10 @@ def compute_ngram_vocabulary(config: PMIMaskingConfig, context: MaskingContext) 
     if path.exists():
         log.info("PMI n-gram vocabulary: cached %s", path)
         return read_json(path, KIND), str(path)
-    corpus = tokenize_corpus(sample.documents, context.tokenizer)
-    vocab = build_ngram_vocabulary(corpus, context.tokenizer, max_n=config.max_ngram, min_count=config.min_count,
-                                   vocab_size=config.vocab_size, min_pmi=config.min_pmi)
+    with single_threaded():
+        corpus = tokenize_corpus(sample.documents, context.tokenizer)
+        vocab = build_ngram_vocabulary(corpus, context.tokenizer, max_n=config.max_ngram, min_count=config.min_count,
+                                       vocab_size=config.vocab_size, min_pmi=config.min_pmi)
     data = {"kind": KIND, "hash_version": HASH_VERSION, "tokenizer": fp, "corpus_sha": sample.sha,
             "n_documents": len(sample.documents), "params": config.stats_params(), **vocab.meta,
             "entries": vocab.entries}
@@ -159,6 +161,8 @@ class PMIMasking(MaskingStrategy):
 
 
 def _shift_right(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``out[:, i] = x[:, i - k]``, zero-padded (all zeros when ``k >= seq``)."""
+    k = min(k, x.shape[1])
     return torch.nn.functional.pad(x[:, : x.shape[1] - k], (k, 0))
 
 

@@ -26,6 +26,7 @@ from dapt.masking.corpus_stats import (
     cache_key,
     check_tokenizer,
     read_json,
+    single_threaded,
     take_documents,
     tokenize_corpus,
     tokenizer_fingerprint,
@@ -45,7 +46,8 @@ class SalientMaskingConfig(CorpusStatsConfig, MaskingConfig):
 
     Attributes:
         salient_weight: sampling weight of a salient word relative to any other word (1 = whole-word
-            masking). At 3 on the biomedical corpus terms get about 2x their share of the budget.
+            masking). At 3 on the biomedical corpus a term is masked 2.6x as often as another word
+            at rate 0.15 (2.2x at 0.4); terms are 31% of tokens and get 53% of the masked ones.
         min_log_odds: keep words whose smoothed log-odds ratio (nats) is at least this; 1.5 means
             about 4.5x more frequent in the domain than in general text.
         min_z: ... and whose log-odds is this many standard errors from 0 (2 ~ 95% one-sided), so a
@@ -101,11 +103,12 @@ def compute_salient_terms(config: SalientMaskingConfig, context: MaskingContext)
     if path.exists():
         log.info("salient terms: cached %s", path)
         return read_json(path, KIND), str(path)
-    terms = build_salient_terms(
-        tokenize_corpus(domain.documents, context.tokenizer), tokenize_corpus(general.documents, context.tokenizer),
-        context.tokenizer, min_count=config.min_count, min_z=config.min_z, min_log_odds=config.min_log_odds,
-        max_terms=config.max_terms, smoothing=config.smoothing,
-    )
+    with single_threaded():
+        terms = build_salient_terms(
+            tokenize_corpus(domain.documents, context.tokenizer), tokenize_corpus(general.documents, context.tokenizer),
+            context.tokenizer, min_count=config.min_count, min_z=config.min_z, min_log_odds=config.min_log_odds,
+            max_terms=config.max_terms, smoothing=config.smoothing,
+        )
     data = {"kind": KIND, "hash_version": HASH_VERSION, "tokenizer": fp, "corpus_sha": [domain.sha, general.sha],
             "n_documents": [len(domain.documents), len(general.documents)], "params": config.stats_params(),
             **terms.meta, "entries": terms.entries}

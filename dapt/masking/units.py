@@ -125,7 +125,8 @@ def ngram_hashes(word_hash: torch.Tensor, table: WordTable, max_n: int) -> list[
 
 
 def _shift_left(x: torch.Tensor, k: int, fill: int | bool) -> torch.Tensor:
-    """``out[:, i] = x[:, i + k]``, padded with ``fill`` at the end."""
+    """``out[:, i] = x[:, i + k]``, padded with ``fill`` at the end (all ``fill`` when ``k >= seq``)."""
+    k = min(k, x.shape[1])
     pad = torch.full((x.shape[0], k), fill, dtype=x.dtype, device=x.device)
     return torch.cat([x[:, k:], pad], dim=1)
 
