@@ -9,6 +9,7 @@ predictions, e.g. ChemProt's test lacks one train label).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -24,7 +25,9 @@ def ner_scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> 
     gold_l = [list(g) for g in gold]
     pred_l = [list(p) for p in pred]
     kwargs: dict[str, Any] = {"mode": "strict", "scheme": IOB2, "zero_division": 0}
-    report = classification_report(gold_l, pred_l, output_dict=True, **kwargs)
+    with warnings.catch_warnings():  # no entity anywhere: seqeval averages an empty array (harmless)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        report = classification_report(gold_l, pred_l, output_dict=True, **kwargs)
     per_type = {
         name: {
             "f1": float(row["f1-score"]),
