@@ -151,6 +151,13 @@ def test_masker_follows_the_schedule_by_step(name: str) -> None:
         assert achieved_rate(out["labels"], masker.maskable(ids)) == pytest.approx(expected, abs=0.01)
 
 
+def test_masker_output_carries_n_maskable_for_the_rate_metric() -> None:
+    masker = build_masker({"name": "whole_word", "rate": 0.3}, FakeTokenizer())
+    ids = torch.tensor([[1, 10, 11, 12, 2, 0, 0]])
+    out = masker(ids, torch.ones_like(ids, dtype=torch.bool), torch.Generator().manual_seed(0))
+    assert int(out["n_maskable"]) == 3
+
+
 def test_achieved_rate_counts_only_maskable() -> None:
     labels = torch.tensor([[IGNORE_INDEX, 5, IGNORE_INDEX, 7]])
     maskable = torch.tensor([[False, True, True, True]])

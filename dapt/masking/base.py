@@ -324,7 +324,8 @@ class Masker:
             generator=generator,
             random_token_ids=self.random_token_ids(),
         )
-        out = {"input_ids": inputs, "labels": labels}
+        # n_maskable lets the training loop log the achieved rate (masked / maskable) per batch.
+        out = {"input_ids": inputs, "labels": labels, "n_maskable": maskable.sum()}
         if attention_mask is not None:
             out["attention_mask"] = attention_mask
         return out
