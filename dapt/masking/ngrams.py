@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from dapt.masking.corpus_stats import TokenizedCorpus, decode_word, is_wordlike
-from dapt.masking.units import ngram_hashes
+from dapt.masking.units import lookup_sorted, ngram_hashes
 
 MIN_N = 2
 # Punctuation allowed *inside* an n-gram ("beta - blockers", "t / b"); never at either end.
@@ -112,21 +112,15 @@ def build_ngram_vocabulary(corpus: TokenizedCorpus, tokenizer: Any, *, max_n: in
     alnum_hashes = unigrams.hashes[torch.tensor(alnum_ids, dtype=torch.long)].sort().values
     inner_hashes = unigrams.hashes[torch.tensor(alnum_ids + joiner_ids, dtype=torch.long)].sort().values
 
-    def member(query: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        if table.numel() == 0:
-            return torch.zeros_like(query, dtype=torch.bool)
-        idx = torch.searchsorted(table, query).clamp(max=table.numel() - 1)
-        return table[idx] == query
-
     cand_hash, cand_n, cand_count, cand_pmi, cand_start = [], [], [], [], []
     word_hash = hashes_at[0]
     for n in range(MIN_N, max_n + 1):
         table = counts[n - 1]
         keep = table.counts >= min_count
         starts = table.first[keep]
-        ok = member(word_hash[starts], alnum_hashes) & member(word_hash[starts + n - 1], alnum_hashes)
+        ok = lookup_sorted(word_hash[starts], alnum_hashes) & lookup_sorted(word_hash[starts + n - 1], alnum_hashes)
         for k in range(1, n - 1):
-            ok &= member(word_hash[starts + k], inner_hashes)
+            ok &= lookup_sorted(word_hash[starts + k], inner_hashes)
         starts = starts[ok]
         if starts.numel() == 0:
             continue
