@@ -1,0 +1,135 @@
+"""On-disk cache of per-seed fine-tuning results for fixed checkpoints (the base model).
+
+In a sweep every run compares against the same base model, so its downstream scores are computed
+once and reused. A result is keyed by everything that changes it: the model (its source string plus a
+content hash of a local checkpoint's files, so a re-saved or edited directory misses), the task
+definition and a hash of its data files, the seed, the hyperparameters and a cache version bumped
+when scoring changes. One JSON file per key, written atomically (temp file + ``os.replace``), so
+concurrent sweep workers never read half a file; a corrupt entry is a miss, not an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from dapt.evaluation.tasks import TaskConfig
+
+log = logging.getLogger(__name__)
+
+# Bump when fine-tuning or scoring changes in a way that makes old cached scores incomparable.
+CACHE_VERSION = 1
+_CHUNK = 1 << 20
+
+
+def _hash_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        digest.update(b"\0")
+        with path.open("rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=32)
+def _dir_fingerprint(path: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
+    return _hash_files([Path(path) / name for name, _, _ in stamp])
+
+
+def model_fingerprint(source: str) -> str:
+    """Content hash of a local checkpoint directory's files, or the hub id itself.
+
+    ``package:`` sources resolve to their bundled directory, so an upgraded package is a new model.
+    Hashing ~100 MB takes a fraction of a second; (name, size, mtime) stamps memoise it per process.
+    """
+    from dapt.modeling.loading import resolve_model_path
+
+    path = Path(resolve_model_path(source))
+    if not path.is_dir():
+        return f"hub:{source}"
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _dir_fingerprint(str(path), stamp)
+
+
+def task_fingerprint(task: TaskConfig, data_dir: str | Path) -> dict[str, Any]:
+    """The task's definition (minus prose) plus a hash of its local data files."""
+    spec = asdict(task)
+    spec.pop("description", None)
+    if task.reader.format == "hub":
+        return {"spec": spec, "data": None}
+    files = []
+    for location in (task.train, task.dev, task.test):
+        if location is None:
+            continue
+        p = Path(location).expanduser()
+        files.append(p if p.is_absolute() else Path(data_dir).expanduser() / p)
+    return {"spec": spec, "data": _hash_files([f for f in files if f.is_file()])}
+
+
+def cache_key(*, model: str, model_fp: str, task_fp: dict[str, Any], seed: int, hyperparameters: dict[str, Any]) -> str:
+    payload = {
+        "version": CACHE_VERSION,
+        "model": model,
+        "model_fingerprint": model_fp,
+        "task": task_fp,
+        "seed": seed,
+        "hyperparameters": hyperparameters,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write JSON so that readers see the old file or the new one, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False, allow_nan=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class ResultCache:
+    """``<cache_dir>/downstream/<key>.json`` holding one per-seed result."""
+
+    def __init__(self, cache_dir: str | Path) -> None:
+        self.root = Path(cache_dir).expanduser() / "downstream"
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.json"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with path.open(encoding="utf-8") as handle:
+                entry = json.load(handle)
+            return dict(entry["result"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable downstream cache entry %s (%s)", path, exc)
+            return None
+
+    def put(self, key: str, result: dict[str, Any], *, meta: dict[str, Any]) -> None:
+        try:
+            atomic_write_json(self.path(key), {"meta": meta, "result": result})
+        except OSError as exc:  # a read-only cache must not cost the scores just computed
+            log.warning("could not write downstream cache %s (%s)", self.path(key), exc)

@@ -1,0 +1,223 @@
+"""Downstream evaluation of a DAPT run: every task × seed, for the base and the adapted model.
+
+``evaluate_downstream`` is what ``dapt train`` calls after adaptation (and ``dapt finetune`` reuses
+through ``evaluate_models``): it fine-tunes the run's ``tasks`` from the base ("before") and the
+adapted ("after") checkpoints with the same seeds, aggregates mean/std with per-seed values, runs the
+paired t-test, logs to W&B and returns the JSON-ready dict that goes into ``results.json``.
+Base-model scores come from the on-disk cache when the same (model files, task, seed,
+hyperparameters) was already fine-tuned, so a sweep pays for the base once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from dapt.config import to_dataclass
+from dapt.errors import ConfigError
+from dapt.evaluation.cache import ResultCache, atomic_write_json, cache_key, model_fingerprint, task_fingerprint
+from dapt.evaluation.finetuning import DownstreamConfig, finetune_seed, prepare
+from dapt.evaluation.report import format_downstream_table, print_downstream_table
+from dapt.evaluation.stats import aggregate_seeds, paired_comparison, summarize
+from dapt.evaluation.tasks import METRICS, TaskConfig, TaskData, load_task, resolve_task
+
+__all__ = [
+    "evaluate_downstream",
+    "evaluate_models",
+    "format_downstream_table",
+    "print_downstream_table",
+    "downstream_config",
+]
+
+log = logging.getLogger(__name__)
+
+
+def downstream_config(cfg: Any) -> DownstreamConfig:
+    """Validate the ``downstream`` group (unknown keys and bad values name ``downstream.<key>``)."""
+    node = cfg.get("downstream") if isinstance(cfg, (DictConfig, Mapping)) else None
+    return to_dataclass(DownstreamConfig, node or {}, prefix="downstream")
+
+
+def _per_type(per_seed: Sequence[dict[str, Any]], key: str) -> dict[str, Any]:
+    names: list[str] = []
+    for r in per_seed:
+        for name in r["test"].get(key, {}):
+            if name not in names:
+                names.append(name)
+    return {n: summarize([r["test"][key][n]["f1"] for r in per_seed if n in r["test"].get(key, {})]) for n in names}
+
+
+def _run_model(
+    role: str,
+    source: str,
+    data: TaskData,
+    dcfg: DownstreamConfig,
+    *,
+    cache: ResultCache | None,
+    data_dir: str | Path,
+) -> dict[str, Any]:
+    """Fine-tune ``source`` on ``data`` for every seed (or read the seeds from the cache)."""
+    task = data.task
+    per_seed: list[dict[str, Any]] = []
+    keys: dict[int, str] = {}
+    if cache is not None:
+        model_fp = model_fingerprint(source)
+        task_fp = task_fingerprint(task, data_dir)
+        hp = dcfg.fingerprint()
+        for seed in dcfg.seeds:
+            keys[seed] = cache_key(model=source, model_fp=model_fp, task_fp=task_fp, seed=seed, hyperparameters=hp)
+    prepared = None
+    started = time.perf_counter()
+    for seed in dcfg.seeds:
+        result = cache.get(keys[seed]) if cache is not None else None
+        if result is not None:
+            result["cached"] = True
+        else:
+            if prepared is None:
+                prepared = prepare(source, data, dcfg)
+            result = finetune_seed(prepared, seed, dcfg)
+            result["cached"] = False
+            if cache is not None:
+                cache.put(keys[seed], result, meta={"model": source, "task": task.name, "seed": seed, "hyperparameters": dcfg.fingerprint()})
+        per_seed.append(result)
+        log.info(
+            "[%s] %s seed %d: test %s %.4f (dev %.4f at epoch %d/%d, %s)",
+            task.name, role, seed, task.metric, result["test"][task.metric], result["dev"].get(task.metric, float("nan")),
+            result["best_epoch"], result["epochs_run"], "cached" if result["cached"] else f"{result['seconds']:.0f} s",
+        )
+    block: dict[str, Any] = {"model": source, "seeds": list(dcfg.seeds)}
+    block.update(aggregate_seeds(per_seed, METRICS[task.type]))
+    block["test_per_type" if task.type == "ner" else "test_per_label"] = _per_type(per_seed, "per_type" if task.type == "ner" else "per_label")
+    block["cached_seeds"] = [r["seed"] for r in per_seed if r["cached"]]
+    block["seconds"] = round(time.perf_counter() - started, 1)
+    block["per_seed"] = per_seed
+    return block
+
+
+def evaluate_models(
+    tasks: Sequence[str | Mapping[str, Any] | TaskConfig],
+    models: Mapping[str, str | None],
+    dcfg: DownstreamConfig,
+    *,
+    data_dir: str | Path,
+    cache_dir: str | Path | None,
+    cached_roles: Sequence[str] = ("before",),
+    run_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Fine-tune each model (``{role: source}``) on each task and compare ``before`` with ``after``.
+
+    Roles in ``cached_roles`` read/write the on-disk cache (when ``dcfg.cache``). Partial results
+    are written to ``run_dir/downstream.json`` after every task, so a crash keeps finished tasks.
+    """
+    configs = [resolve_task(t) for t in tasks]  # fail on a bad task name before any compute
+    names = [t.name for t in configs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"tasks lists a task twice: {names}")
+    active = {role: src for role, src in models.items() if src}
+    cache = ResultCache(cache_dir) if dcfg.cache and cache_dir else None
+    results: dict[str, Any] = {}
+    for task in configs:
+        data = load_task(task, data_dir)
+        entry: dict[str, Any] = {
+            "type": task.type,
+            "metric": task.metric,
+            "budget": dcfg.budget,
+            "hyperparameters": {**dcfg.fingerprint(), "seeds": list(dcfg.seeds)},
+        }
+        for role, source in active.items():
+            entry[role] = _run_model(role, source, data, dcfg, cache=cache if role in cached_roles else None, data_dir=data_dir)
+        if "before" in entry and "after" in entry:
+            metric_key = f"test_{task.metric}"
+            comparison = paired_comparison(entry["before"][metric_key]["values"], entry["after"][metric_key]["values"], alpha=dcfg.alpha)
+            entry.update(
+                delta=comparison["delta"],
+                p_value=comparison["p_value"],
+                significant=comparison["significant"],
+                verdict=comparison["verdict"],
+                comparison=comparison,
+            )
+            log.info("[%s] after - before %s: %+.4f, %s", task.name, task.metric, comparison["delta"], comparison["verdict"])
+        entry["notes"] = data.notes
+        results[task.name] = entry
+        if run_dir is not None:
+            atomic_write_json(Path(run_dir) / "downstream.json", results)
+    return results
+
+
+def log_to_wandb(results: Mapping[str, Any], wandb_run: Any) -> None:
+    """Summary keys ``downstream/<task>/test_<metric>/{mean,std}`` (the adapted model; the base under
+    ``downstream/<task>/before/...``), ``delta`` / ``p_value``, and a table of every per-seed score."""
+    import wandb
+
+    summary: dict[str, Any] = {}
+    rows: list[list[Any]] = []
+    for name, entry in results.items():
+        prefix = f"downstream/{name}"
+        metric = entry["metric"]
+        for role in ("before", "after", "model"):
+            block = entry.get(role)
+            if not block:
+                continue
+            for key, value in block.items():
+                if isinstance(value, dict) and "mean" in value and (key.startswith("test_") or key.startswith("dev_")):
+                    for stat in ("mean", "std"):
+                        summary[f"{prefix}/{role}/{key}/{stat}"] = value[stat]
+                        if role != "before":  # the run's own model gets the short keys
+                            summary[f"{prefix}/{key}/{stat}"] = value[stat]
+            for r in block["per_seed"]:
+                rows.append([name, role, block["model"], r["seed"], metric, r["dev"].get(metric), r["test"][metric], r["best_epoch"], r["cached"], r["seconds"]])
+        for key in ("delta", "p_value", "significant"):
+            if key in entry:
+                summary[f"{prefix}/{key}"] = entry[key]
+    columns = ["task", "role", "model", "seed", "metric", "dev", "test", "best_epoch", "cached", "seconds"]
+    wandb_run.log({"downstream/per_seed": wandb.Table(columns=columns, data=rows)})
+    for key, value in summary.items():
+        wandb_run.summary[key] = value
+
+
+def evaluate_downstream(
+    cfg: DictConfig,
+    *,
+    before: str | None,
+    after: str | None,
+    run_dir: Path,
+    wandb_run: Any = None,
+) -> dict[str, Any]:
+    """Fine-tune ``cfg.tasks`` from ``before`` (base) and ``after`` (adapted) over ``cfg.downstream.seeds``.
+
+    ``cfg`` is the composed train config (``tasks``, ``downstream``, ``paths.data_dir``,
+    ``paths.cache_dir``). Returns ``{task: {"before": {...}, "after": {...}, "delta", "p_value", ...}}``
+    (JSON-serialisable; ``{}`` when ``tasks`` is empty). Base scores are cached on disk.
+    """
+    tasks = cfg.get("tasks") or []
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    elif isinstance(tasks, DictConfig):
+        raise ConfigError("tasks must be a list of task names, e.g. tasks=[ncbi_disease,chemprot]")
+    tasks = list(OmegaConf.to_container(tasks, resolve=True) if not isinstance(tasks, list) else tasks)
+    if not tasks or (before is None and after is None):
+        return {}
+    dcfg = downstream_config(cfg)
+    paths = cfg.get("paths") or {}
+    data_dir = paths.get("data_dir")
+    if not data_dir:
+        raise ConfigError("paths.data_dir is not set (DAPT_DATA_DIR)")
+    results = evaluate_models(
+        tasks,
+        {"before": before, "after": after},
+        dcfg,
+        data_dir=data_dir,
+        cache_dir=paths.get("cache_dir"),
+        cached_roles=("before",),
+        run_dir=Path(run_dir),
+    )
+    if wandb_run is not None and results:
+        try:
+            log_to_wandb(results, wandb_run)
+        except Exception as exc:  # never lose hours of fine-tuning to a logging hiccup
+            log.warning("could not log downstream results to W&B: %s", exc)
+    return results
