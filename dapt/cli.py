@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import sys
-import traceback
 from typing import Any, Callable
 
 from dapt.errors import DaptError
@@ -40,45 +39,60 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _is_multirun() -> bool:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
+def _objective(cfg: Any, metrics: dict[str, Any], *, strict: bool = False) -> float | None:
+    """The value of ``optimized_metric`` for sweepers (``None`` on DDP ranks other than 0).
 
-        return HydraConfig.get().mode == RunMode.MULTIRUN
-    except Exception:  # noqa: BLE001 - outside Hydra
-        return False
-
-
-def _objective(cfg: Any, metrics: dict[str, Any]) -> float | None:
+    ``strict`` (optimising sweepers such as Optuna): a NaN/inf objective raises, so the trial is
+    recorded as failed instead of poisoning the study (optuna 2.x aborts the sweep on NaN).
+    """
     key = cfg.get("optimized_metric")
-    if not key:
+    if not key or not metrics:
         return None
     if key not in metrics:
         raise DaptError(f"optimized_metric '{key}' is not among this run's metrics: {', '.join(sorted(metrics))}")
-    return float(metrics[key])
+    value = float(metrics[key])
+    if strict and not math.isfinite(value):
+        from dapt.errors import TrainingError
+
+        raise TrainingError(f"optimized_metric '{key}' is {value}")
+    return value
 
 
 def _train_task(cfg: Any) -> float | None:
-    """The Hydra task: run ``train``; in a sweep a failed job is recorded, not fatal."""
-    from dapt.io import atomic_write_json
+    """The Hydra task: run ``train``; in a sweep a failed job is recorded, not fatal.
+
+    A failed sweep job writes ``failure.json`` into its folder and marks its W&B run failed; the basic
+    sweeper then gets NaN and goes on, an optimising sweeper (Optuna) gets the exception and records
+    the trial as failed (``hparams_search`` configs set ``max_failure_rate`` so the study goes on).
+    DDP ranks of script-launched strategies are started here so they share the job's folder.
+    """
+    from omegaconf import OmegaConf
+
     from dapt.train import run_dir_of, train
+    from dapt.tracking.ddp import local_ranks
     from dapt.tracking.loggers import finish_wandb
+    from dapt.tracking.sweeps import current_job, record_failure, sweeper_tracks_failures
 
     _quiet_libraries()
+    job = current_job()
+    strict = sweeper_tracks_failures(job)
     try:
-        metrics, _ = train(cfg)
-        return _objective(cfg, metrics)
+        trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True) if "trainer" in cfg else {}
+        with local_ranks(trainer_cfg, run_dir_of(cfg), job.overrides if job else [], cwd=job.cwd if job else None):
+            metrics, _ = train(cfg)
+        return _objective(cfg, metrics, strict=strict)
     except Exception as exc:
-        finish_wandb()
-        if not _is_multirun():
-            if isinstance(exc, DaptError):  # the user's input: one line, no traceback
-                print(f"error: {exc}", file=sys.stderr, flush=True)
-                raise SystemExit(2) from None
+        finish_wandb(exit_code=1)
+        if job is not None and not job.multirun and isinstance(exc, DaptError):
+            # Hydra would print a traceback and exit 1; a user error is one line and exit status 2.
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        if not (job and job.multirun):
             raise
-        run_dir = run_dir_of(cfg)
-        atomic_write_json(run_dir / "failure.json", {"error": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()})
-        logging.getLogger("dapt").error("job failed (recorded in %s): %s: %s", run_dir / "failure.json", type(exc).__name__, exc)
+        path = record_failure(run_dir_of(cfg), exc, job)
+        logging.getLogger("dapt").error("job %s failed (recorded in %s): %s: %s", job.num, path, type(exc).__name__, exc)
+        if strict:
+            raise
         return math.nan
 
 
@@ -88,6 +102,9 @@ def train_main() -> None:
     from dapt.config import config_dir, register_resolvers
 
     register_resolvers()
+    from dapt.tracking.sweeps import check_overrides
+
+    check_overrides(sys.argv[1:], config_dir())  # unknown option/key: one line listing the valid ones
     hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(_train_task)()
 
 

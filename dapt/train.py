@@ -30,6 +30,7 @@ from dapt.modeling.loading import load_mlm_model, load_tokenizer
 from dapt.modeling.mlm_module import MLMModule
 from dapt.modeling.optim import OptimizerConfig, SchedulerConfig
 from dapt.tracking.loggers import LoggerConfig, build_loggers, finish_wandb, wandb_run_of
+from dapt.tracking.ddp import debug_callbacks
 from dapt.tracking.progress import StepProgressBar
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     loggers = build_loggers(run.logger, run_dir, run_name=run_dir.name, group=experiment, tags=tags, config=resolved)
     throughput = ThroughputMonitor()
     callbacks: list[Any] = [throughput, StepProgressBar(description=f"dapt {run.data.name}")]
+    callbacks += debug_callbacks(run_dir)  # DAPT_RECORD_BLOCKS=1: each rank lists the blocks it trained on
     checkpoint_cfg = cfg.get("checkpoint") or {}
     if checkpoint_cfg.get("enabled", False):
         from pytorch_lightning.callbacks import ModelCheckpoint

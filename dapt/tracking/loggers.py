@@ -61,7 +61,17 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, *, run_name: str, group: str
     if cfg.csv.enabled:
         loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
     if cfg.wandb.enabled and wandb_mode(cfg.wandb) != "disabled":
+        from dapt.tracking.sweeps import current_job, override_tags
+
         os.environ.setdefault("WANDB_SILENT", "true")
+        # A Hydra job adds its overrides as tags; a sweep job also tags its sweep and is named by
+        # its number and overrides, so the runs of one sweep are told apart in the dashboard.
+        job = current_job()
+        job_tags = override_tags(job.overrides) if job else []
+        if job and job.multirun:
+            job_tags += override_tags([f"sweep:{job.sweep_name}"])
+            run_name = f"{job.num}-{job.override_dirname}"[:128] if job.override_dirname else f"{job.sweep_name}/{job.num}"
+            config = {**config, "hydra_job": {"num": job.num, "sweep_dir": job.sweep_dir, "overrides": job.overrides}}
         loggers.append(
             WandbLogger(
                 project=cfg.wandb.project,
@@ -69,7 +79,7 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, *, run_name: str, group: str
                 name=cfg.wandb.name or run_name,
                 group=cfg.wandb.group or group,
                 job_type=cfg.wandb.job_type,
-                tags=list(dict.fromkeys([*cfg.wandb.tags, *tags]))[:64],
+                tags=override_tags([*cfg.wandb.tags, *tags, *job_tags])[:64],
                 save_dir=str(run_dir),
                 mode=wandb_mode(cfg.wandb),
                 config=config,
@@ -88,12 +98,12 @@ def wandb_run_of(loggers: list[Any]) -> Any:
     return None
 
 
-def finish_wandb() -> None:
-    """End the active W&B run so the next multirun job starts its own."""
+def finish_wandb(exit_code: int | None = None) -> None:
+    """End the active W&B run so the next multirun job starts its own (``exit_code=1``: failed)."""
     try:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=exit_code)
     except Exception:  # noqa: BLE001 - logging must never fail a finished run
         pass

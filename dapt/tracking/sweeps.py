@@ -1,0 +1,228 @@
+"""Hydra jobs and sweeps: what a job knows about itself, and how a sweep survives bad input.
+
+* ``current_job()``: is this a multirun job, its own overrides (W&B tags), its number and folders.
+* ``override_tags()``: the job's overrides as W&B tags (W&B allows 64 characters per tag).
+* ``record_failure()``: a failed sweep job leaves ``failure.json`` in its folder; the sweep goes on.
+* ``sweeper_tracks_failures()``: optimising sweepers (Optuna) must see a failed trial as an exception
+  (it is recorded as FAIL; a NaN value would abort optuna 2.x), the basic sweeper gets NaN.
+* ``check_overrides()``: before Hydra starts, an override naming an unknown config option or key is
+  rejected with the valid choices listed (Hydra itself names only the bad key).
+* ``agent_command()``: the command line a W&B sweep agent builds from a sweep YAML (for tests and
+  ``docs/sweeps.md``; mirrors ``wandb.wandb_agent.Agent._command_run``).
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from dapt.errors import ConfigError
+
+WANDB_TAG_MAX = 64
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+@dataclass
+class JobInfo:
+    """The Hydra job this process runs (``None`` from ``current_job`` outside Hydra)."""
+
+    multirun: bool
+    overrides: list[str] = field(default_factory=list)  # this job's task overrides, concrete values
+    override_dirname: str = ""
+    num: int | None = None
+    output_dir: str | None = None
+    sweep_dir: str | None = None
+    cwd: str | None = None
+    sweeper: str = BASIC_SWEEPER
+
+    @property
+    def sweep_name(self) -> str | None:
+        """``<experiment>/<time>`` of a sweep folder ``multirun/<experiment>/<time>``."""
+        if not (self.multirun and self.sweep_dir):
+            return None
+        path = Path(self.sweep_dir)
+        return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
+def current_job() -> JobInfo | None:
+    """Describe the running Hydra job, or ``None`` when called outside ``dapt train``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized():
+            return None
+        hc = HydraConfig.get()
+    except Exception:  # noqa: BLE001 - outside Hydra
+        return None
+    multirun = hc.mode == RunMode.MULTIRUN
+    sweeper = ""
+    try:
+        sweeper = str(hc.sweeper.get("_target_", "")) if hc.sweeper is not None else ""
+    except Exception:  # noqa: BLE001
+        pass
+    num = hc.job.get("num")
+    return JobInfo(
+        multirun=multirun,
+        overrides=[str(o) for o in (hc.overrides.task or [])],
+        override_dirname=str(hc.job.get("override_dirname") or ""),
+        num=int(num) if num is not None and multirun else None,
+        output_dir=str(hc.runtime.output_dir) if hc.runtime.get("output_dir") else None,
+        sweep_dir=str(Path(hc.runtime.cwd, hc.sweep.dir)) if multirun else None,
+        cwd=str(hc.runtime.cwd),
+        sweeper=sweeper or BASIC_SWEEPER,
+    )
+
+
+def sweeper_tracks_failures(job: JobInfo | None) -> bool:
+    """True for sweepers that read the objective (Optuna): a failed job must raise, not return NaN."""
+    return bool(job and job.multirun and job.sweeper != BASIC_SWEEPER)
+
+
+def override_tags(overrides: Iterable[str], max_len: int = WANDB_TAG_MAX) -> list[str]:
+    """``key=value`` tags, one per override, shortened to W&B's limit (``…`` marks a cut)."""
+    tags = []
+    for item in overrides:
+        tag = str(item).strip()
+        if not tag:
+            continue
+        tags.append(tag if len(tag) <= max_len else tag[: max_len - 1] + "…")
+    return list(dict.fromkeys(tags))
+
+
+def record_failure(run_dir: Path, exc: BaseException, job: JobInfo | None = None) -> Path:
+    """Write ``<run_dir>/failure.json`` (error, message, traceback, overrides) and return its path."""
+    from dapt.io import atomic_write_json
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "failure.json"
+    atomic_write_json(path, {
+        "error": type(exc).__name__,
+        "message": str(exc),
+        "overrides": job.overrides if job else [],
+        "job_num": job.num if job else None,
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+    })
+    return path
+
+
+# ----------------------------------------------------------------------------- override checking
+
+def check_overrides(argv: list[str], config_dir: Path, config_name: str = "train") -> None:
+    """Raise ``ConfigError`` listing valid choices when an override names an unknown option or key.
+
+    Only plain ``group=option`` and ``a.b.c=value`` overrides are checked (``+``/``++``/``~`` and
+    ``hydra.*`` keys are Hydra's business); anything this check cannot decide is left to Hydra.
+    """
+    try:
+        from hydra._internal.utils import get_args_parser
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        args, _ = get_args_parser().parse_known_args(argv)
+        if args.config_name not in (None, config_name) or args.config_path or args.config_dir:
+            return
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except Exception:  # noqa: BLE001 - unparsable: Hydra reports it
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.types import ChoiceSweep
+    from omegaconf import OmegaConf
+
+    if GlobalHydra.instance().is_initialized():
+        return
+    plain = [o for o in overrides if not (o.is_add() or o.is_force_add() or o.is_delete())]
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        group_args: list[str] = []
+        key_overrides = []
+        for o in plain:
+            key = o.key_or_group
+            options = loader.get_group_options(key)
+            if options or (config_dir / key).is_dir():
+                if isinstance(o.value(), ChoiceSweep):
+                    values: list[Any] = list(o.sweep_string_iterator())
+                else:
+                    values = [] if o.is_sweep_override() else [o.value()]  # glob/range sweeps: Hydra checks
+                for value in values:
+                    if value is not None and str(value) != "null" and isinstance(value, str) and value not in options:
+                        raise ConfigError(
+                            f"unknown option '{key}={value}' (choices for {key}: {', '.join(sorted(options)) or 'none'})"
+                        )
+                if values and values[0] is not None and not key.startswith("hydra"):
+                    group_args.append(f"{o.get_key_element()}={values[0]}")
+            elif not key.startswith("hydra.") and key != "hydra":
+                key_overrides.append(key)
+        if not key_overrides:
+            return
+        try:
+            cfg = compose(config_name=config_name, overrides=group_args)
+        except Exception:  # noqa: BLE001 - Hydra will report it with the full override list
+            return
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    for key in key_overrides:
+        parent, missing = _deepest_existing(tree, key.split("."))
+        if missing is None:
+            continue
+        node = _get(tree, parent)
+        where = f"under '{'.'.join(parent)}'" if parent else "at top level"
+        valid = ", ".join(sorted(str(k) for k in node)) if isinstance(node, dict) else "none (not a mapping)"
+        raise ConfigError(f"unknown config key '{key}' (valid keys {where}: {valid}; use +{key}=... to add a new key)")
+
+
+def _get(tree: Any, parts: list[str]) -> Any:
+    node = tree
+    for part in parts:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def _deepest_existing(tree: Any, parts: list[str]) -> tuple[list[str], str | None]:
+    """(longest existing prefix, first missing part or None when the whole key exists)."""
+    node = tree
+    for i, part in enumerate(parts):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif node is None or isinstance(node, str) and node.startswith("${"):
+            return parts[:i], None  # null or interpolated node: cannot tell; leave it to Hydra
+        else:
+            return parts[:i], part
+    return parts, None
+
+
+# ----------------------------------------------------------------------------- W&B sweep agents
+
+def agent_command(sweep: dict[str, Any], values: dict[str, Any], env: dict[str, str] | None = None) -> list[str]:
+    """The command a ``wandb agent`` runs for one set of parameter ``values`` of sweep YAML ``sweep``.
+
+    Uses the wandb package's own helpers for ``${args_no_hyphens}`` etc. and the same macro expansion
+    as the agent, so a test can check that the sweep YAML drives the Hydra CLI as intended.
+    """
+    import os
+
+    from wandb.sdk.launch.sweeps import utils as sweep_utils
+
+    unknown = sorted(set(values) - set(sweep.get("parameters", {})))
+    if unknown:
+        raise ConfigError(f"sweep has no parameter {unknown[0]!r}")
+    saved = dict(os.environ)
+    try:
+        os.environ.update(env or {})
+        command = sweep_utils.create_sweep_command(list(sweep.get("command") or sweep_utils.DEFAULT_SWEEP_COMMAND))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    sweep_vars: dict[str, Any] = sweep_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in values.items()}})
+    sweep_vars.update({"interpreter": ["python"], "program": [sweep.get("program", "")], "env": ["/usr/bin/env"]})
+    out: list[str] = []
+    for chunk in command:
+        chunk = str(chunk)
+        if chunk.startswith("${") and chunk.endswith("}"):
+            out += sweep_vars.get(chunk[2:-1]) or []
+        else:
+            out.append(chunk)
+    return out

@@ -1,0 +1,85 @@
+"""Data-parallel training with 2 CPU processes (gloo), started by ``dapt train trainer=ddp``.
+
+Checks that rank 1 runs in the job's own folder (no second output folder), that the two ranks
+trained on disjoint blocks (``DAPT_RECORD_BLOCKS=1`` makes each rank list its blocks), that only
+rank 0 wrote results, W&B and the model, and that the token count is steps × batch × length × 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from dapt.tracking.ddp import local_process_count, rank_command, starts_script_ranks
+from tests.test_sweeps import _fail_message, dapt
+
+STEPS, BATCH, LENGTH, WORLD = 4, 4, 64, 2
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_ranks_share_the_job_folder_and_see_disjoint_data(tmp_path):
+    sweep_dir = tmp_path / "multirun" / "ddp"
+    args = ["train", "-m", "trainer=ddp", "optimizer.lr=3e-4", "model=tiny", "base=none", "tasks=[]",
+            f"trainer.max_steps={STEPS}", "trainer.val_check_interval=2", "data.max_eval_blocks=4",
+            f"data.batch_size={BATCH}", f"data.max_seq_length={LENGTH}", "data.shuffle_buffer=16",
+            "experiment_name=ddp_test", f"hydra.sweep.dir={sweep_dir}"]
+    proc = dapt(args, cwd=tmp_path, env={"DAPT_RECORD_BLOCKS": "1"}, timeout=400)
+    assert proc.returncode == 0, _fail_message(proc)
+
+    job = sweep_dir / "0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["multirun"]  # rank 1 made no folder of its own
+    assert sorted(p.name for p in sweep_dir.iterdir()) == ["0", "multirun.yaml"]
+    assert (job / "dapt_rank1.log").is_file(), "rank 1 did not run in the job folder"
+
+    blocks = {rank: (job / f"rank{rank}_blocks.txt").read_text().split() for rank in range(WORLD)}
+    for rank, hashes in blocks.items():
+        assert len(hashes) == STEPS * BATCH, f"rank {rank} consumed {len(hashes)} blocks"
+        assert len(set(hashes)) == len(hashes), f"rank {rank} saw a block twice within one pass"
+    assert not set(blocks[0]) & set(blocks[1]), "the two ranks trained on the same blocks"
+
+    results = json.loads((job / "results.json").read_text())
+    assert results["steps"] == STEPS
+    assert results["train_tokens"] == STEPS * BATCH * LENGTH * WORLD
+    assert results["config"]["trainer"]["devices"] == WORLD and results["config"]["trainer"]["strategy"] == "ddp"
+    # rank zero only: one results.json, one W&B run, one model
+    assert len(list(tmp_path.rglob("results.json"))) == 1
+    assert len(list(job.glob("wandb/offline-run-*/run-*.wandb"))) == 1
+    assert (job / "model" / "config.json").is_file() and len(list(tmp_path.rglob("model.safetensors"))) == 1
+    from dapt.tracking.wandb_offline import offline_runs, read_offline_run
+
+    run = read_offline_run(offline_runs(job)[0])
+    assert run.group == "ddp_test" and run.summary["train_tokens"] == STEPS * BATCH * LENGTH * WORLD
+
+
+def test_rank_command_reruns_this_job_in_its_folder(tmp_path):
+    cmd = rank_command(["trainer=ddp", "optimizer.lr=0.0003", "tasks=[]"], tmp_path / "multirun" / "x" / "3", 1)
+    assert cmd[:4] == [sys.executable, "-m", "dapt.cli", "train"]
+    assert cmd[4:7] == ["trainer=ddp", "optimizer.lr=0.0003", "tasks=[]"]  # the job's concrete values, no -m
+    assert f"hydra.run.dir='{tmp_path / 'multirun' / 'x' / '3'}'" in cmd
+    assert "hydra.output_subdir=null" in cmd and "hydra.job.name=dapt_rank1" in cmd
+
+
+@pytest.mark.parametrize(
+    "trainer, n, script",
+    [
+        ({"strategy": "ddp", "devices": 2}, 2, True),
+        ({"strategy": "ddp", "devices": 1}, 1, False),
+        ({"strategy": "ddp_spawn", "devices": 2}, 2, False),
+        ({"strategy": "fsdp", "devices": [0, 1, 2]}, 3, True),
+        ({"strategy": "deepspeed_stage_2", "devices": "4"}, 4, True),
+        ({"devices": 1}, 1, False),
+    ],
+)
+def test_which_trainers_need_local_ranks(trainer, n, script):
+    assert local_process_count(trainer) == n
+    assert starts_script_ranks(trainer) is script
+
+
+def test_no_ranks_started_under_a_cluster_launcher(monkeypatch, tmp_path):
+    from dapt.tracking.ddp import local_ranks
+
+    monkeypatch.setenv("LOCAL_RANK", "0")  # torchrun / SLURM / a rank we started ourselves
+    with local_ranks({"strategy": "ddp", "devices": 2}, tmp_path, []) as started:
+        assert started == 0
