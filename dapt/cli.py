@@ -19,6 +19,7 @@ from dapt.errors import DaptError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dapt.cli:train_main", "domain-adaptive pretraining run (Hydra: overrides, -m sweeps)"),
     "finetune": ("dapt.finetune:main", "fine-tune one downstream task on any checkpoint (Hydra)"),
+    "doctor": ("dapt.diagnostics.cli:main", "diagnose corpus size, noise, vocabulary overlap and fragmentation"),
     "compare": ("dapt.tracking.compare:main", "compare runs: table, CSV/Markdown, plots"),
     "masking-stats": ("dapt.masking.cli:main", "compute and cache PMI n-grams / salient domain terms"),
     "bench": ("experiments.throughput.bench:main", "throughput benchmark vs the HF Trainer recipe"),
