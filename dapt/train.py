@@ -103,6 +103,14 @@ def validate(cfg: DictConfig) -> RunConfig:
     )
     for i, s in enumerate(run.data.train):
         as_source(s, f"data.train[{i}]")
+    tasks = cfg.get("tasks") or []
+    if tasks:  # a typo in a task name must not surface only after the whole DAPT run
+        from dapt.evaluation.downstream import downstream_config
+        from dapt.evaluation.tasks import resolve_task
+
+        downstream_config(cfg)
+        for name in [tasks] if isinstance(tasks, str) else tasks:
+            resolve_task(name)
     return run
 
 

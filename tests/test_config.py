@@ -67,6 +67,11 @@ def test_out_of_range_values_are_named(compose):
         validate(compose(["data.batch_size=0"]))
 
 
+def test_unknown_task_fails_at_start_listing_available(compose):
+    with pytest.raises(ConfigError, match=r"unknown task 'ncbi'.*ncbi_disease"):
+        validate(compose(["tasks=[ncbi]"]))
+
+
 def test_hydra_rejects_unknown_override_key_and_group(compose):
     from hydra.errors import ConfigCompositionException
 
