@@ -10,18 +10,16 @@ concurrent sweep workers never read half a file; a corrupt entry is a miss, not 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from dapt.evaluation.tasks import TaskConfig
+from dapt.io import atomic_write_json  # noqa: F401  (re-exported for downstream.py and finetune.py)
 
 log = logging.getLogger(__name__)
 
@@ -88,23 +86,6 @@ def cache_key(*, model: str, model_fp: str, task_fp: dict[str, Any], seed: int, 
         "hyperparameters": hyperparameters,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write JSON so that readers see the old file or the new one, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False, allow_nan=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class ResultCache:
