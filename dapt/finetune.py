@@ -49,7 +49,13 @@ def run_finetune(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         cached_roles=tuple(models),
         run_dir=run_dir,
     )
-    results = {"command": "finetune", "models": models, "downstream": downstream}
+    results = {
+        "command": "finetune",
+        "models": models,
+        "task": OmegaConf.to_container(task, resolve=True),
+        "downstream_config": {**dcfg.fingerprint(), "seeds": list(dcfg.seeds), "budget": dcfg.budget},
+        "downstream": downstream,
+    }
     path = run_dir / "results.json"
     atomic_write_json(path, results)
     print_downstream_table(downstream)

@@ -153,7 +153,7 @@ def test_evaluate_downstream_before_after_cache_and_wandb(tiny_models, data_dir,
         assert "Disease" in block["test_per_type"]
     assert ner["before"]["cached_seeds"] == [] and ner["after"]["cached_seeds"] == []
     assert ner["delta"] == pytest.approx(ner["after"]["test_f1"]["mean"] - ner["before"]["test_f1"]["mean"])
-    assert "verdict" in ner and "p_value" in ner
+    assert "verdict" in ner and "p_value" in ner and ner["n"] == 2
     assert results["chemprot"]["metric"] == "micro_f1" and "test_macro_f1" in results["chemprot"]["after"]
     json.dumps(results, allow_nan=False)
     assert json.loads((tmp_path / "run" / "downstream.json").read_text()) == json.loads(json.dumps(results))
@@ -209,13 +209,27 @@ def test_evaluate_downstream_no_tasks_and_bad_config(tmp_path, data_dir):
         evaluate_downstream(cfg, before=None, after="y", run_dir=tmp_path)
 
 
+def test_check_downstream_fails_fast(tmp_path, data_dir):
+    from dapt.errors import DataError
+    from dapt.evaluation.downstream import check_downstream
+
+    check_downstream(downstream_train_cfg(["ncbi_disease", "r8", "ncbi_disease_hub"], data_dir, tmp_path))
+    check_downstream(OmegaConf.create({"tasks": []}))
+    with pytest.raises(ConfigError, match="unknown task 'chemprott'.*available tasks"):
+        check_downstream(downstream_train_cfg(["chemprott"], data_dir, tmp_path))
+    with pytest.raises(DataError, match="ncbi_disease: train file not found"):
+        check_downstream(downstream_train_cfg(["ncbi_disease"], tmp_path, tmp_path))
+    with pytest.raises(ConfigError, match="downstream.patience"):
+        check_downstream(downstream_train_cfg(["ncbi_disease"], data_dir, tmp_path, patience=0))
+
+
 def test_table_shows_means_seeds_and_verdict():
     from rich.console import Console
 
     block = lambda vals: {"model": "m", "test_f1": {"mean": sum(vals) / 2, "std": 0.01, "values": vals}}  # noqa: E731
     results = {"ncbi_disease": {"metric": "f1", "budget": "demo", "before": block([0.70, 0.72]), "after": block([0.71, 0.74]),
                                 "delta": 0.015, "p_value": 0.3, "significant": False, "verdict": "within noise: no significant difference",
-                                "comparison": {"n": 2, "alpha": 0.05}}}
+                                "n": 2, "alpha": 0.05}}
     console = Console(record=True, width=200)
     console.print(format_downstream_table(results))
     text = console.export_text()
@@ -240,7 +254,7 @@ def test_dapt_finetune_command(tiny_models, tmp_path, data_dir):
     results = json.loads((run_dir / "results.json").read_text())
     entry = results["downstream"]["chemprot"]
     assert entry["after"]["model"] == tiny_models[1] and entry["before"]["model"] == tiny_models[0]
-    assert "one seed" in entry["verdict"]
+    assert "one seed" in entry["verdict"] and results["downstream_config"]["budget"] == "tiny"
     bad = _dapt_finetune([f"model={tiny_models[1]}", "task=no_such_task", f"hydra.run.dir={run_dir}"], env)
     assert bad.returncode != 0 and "ncbi_disease" in bad.stderr and "no_such_task" in bad.stderr
     bad = _dapt_finetune([f"model={tmp_path / 'missing'}", "task=chemprot", "downstream=tiny", f"hydra.run.dir={run_dir}"], env)

@@ -26,6 +26,7 @@ from dapt.evaluation.stats import aggregate_seeds, paired_comparison, summarize
 from dapt.evaluation.tasks import METRICS, TaskConfig, TaskData, load_task, resolve_task
 
 __all__ = [
+    "check_downstream",
     "evaluate_downstream",
     "evaluate_models",
     "format_downstream_table",
@@ -122,24 +123,15 @@ def evaluate_models(
     results: dict[str, Any] = {}
     for task in configs:
         data = load_task(task, data_dir)
-        entry: dict[str, Any] = {
-            "type": task.type,
-            "metric": task.metric,
-            "budget": dcfg.budget,
-            "hyperparameters": {**dcfg.fingerprint(), "seeds": list(dcfg.seeds)},
-        }
+        # Hyperparameters are not repeated here: dapt train's results.json keeps the whole config,
+        # dapt finetune's keeps them beside "downstream" (flattened metrics stay readable).
+        entry: dict[str, Any] = {"type": task.type, "metric": task.metric, "budget": dcfg.budget}
         for role, source in active.items():
             entry[role] = _run_model(role, source, data, dcfg, cache=cache if role in cached_roles else None, data_dir=data_dir)
         if "before" in entry and "after" in entry:
             metric_key = f"test_{task.metric}"
             comparison = paired_comparison(entry["before"][metric_key]["values"], entry["after"][metric_key]["values"], alpha=dcfg.alpha)
-            entry.update(
-                delta=comparison["delta"],
-                p_value=comparison["p_value"],
-                significant=comparison["significant"],
-                verdict=comparison["verdict"],
-                comparison=comparison,
-            )
+            entry.update(comparison)  # delta, delta_std, t, p_value, n, alpha, significant, verdict
             log.info("[%s] after - before %s: %+.4f, %s", task.name, task.metric, comparison["delta"], comparison["verdict"])
         entry["notes"] = data.notes
         results[task.name] = entry
@@ -179,6 +171,41 @@ def log_to_wandb(results: Mapping[str, Any], wandb_run: Any) -> None:
         wandb_run.summary[key] = value
 
 
+def _task_list(cfg: Any) -> list[Any]:
+    tasks = cfg.get("tasks") or []
+    if isinstance(tasks, str):
+        return [tasks]
+    if isinstance(tasks, (DictConfig, Mapping)):
+        raise ConfigError("tasks must be a list of task names, e.g. tasks=[ncbi_disease,chemprot]")
+    return list(OmegaConf.to_container(tasks, resolve=True) if not isinstance(tasks, list) else tasks)
+
+
+def check_downstream(cfg: DictConfig) -> None:
+    """Fail at start-up, not after hours of pretraining: task names, the downstream group, data files.
+
+    Cheap (no file is read): resolves every name in ``cfg.tasks``, validates ``cfg.downstream`` and
+    checks that each local split file exists under ``paths.data_dir``.
+    """
+    from dapt.errors import DataError
+
+    tasks = _task_list(cfg)
+    if not tasks:
+        return
+    downstream_config(cfg)
+    data_dir = Path(str((cfg.get("paths") or {}).get("data_dir") or "")).expanduser()
+    for spec in tasks:
+        task = resolve_task(spec)
+        if task.reader.format == "hub":
+            continue
+        for split, location in (("train", task.train), ("dev", task.dev), ("test", task.test)):
+            if location is None:
+                continue
+            path = Path(location).expanduser()
+            path = path if path.is_absolute() else data_dir / path
+            if not path.is_file():
+                raise DataError(f"task {task.name}: {split} file not found: {path} (is DAPT_DATA_DIR / paths.data_dir right?)")
+
+
 def evaluate_downstream(
     cfg: DictConfig,
     *,
@@ -193,12 +220,7 @@ def evaluate_downstream(
     ``paths.cache_dir``). Returns ``{task: {"before": {...}, "after": {...}, "delta", "p_value", ...}}``
     (JSON-serialisable; ``{}`` when ``tasks`` is empty). Base scores are cached on disk.
     """
-    tasks = cfg.get("tasks") or []
-    if isinstance(tasks, str):
-        tasks = [tasks]
-    elif isinstance(tasks, DictConfig):
-        raise ConfigError("tasks must be a list of task names, e.g. tasks=[ncbi_disease,chemprot]")
-    tasks = list(OmegaConf.to_container(tasks, resolve=True) if not isinstance(tasks, list) else tasks)
+    tasks = _task_list(cfg)
     if not tasks or (before is None and after is None):
         return {}
     dcfg = downstream_config(cfg)

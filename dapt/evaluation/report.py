@@ -28,15 +28,14 @@ def _cell(summary: Mapping[str, Any] | None, per_seed: list[Any] | None = None) 
 
 def short_verdict(entry: Mapping[str, Any]) -> tuple[str, str]:
     """A few words and a colour for the table; the full sentence stays in ``results.json``."""
-    comparison = entry.get("comparison") or {}
-    n = comparison.get("n", 0)
+    n, alpha = entry.get("n", 0), entry.get("alpha", 0.05)
     p, delta = entry.get("p_value"), entry.get("delta") or 0.0
     if n < 2:
         return "one seed: no test", "yellow"
     if p is None:
         return ("no difference" if delta == 0 else "same Δ every seed"), "yellow"
     if entry.get("significant"):
-        return (f"gain (p<{comparison.get('alpha', 0.05):g})", "green") if delta > 0 else (f"loss (p<{comparison.get('alpha', 0.05):g})", "red")
+        return (f"gain (p<{alpha:g})", "green") if delta > 0 else (f"loss (p<{alpha:g})", "red")
     return "within noise", "yellow"
 
 
