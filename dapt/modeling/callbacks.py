@@ -59,9 +59,9 @@ class CpuThreadTuner(pl.Callback):
     """On CPU, trains with the intra-op thread count that is fastest *now*, re-checked as load changes.
 
     Why: no static ``torch.set_num_threads`` is right on a shared machine. ``make bench`` measured,
-    on the 2-core box with other jobs running, one thread training MiniLM-L6 2.9× faster than two
-    (OpenMP threads spin at every barrier waiting for a sibling the scheduler has parked), while on
-    an idle machine two threads are the faster choice. So the tuner times real training steps: after
+    on the 2-core box with other jobs running, one thread training MiniLM-L6 1.7× faster than two
+    (experiments/throughput/README.md; OpenMP threads spin at every barrier waiting for a sibling
+    the scheduler has parked), while on an idle machine two threads are the faster choice. So the tuner times real training steps: after
     ``warmup_steps`` it alternates the candidates (all threads, half, one) for ``probe_steps`` steps
     each, keeps the one with the lowest median step time, and probes again every ``every_n_steps``.
     A probe costs a few steps at a slower setting (~1-2 % of a run at the defaults). Off on GPU and

@@ -62,8 +62,8 @@ class MLMModule(pl.LightningModule):
             self._compiled = (torch.compile(self.model.base_model),)
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """On CPU, a ``CpuThreadTuner`` (measured by ``make bench``: the thread count matters up to
-        ~3× on a shared machine); it disables itself on GPU and under multi-process training."""
+        """On CPU, a ``CpuThreadTuner`` (``make bench``: 1 vs 2 threads made a 1.7× difference on the
+        shared 2-core box); it disables itself on GPU and under multi-process training."""
         if not self.tune_cpu_threads:
             return []
         from dapt.modeling.callbacks import CpuThreadTuner
