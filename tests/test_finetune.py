@@ -185,6 +185,9 @@ def test_cache_key_follows_checkpoint_files(tmp_path, tokenizer):
     save_tiny(model, tokenizer, 1)  # same directory, new weights
     assert model_fingerprint(str(model)) != fp
     assert model_fingerprint("bert-base-uncased") == "hub:bert-base-uncased"
+    from dapt.modeling.loading import resolve_model_path
+
+    assert model_fingerprint(MINILM) == model_fingerprint(resolve_model_path(MINILM))  # same files, same key
     cache = ResultCache(tmp_path / "c")
     assert cache.get("k") is None
     cache.put("k", {"a": 1}, meta={})

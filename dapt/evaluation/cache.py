@@ -1,8 +1,8 @@
 """On-disk cache of per-seed fine-tuning results for fixed checkpoints (the base model).
 
 In a sweep every run compares against the same base model, so its downstream scores are computed
-once and reused. A result is keyed by everything that changes it: the model (its source string plus a
-content hash of a local checkpoint's files, so a re-saved or edited directory misses), the task
+once and reused. A result is keyed by everything that changes it: the model (a content hash of a local
+checkpoint's files, so a re-saved or edited directory misses; the id for hub models), the task
 definition and a hash of its data files, the seed, the hyperparameters and a cache version bumped
 when scoring changes. One JSON file per key, written atomically (temp file + ``os.replace``), so
 concurrent sweep workers never read half a file; a corrupt entry is a miss, not an error.
@@ -76,10 +76,10 @@ def task_fingerprint(task: TaskConfig, data_dir: str | Path) -> dict[str, Any]:
     return {"spec": spec, "data": _hash_files([f for f in files if f.is_file()])}
 
 
-def cache_key(*, model: str, model_fp: str, task_fp: dict[str, Any], seed: int, hyperparameters: dict[str, Any]) -> str:
+def cache_key(*, model_fp: str, task_fp: dict[str, Any], seed: int, hyperparameters: dict[str, Any]) -> str:
+    """Keyed on the model's files, not its name: ``package:X`` and its directory are the same model."""
     payload = {
         "version": CACHE_VERSION,
-        "model": model,
         "model_fingerprint": model_fp,
         "task": task_fp,
         "seed": seed,

@@ -70,7 +70,7 @@ def _run_model(
         task_fp = task_fingerprint(task, data_dir)
         hp = dcfg.fingerprint()
         for seed in dcfg.seeds:
-            keys[seed] = cache_key(model=source, model_fp=model_fp, task_fp=task_fp, seed=seed, hyperparameters=hp)
+            keys[seed] = cache_key(model_fp=model_fp, task_fp=task_fp, seed=seed, hyperparameters=hp)
     prepared = None
     started = time.perf_counter()
     for seed in dcfg.seeds:

@@ -31,7 +31,7 @@ def short_verdict(entry: Mapping[str, Any]) -> tuple[str, str]:
     n, alpha = entry.get("n", 0), entry.get("alpha", 0.05)
     p, delta = entry.get("p_value"), entry.get("delta") or 0.0
     if n < 2:
-        return "one seed: no test", "yellow"
+        return "1 seed: no test", "yellow"
     if p is None:
         return ("no difference" if delta == 0 else "same Δ every seed"), "yellow"
     if entry.get("significant"):
@@ -42,20 +42,22 @@ def short_verdict(entry: Mapping[str, Any]) -> tuple[str, str]:
 def format_downstream_table(results: Mapping[str, Any], *, title: str | None = None) -> Table:
     """A rich table of ``{task: {"before"/"after"/"model": ..., "delta", "p_value", "verdict"}}``."""
     roles = [r for r in ROLES if any(isinstance(e, Mapping) and r in e for e in results.values())]
+    paired = "before" in roles and "after" in roles
+    default_title = "Downstream test scores: mean ± std over seeds, per-seed below" + ("; p: paired t-test" if paired else "")
     table = Table(
-        title=title or "Downstream test scores: mean ± std over seeds, per-seed below; p: paired t-test",
+        title=title or default_title,
         title_justify="left",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
+        min_width=72,  # keeps title and caption (model sources) on few lines when there is one role
     )
-    table.add_column("task / metric", no_wrap=True)
+    table.add_column("task", no_wrap=True)
     for role in roles:
         table.add_column(role, justify="right", no_wrap=True)
-    paired = "before" in roles and "after" in roles
     if paired:
         table.add_column("Δ", justify="right", no_wrap=True)
         table.add_column("p", justify="right", no_wrap=True)
-        table.add_column("verdict", no_wrap=True)
+        table.add_column("verdict")  # the only column allowed to wrap on a narrow terminal
     models: dict[str, str] = {}
     budgets: set[str] = set()
     for name, entry in results.items():
