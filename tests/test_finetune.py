@@ -155,6 +155,7 @@ def test_evaluate_downstream_before_after_cache_and_wandb(tiny_models, data_dir,
     assert ner["delta"] == pytest.approx(ner["after"]["test_f1"]["mean"] - ner["before"]["test_f1"]["mean"])
     assert "verdict" in ner and "p_value" in ner and ner["n"] == 2
     assert results["chemprot"]["metric"] == "micro_f1" and "test_macro_f1" in results["chemprot"]["after"]
+    assert results["chemprot"]["after"]["dev_score"] == results["chemprot"]["after"]["dev_micro_f1"]
     json.dumps(results, allow_nan=False)
     assert json.loads((tmp_path / "run" / "downstream.json").read_text()) == json.loads(json.dumps(results))
     # W&B: short keys for the adapted model, before/ keys for the base, and one per-seed table.

@@ -92,6 +92,11 @@ def _run_model(
         )
     block: dict[str, Any] = {"model": source, "seeds": list(dcfg.seeds)}
     block.update(aggregate_seeds(per_seed, METRICS[task.type]))
+    # The task's primary metric under one name for every task type, so a sweep objective such as
+    # downstream/<task>/after/dev_score/mean works for NER (f1) and classification (micro/macro-F1).
+    for split in ("dev", "test"):
+        if f"{split}_{task.metric}" in block:
+            block[f"{split}_score"] = block[f"{split}_{task.metric}"]
     block["test_per_type" if task.type == "ner" else "test_per_label"] = _per_type(per_seed, "per_type" if task.type == "ner" else "per_label")
     block["cached_seeds"] = [r["seed"] for r in per_seed if r["cached"]]
     block["seconds"] = round(time.perf_counter() - started, 1)
