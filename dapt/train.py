@@ -197,7 +197,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     experiment = str(cfg.experiment_name)
     tags = [str(t) for t in (cfg.get("tags") or [])]
     loggers = build_loggers(run.logger, run_dir, run_name=run_dir.name, group=experiment, tags=tags, config=resolved)
-    throughput = ThroughputMonitor()
+    throughput = _throughput_monitor(model, run, masker.config.rate)
     callbacks: list[Any] = [throughput, StepProgressBar(description=f"dapt {run.data.name}")]
     callbacks += debug_callbacks(run_dir)  # DAPT_RECORD_BLOCKS=1: each rank lists the blocks it trained on
     checkpoint_cfg = cfg.get("checkpoint") or {}
@@ -242,6 +242,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "general_acc_before": before.get("general_acc"),
             "general_acc_after": after.get("general_acc"),
             "tokens_per_s": throughput.tokens_per_s,
+            "mfu": throughput.mfu,
             "train_tokens": throughput.tokens,
             "steps": trainer.global_step,
             "train_seconds": train_seconds,
@@ -263,6 +264,21 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     objects["results"] = results
     objects["run_dir"] = run_dir
     return metrics, objects
+
+
+def _throughput_monitor(model: torch.nn.Module, run: RunConfig, mask_rate: float) -> ThroughputMonitor:
+    """Tokens/s for every run, plus MFU (model FLOP/s ÷ the measured, disk-cached matmul peak)."""
+    from dapt.modeling.flops import flops_per_token, measured_peak_flops
+
+    accelerator = str(run.trainer.get("accelerator", "cpu"))
+    device = "cuda" if accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" and "bf16" in str(run.trainer.get("precision", "")) else torch.float32
+    try:
+        peak = measured_peak_flops(dtype=dtype, device=device)
+    except Exception as exc:  # noqa: BLE001 - a failed measurement must not stop training
+        log.warning("could not measure the matmul peak for MFU: %s", exc)
+        peak = None
+    return ThroughputMonitor(flops_per_token=flops_per_token(model, run.data.max_seq_length, mask_rate), peak_flops=peak)
 
 
 def _documents(sources: list[Any], data_dir: str) -> Any:
@@ -287,7 +303,7 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
     for key in (
         "domain_ppl_before", "domain_ppl_after", "general_ppl_before", "general_ppl_after",
         "domain_acc_before", "domain_acc_after", "general_acc_before", "general_acc_after",
-        "tokens_per_s", "train_tokens", "steps",
+        "tokens_per_s", "mfu", "train_tokens", "steps",
     ):
         if results.get(key) is not None:
             flat[key] = results[key]
@@ -338,7 +354,10 @@ def print_summary(results: dict[str, Any]) -> None:
         f"base: {base['source']} ({'cached' if base['cached'] else 'prepared now'}, {base['steps']} general-MLM steps)"
         if base.get("cache_key") else f"base: {base['source']} (pretrained MLM head, no preparation)"
     )
-    console.print(f"throughput: {fmt(results.get('tokens_per_s'), ',.0f')} tokens/s, {results['train_tokens']:,} training tokens")
+    console.print(
+        f"throughput: {fmt(results.get('tokens_per_s'), ',.0f')} tokens/s (MFU {fmt(results.get('mfu'), '.1%')}), "
+        f"{results['train_tokens']:,} training tokens"
+    )
     if results.get("downstream"):
         try:
             from dapt.evaluation.downstream import format_downstream_table

@@ -34,6 +34,7 @@ def test_tiny_run_writes_results_model_and_history(compose):
     for key in ("domain_ppl_before", "domain_ppl_after", "general_ppl_before", "general_ppl_after"):
         assert math.isfinite(results[key]) and results[key] > 1
     assert metrics["domain_ppl_after"] == results["domain_ppl_after"]
+    assert 0 < results["mfu"] < 1.5 and results["tokens_per_s"] > 0  # FLOPs formula / measured matmul peak
     model = AutoModelForMaskedLM.from_pretrained(run_dir / "model")
     assert model.config.num_hidden_layers == 2
     rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))

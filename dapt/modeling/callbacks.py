@@ -54,6 +54,14 @@ class ThroughputMonitor(pl.Callback):
     def tokens_per_s(self) -> float | None:
         return self.measured_tokens / self.measured_time if self.measured_time > 0 else None
 
+    @property
+    def mfu(self) -> float | None:
+        """Mean model FLOP utilisation over the measured steps (None without FLOPs/peak)."""
+        rate = self.tokens_per_s
+        if rate is None or not self.flops_per_token or not self.peak_flops:
+            return None
+        return rate * self.flops_per_token / self.peak_flops
+
 
 class CpuThreadTuner(pl.Callback):
     """On CPU, trains with the intra-op thread count that is fastest *now*, re-checked as load changes.
