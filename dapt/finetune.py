@@ -95,10 +95,19 @@ def main() -> None:
     import hydra
 
     from dapt.config import config_dir, register_resolvers
+    from dapt.evaluation.tasks import resolve_task
 
     register_resolvers()
     try:
         conf = config_dir()
+    except DaptError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    try:
+        for arg in sys.argv[1:]:
+            key, sep, value = arg.partition("=")
+            if sep and key == "task" and "," not in value:  # a sweep (task=a,b) is left to Hydra
+                resolve_task(value)  # unknown name: one line listing the available tasks
     except DaptError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
