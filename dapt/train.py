@@ -227,10 +227,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     results: dict[str, Any] = {}
     objects: dict[str, Any] = {"trainer": trainer, "module": module, "datamodule": datamodule, "tokenizer": tokenizer}
+    sharded = "fsdp" in type(trainer.strategy).__name__.lower() or "deepspeed" in type(trainer.strategy).__name__.lower()
+    # A sharded strategy holds a slice of each weight per rank: every rank takes part in gathering
+    # the full state dict, then rank 0 saves it. Other strategies save the module as it is.
+    full_state = _gathered_model_state(trainer) if sharded and cfg.get("save_model", True) else None
     if trainer.is_global_zero:
         model_dir = run_dir / "model"
         if cfg.get("save_model", True):
-            atomic_save_dir(model_dir, lambda tmp: (module.model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+            atomic_save_dir(
+                model_dir,
+                lambda tmp: (module.model.save_pretrained(tmp, state_dict=full_state), tokenizer.save_pretrained(tmp)),
+            )
         results = {
             "experiment": experiment,
             "domain_ppl_before": before.get("domain_ppl"),
@@ -264,6 +271,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     objects["results"] = results
     objects["run_dir"] = run_dir
     return metrics, objects
+
+
+def _gathered_model_state(trainer: pl.Trainer) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict of ``MLMModule.model``; a collective call on every rank."""
+    state = trainer.strategy.lightning_module_state_dict()
+    prefix = "model."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _throughput_monitor(model: torch.nn.Module, run: RunConfig, mask_rate: float) -> ThroughputMonitor:
