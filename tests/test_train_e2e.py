@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import TINY_OVERRIDES
 
@@ -37,6 +38,16 @@ def test_tiny_run_writes_results_model_and_history(compose):
     assert 0 < results["mfu"] < 1.5 and results["tokens_per_s"] > 0  # FLOPs formula / measured matmul peak
     model = AutoModelForMaskedLM.from_pretrained(run_dir / "model")
     assert model.config.num_hidden_layers == 2
+    # the gathered-state path that sharded strategies (FSDP/DeepSpeed) save through
+    from dapt.train import _gathered_model_state
+
+    module = objects["module"]
+    state = _gathered_model_state(objects["trainer"])
+    assert set(state) == set(module.model.state_dict())
+    module.model.save_pretrained(run_dir / "gathered", state_dict=state)
+    reloaded = AutoModelForMaskedLM.from_pretrained(run_dir / "gathered")
+    for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a, b), name
     rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
     val_steps = sorted({int(r["step"]) for r in rows if r.get("val/domain/ppl")})
     # before training (step 0), every val_check_interval (Lightning logs them at step-1) and after
