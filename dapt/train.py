@@ -103,14 +103,10 @@ def validate(cfg: DictConfig) -> RunConfig:
     )
     for i, s in enumerate(run.data.train):
         as_source(s, f"data.train[{i}]")
-    tasks = cfg.get("tasks") or []
-    if tasks:  # a typo in a task name must not surface only after the whole DAPT run
-        from dapt.evaluation.downstream import downstream_config
-        from dapt.evaluation.tasks import resolve_task
+    if cfg.get("tasks"):  # a typo in a task name or a missing task file must not surface after DAPT
+        from dapt.evaluation.downstream import check_downstream
 
-        downstream_config(cfg)
-        for name in [tasks] if isinstance(tasks, str) else tasks:
-            resolve_task(name)
+        check_downstream(cfg)
     return run
 
 
@@ -307,7 +303,12 @@ def _downstream(cfg: DictConfig, base: BaseInfo, model_dir: str | None, run_dir:
         return {}
     from dapt.evaluation.downstream import evaluate_downstream
 
-    before = base.path if base.cache_key else base.source
+    # The "before" model is what DAPT started from: the prepared base, or the checkpoint itself.
+    # A randomly initialised model without a base has no saved starting point to fine-tune.
+    if base.cache_key:
+        before: str | None = base.path
+    else:
+        before = None if bool(cfg.model.get("random_init", False)) else base.source
     return evaluate_downstream(cfg, before=before, after=model_dir, run_dir=run_dir, wandb_run=wandb_run_of(loggers))
 
 
@@ -364,10 +365,12 @@ def print_summary(results: dict[str, Any]) -> None:
     console = Console()
     console.print(table)
     base = results["base"]
-    console.print(
-        f"base: {base['source']} ({'cached' if base['cached'] else 'prepared now'}, {base['steps']} general-MLM steps)"
-        if base.get("cache_key") else f"base: {base['source']} (pretrained MLM head, no preparation)"
-    )
+    random_init = bool(results.get("config", {}).get("model", {}).get("random_init"))
+    if base.get("cache_key"):
+        origin = f"{'cached' if base['cached'] else 'prepared now'}, {base['steps']} general-MLM steps"
+    else:
+        origin = "random initialisation, no base preparation" if random_init else "as loaded, no base preparation"
+    console.print(f"base: {base['source']} ({origin})")
     console.print(
         f"throughput: {fmt(results.get('tokens_per_s'), ',.0f')} tokens/s (MFU {fmt(results.get('mfu'), '.1%')}), "
         f"{results['train_tokens']:,} training tokens"
