@@ -232,7 +232,7 @@ def test_hparams_search_and_launcher_configs_compose():
     assert cfg.optimized_metric == "domain_ppl_after" and cfg.hydra.sweeper.direction == "minimize"
     assert "optuna" in cfg.hydra.sweeper._target_ and cfg.hydra.sweeper.max_failure_rate == 1.0
     cfg = _compose_with_hydra(["hparams_search=downstream_f1", "tasks=[chemprot]"])
-    assert cfg.optimized_metric == "downstream/chemprot/after/dev_f1/mean" and cfg.hydra.sweeper.direction == "maximize"
+    assert cfg.optimized_metric == "downstream/chemprot/after/dev_score/mean" and cfg.hydra.sweeper.direction == "maximize"
     cfg = _compose_with_hydra(["hydra/launcher=slurm", "trainer=multinode"])
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["nodes"] == 2 and launcher["tasks_per_node"] == 8 == launcher["gpus_per_node"]
