@@ -144,9 +144,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     data_dir = str(cfg.paths.data_dir)
     cache_dir = str(cfg.paths.cache_dir)
     run_dir = run_dir_of(cfg)
-    pl.seed_everything(seed, workers=True, verbose=False)
-    if torch.get_num_threads() > 1 and not torch.cuda.is_available():
-        torch.set_num_threads(torch.get_num_threads())  # keep intra-op threads = cores on CPU
+    pl.seed_everything(seed, workers=True, verbose=False)  # CPU thread count: MLMModule's CpuThreadTuner
 
     tokenizer = load_tokenizer(run.model.tokenizer or run.model.source)
     max_steps = int(run.trainer["max_steps"])
