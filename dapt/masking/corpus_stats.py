@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from dapt.io import atomic_write_text
 from dapt.errors import ConfigError, DataError
 from dapt.masking.base import MaskingInput
 from dapt.masking.units import HASH_VERSION, WordTable, word_hashes
@@ -202,16 +201,8 @@ def cache_file(cache_dir: str | Path | None, kind: str, key: str) -> Path:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write via a temp file + rename, so parallel sweep runs computing the same stats never read half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Compact JSON via ``dapt.io`` (temp file + rename), so parallel sweep runs never read half a file."""
+    atomic_write_text(path, json.dumps(data))
 
 
 def read_json(path: str | Path, kind: str) -> dict[str, Any]:
