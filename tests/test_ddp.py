@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from dapt.tracking.ddp import local_process_count, rank_command, starts_script_ranks
-from tests.test_sweeps import _fail_message, dapt
+from tests.helpers import fail_message, run_dapt as dapt
 
 STEPS, BATCH, LENGTH, WORLD = 4, 4, 64, 2
 
@@ -26,7 +26,7 @@ def test_ddp_two_cpu_ranks_share_the_job_folder_and_see_disjoint_data(tmp_path):
             f"data.batch_size={BATCH}", f"data.max_seq_length={LENGTH}", "data.shuffle_buffer=16",
             "experiment_name=ddp_test", f"hydra.sweep.dir={sweep_dir}"]
     proc = dapt(args, cwd=tmp_path, env={"DAPT_RECORD_BLOCKS": "1"}, timeout=400)
-    assert proc.returncode == 0, _fail_message(proc)
+    assert proc.returncode == 0, fail_message(proc)
 
     job = sweep_dir / "0"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["multirun"]  # rank 1 made no folder of its own

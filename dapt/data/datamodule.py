@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_wor
 from dapt.data.packing import BlockPacker
 from dapt.data.sources import SourceConfig, as_source, check_nonempty, iter_documents
 from dapt.errors import ConfigError, DataError
-from dapt.masking import Masker, build_masker
+from dapt.masking import Masker
 
 log = logging.getLogger(__name__)
 

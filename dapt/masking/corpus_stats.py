@@ -15,7 +15,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -230,6 +230,44 @@ def check_tokenizer(data: dict[str, Any], tokenizer: Any, path: str | Path) -> N
             f"masking.stats_path={path} was computed with another tokenizer ({data.get('tokenizer')} != {fp}); "
             "recompute it with dapt masking-stats --tokenizer <the model's tokenizer>"
         )
+
+
+def load_or_compute_stats(
+    kind: str,
+    config: CorpusStatsConfig,
+    tokenizer: Any,
+    cache_dir: str | Path | None,
+    corpora: Sequence[Callable[[], Iterable[str]] | Iterable[str]],
+    build: Callable[[list[TokenizedCorpus]], Any],
+) -> tuple[dict[str, Any], str]:
+    """The one load-or-compute path of every corpus statistic (PMI n-grams, salient terms).
+
+    ``config.stats_path`` wins (a file from ``dapt masking-stats --out``, checked against the
+    tokenizer); otherwise each corpus is capped (``take_documents``), the sample texts and
+    ``config.stats_params()`` make the cache key, and ``build(tokenized corpora)`` runs only on a
+    miss. ``build`` returns an object with ``meta`` (dict, incl. ``seconds``) and ``entries`` (list).
+    Returns ``(data, path)``.
+    """
+    if config.stats_path:
+        data = read_json(config.stats_path, kind)
+        check_tokenizer(data, tokenizer, config.stats_path)
+        return data, config.stats_path
+    samples = [take_documents(c, config.stats_max_documents, config.stats_max_words) for c in corpora]
+    fp = tokenizer_fingerprint(tokenizer)
+    params = config.stats_params()  # type: ignore[attr-defined]  # each strategy's config defines it
+    path = cache_file(cache_dir, kind, cache_key(kind, fp, [s.sha for s in samples], params))
+    if path.exists():
+        log.info("%s: cached %s", kind, path)
+        return read_json(path, kind), str(path)
+    with single_threaded():
+        result = build([tokenize_corpus(s.documents, tokenizer) for s in samples])
+    data = {"kind": kind, "hash_version": HASH_VERSION, "tokenizer": fp, "corpus_sha": [s.sha for s in samples],
+            "n_documents": [len(s.documents) for s in samples], "params": params, **result.meta,
+            "entries": result.entries}
+    write_json_atomic(path, data)
+    log.info("%s: %d entries from %s documents in %.1fs -> %s", kind, len(result.entries),
+             "+".join(str(len(s.documents)) for s in samples), result.meta["seconds"], path)
+    return data, str(path)
 
 
 def is_wordlike(text: str) -> bool:

@@ -21,20 +21,9 @@ import torch
 
 from dapt.errors import ConfigError
 from dapt.masking.base import MaskingConfig, MaskingContext, MaskingInput, MaskingStrategy, register
-from dapt.masking.corpus_stats import (
-    CorpusStatsConfig,
-    cache_file,
-    cache_key,
-    check_tokenizer,
-    read_json,
-    single_threaded,
-    take_documents,
-    tokenize_corpus,
-    tokenizer_fingerprint,
-    write_json_atomic,
-)
+from dapt.masking.corpus_stats import CorpusStatsConfig, TokenizedCorpus, load_or_compute_stats
 from dapt.masking.ngrams import MIN_N, build_ngram_vocabulary
-from dapt.masking.units import HASH_VERSION, WordTable, lookup_sorted, ngram_hashes, select_units, token_budget, units_from_starts, word_hashes
+from dapt.masking.units import SortedHashes, WordTable, ngram_hashes, select_units, token_budget, units_from_starts, word_hashes
 
 log = logging.getLogger(__name__)
 
@@ -76,34 +65,19 @@ class PMIMaskingConfig(CorpusStatsConfig, MaskingConfig):
                 "max_words": self.stats_max_words}
 
 
-def compute_ngram_vocabulary(config: PMIMaskingConfig, context: MaskingContext) -> tuple[dict[str, Any], str | None]:
-    """Load or compute (and cache) the n-gram vocabulary. Returns ``(data, cache path or None)``."""
-    if config.stats_path:
-        data = read_json(config.stats_path, KIND)
-        check_tokenizer(data, context.tokenizer, config.stats_path)
-        return data, config.stats_path
-    if context.tokenizer is None or context.domain_documents is None:
+def compute_ngram_vocabulary(config: PMIMaskingConfig, context: MaskingContext) -> tuple[dict[str, Any], str]:
+    """Load or compute (and cache) the n-gram vocabulary. Returns ``(data, path)``."""
+    if not config.stats_path and (context.tokenizer is None or context.domain_documents is None):
         raise ConfigError(
             "masking=pmi needs the domain corpus to compute its n-gram vocabulary "
             "(MaskingContext.domain_documents) or a precomputed masking.stats_path"
         )
-    sample = take_documents(context.domain_documents, config.stats_max_documents, config.stats_max_words)
-    fp = tokenizer_fingerprint(context.tokenizer)
-    path = cache_file(context.cache_dir, KIND, cache_key(KIND, fp, [sample.sha], config.stats_params()))
-    if path.exists():
-        log.info("PMI n-gram vocabulary: cached %s", path)
-        return read_json(path, KIND), str(path)
-    with single_threaded():
-        corpus = tokenize_corpus(sample.documents, context.tokenizer)
-        vocab = build_ngram_vocabulary(corpus, context.tokenizer, max_n=config.max_ngram, min_count=config.min_count,
-                                       vocab_size=config.vocab_size, min_pmi=config.min_pmi)
-    data = {"kind": KIND, "hash_version": HASH_VERSION, "tokenizer": fp, "corpus_sha": sample.sha,
-            "n_documents": len(sample.documents), "params": config.stats_params(), **vocab.meta,
-            "entries": vocab.entries}
-    write_json_atomic(path, data)
-    log.info("PMI n-gram vocabulary: %d n-grams from %d documents in %.1fs -> %s",
-             len(vocab.entries), len(sample.documents), vocab.meta["seconds"], path)
-    return data, str(path)
+
+    def build(corpora: list[TokenizedCorpus]) -> Any:
+        return build_ngram_vocabulary(corpora[0], context.tokenizer, max_n=config.max_ngram, min_count=config.min_count,
+                                      vocab_size=config.vocab_size, min_pmi=config.min_pmi)
+
+    return load_or_compute_stats(KIND, config, context.tokenizer, context.cache_dir, [context.domain_documents], build)
 
 
 @register("pmi")
@@ -119,14 +93,7 @@ class PMIMasking(MaskingStrategy):
         super().__init__(config, context)
         data, self.stats_file = compute_ngram_vocabulary(config, context or MaskingContext())
         self.entries: list[dict[str, Any]] = data["entries"]
-        self._hashes = torch.tensor(sorted(e["hash"] for e in self.entries), dtype=torch.long)
-        self._on_device: dict[str, torch.Tensor] = {}
-
-    def vocabulary_hashes(self, device: torch.device) -> torch.Tensor:
-        key = str(device)
-        if key not in self._on_device:
-            self._on_device[key] = self._hashes.to(device)
-        return self._on_device[key]
+        self.vocabulary = SortedHashes(e["hash"] for e in self.entries)
 
     def units(self, batch: MaskingInput) -> torch.Tensor:
         """``[batch, word]`` unit id of every word (-1 for absent words). Deterministic.
@@ -139,13 +106,12 @@ class PMIMasking(MaskingStrategy):
         """
         table = WordTable.build(batch.word_ids)
         word_hash = word_hashes(batch.input_ids, table)
-        vocab = self.vocabulary_hashes(batch.input_ids.device)
         covered = torch.zeros_like(table.valid)
         inside = torch.zeros_like(table.valid)  # a non-first word of an accepted n-gram
         grams = ngram_hashes(word_hash, table, self.config.max_ngram)
         for n in range(self.config.max_ngram, MIN_N - 1, -1):
             hashed, ok = grams[n - 1]
-            cand = ok & lookup_sorted(hashed, vocab)
+            cand = ok & self.vocabulary.contains(hashed)
             cand &= _window_sum(covered.long(), n) == 0
             accept = cand & (_earlier_within(cand, n) == 0)
             span = _window_cover(accept, n)

@@ -20,20 +20,9 @@ import torch
 
 from dapt.errors import ConfigError
 from dapt.masking.base import MaskingConfig, MaskingContext, MaskingInput, MaskingStrategy, register
-from dapt.masking.corpus_stats import (
-    CorpusStatsConfig,
-    cache_file,
-    cache_key,
-    check_tokenizer,
-    read_json,
-    single_threaded,
-    take_documents,
-    tokenize_corpus,
-    tokenizer_fingerprint,
-    write_json_atomic,
-)
+from dapt.masking.corpus_stats import CorpusStatsConfig, TokenizedCorpus, load_or_compute_stats
 from dapt.masking.salience import build_salient_terms
-from dapt.masking.units import HASH_VERSION, WordTable, lookup_sorted, select_units, token_budget, word_hashes
+from dapt.masking.units import SortedHashes, WordTable, select_units, token_budget, word_hashes
 
 log = logging.getLogger(__name__)
 
@@ -84,37 +73,23 @@ class SalientMaskingConfig(CorpusStatsConfig, MaskingConfig):
                 "max_documents": self.stats_max_documents, "max_words": self.stats_max_words}
 
 
-def compute_salient_terms(config: SalientMaskingConfig, context: MaskingContext) -> tuple[dict[str, Any], str | None]:
-    """Load or compute (and cache) the salient-term list. Returns ``(data, cache path or None)``."""
-    if config.stats_path:
-        data = read_json(config.stats_path, KIND)
-        check_tokenizer(data, context.tokenizer, config.stats_path)
-        return data, config.stats_path
-    if context.tokenizer is None or context.domain_documents is None or context.general_documents is None:
+def compute_salient_terms(config: SalientMaskingConfig, context: MaskingContext) -> tuple[dict[str, Any], str]:
+    """Load or compute (and cache) the salient-term list. Returns ``(data, path)``."""
+    if not config.stats_path and (context.tokenizer is None or context.domain_documents is None
+                                  or context.general_documents is None):
         raise ConfigError(
             "masking=salient needs a domain and a general corpus to score terms "
             "(MaskingContext.domain_documents / general_documents) or a precomputed masking.stats_path"
         )
-    caps = (config.stats_max_documents, config.stats_max_words)
-    domain = take_documents(context.domain_documents, *caps)
-    general = take_documents(context.general_documents, *caps)
-    fp = tokenizer_fingerprint(context.tokenizer)
-    path = cache_file(context.cache_dir, KIND, cache_key(KIND, fp, [domain.sha, general.sha], config.stats_params()))
-    if path.exists():
-        log.info("salient terms: cached %s", path)
-        return read_json(path, KIND), str(path)
-    with single_threaded():
-        terms = build_salient_terms(
-            tokenize_corpus(domain.documents, context.tokenizer), tokenize_corpus(general.documents, context.tokenizer),
-            context.tokenizer, min_count=config.min_count, min_z=config.min_z, min_log_odds=config.min_log_odds,
-            max_terms=config.max_terms, smoothing=config.smoothing,
-        )
-    data = {"kind": KIND, "hash_version": HASH_VERSION, "tokenizer": fp, "corpus_sha": [domain.sha, general.sha],
-            "n_documents": [len(domain.documents), len(general.documents)], "params": config.stats_params(),
-            **terms.meta, "entries": terms.entries}
-    write_json_atomic(path, data)
-    log.info("salient terms: %d terms in %.1fs -> %s", len(terms.entries), terms.meta["seconds"], path)
-    return data, str(path)
+
+    def build(corpora: list[TokenizedCorpus]) -> Any:
+        domain, general = corpora
+        return build_salient_terms(domain, general, context.tokenizer, min_count=config.min_count, min_z=config.min_z,
+                                   min_log_odds=config.min_log_odds, max_terms=config.max_terms,
+                                   smoothing=config.smoothing)
+
+    corpora = [context.domain_documents, context.general_documents]
+    return load_or_compute_stats(KIND, config, context.tokenizer, context.cache_dir, corpora, build)
 
 
 @register("salient")
@@ -127,14 +102,7 @@ class SalientMasking(MaskingStrategy):
         super().__init__(config, context)
         data, self.stats_file = compute_salient_terms(config, context or MaskingContext())
         self.entries: list[dict[str, Any]] = data["entries"]
-        self._hashes = torch.tensor(sorted(e["hash"] for e in self.entries), dtype=torch.long)
-        self._on_device: dict[str, torch.Tensor] = {}
-
-    def term_hashes(self, device: torch.device) -> torch.Tensor:
-        key = str(device)
-        if key not in self._on_device:
-            self._on_device[key] = self._hashes.to(device)
-        return self._on_device[key]
+        self.terms = SortedHashes(e["hash"] for e in self.entries)
 
     def salient_words(self, batch: MaskingInput) -> torch.Tensor:
         """``[batch, word]`` True where the word is a salient term."""
@@ -142,7 +110,7 @@ class SalientMasking(MaskingStrategy):
         return self._salient(batch, table)
 
     def _salient(self, batch: MaskingInput, table: WordTable) -> torch.Tensor:
-        return lookup_sorted(word_hashes(batch.input_ids, table), self.term_hashes(batch.input_ids.device)) & table.valid
+        return self.terms.contains(word_hashes(batch.input_ids, table)) & table.valid
 
     def select(self, batch: MaskingInput, rate: float, generator: torch.Generator) -> torch.Tensor:
         table = WordTable.build(batch.word_ids)

@@ -17,6 +17,7 @@ over a ``[batch, seq]`` block with no Python loop over tokens:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -137,6 +138,30 @@ def lookup_sorted(values: torch.Tensor, sorted_table: torch.Tensor) -> torch.Ten
         return torch.zeros_like(values, dtype=torch.bool)
     idx = torch.searchsorted(sorted_table, values.contiguous()).clamp(max=sorted_table.numel() - 1)
     return sorted_table[idx] == values
+
+
+class SortedHashes:
+    """A sorted set of int64 hashes (n-gram vocabulary, salient terms) with one copy per device.
+
+    Collation may run on the CPU (DataLoader) or on the accelerator (``on_after_batch_transfer``):
+    each device's copy is made once, on first use, instead of every batch.
+    """
+
+    def __init__(self, hashes: Iterable[int]) -> None:
+        self._copies: dict[str, torch.Tensor] = {"cpu": torch.tensor(sorted(hashes), dtype=torch.long)}
+
+    def __len__(self) -> int:
+        return self._copies["cpu"].numel()
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        key = str(device)
+        if key not in self._copies:
+            self._copies[key] = self._copies["cpu"].to(device)
+        return self._copies[key]
+
+    def contains(self, values: torch.Tensor) -> torch.Tensor:
+        """Bool mask: which ``values`` are in the set (see ``lookup_sorted``)."""
+        return lookup_sorted(values, self.on(values.device))
 
 
 def units_from_starts(unit_start: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
