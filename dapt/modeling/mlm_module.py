@@ -17,7 +17,14 @@ from torchmetrics.text import Perplexity
 
 from dapt.errors import TrainingError
 from dapt.masking import IGNORE_INDEX
-from dapt.modeling.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler
+from dapt.modeling.optim import (
+    OptimizerConfig,
+    SchedulerConfig,
+    build_optimizer,
+    build_scheduler,
+    clip_gradients,
+    clips_scaled_gradients,
+)
 from dapt.modeling.sparse_head import sparse_mlm_loss
 
 
@@ -106,9 +113,13 @@ class MLMModule(pl.LightningModule):
             self.log(f"val/{name}/{key}", metric, on_step=False, on_epoch=True, add_dataloader_idx=False, prog_bar=key == "ppl")
 
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self.model, self.optimizer_cfg)
+        optimizer = build_optimizer(self.model, self.optimizer_cfg, scaled_clipping=clips_scaled_gradients(self))
         scheduler = build_scheduler(optimizer, self.scheduler_cfg, self.total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 def perplexity_from_loss(loss: float) -> float:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.precision import MixedPrecision
 
 from dapt.errors import ConfigError
 
@@ -17,8 +19,10 @@ class OptimizerConfig:
     """AdamW settings. ``implementation``: ``auto``, ``fused``, ``foreach``, ``for_loop``.
 
     ``auto`` picks the fused kernel on CPU and CUDA (one pass over each parameter: ``make bench``
-    measured the whole MiniLM-L6 training step 1.41× faster fused than foreach on 2 CPU cores) and
-    foreach on other devices, where fused AdamW may be missing.
+    measured the whole MiniLM-L6 training step 1.41× faster fused than foreach on 2 contended CPU
+    cores, equal on idle ones) and foreach on other devices, where fused AdamW may be missing, and
+    under fp16 loss scaling with gradient clipping (a fused AdamW unscales inside ``step``, after
+    the point where clipping must see unscaled gradients).
     """
 
     name: str = "adamw"
@@ -56,9 +60,10 @@ class SchedulerConfig:
             raise ConfigError(f"scheduler.warmup_steps={self.warmup_steps} must be >= 0")
 
 
-def _no_decay(name: str) -> bool:
+def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Biases and normalisation scales: every 1-D parameter, plus anything named like a norm."""
     lowered = name.lower()
-    return name.endswith("bias") or "layernorm" in lowered or "layer_norm" in lowered or ".norm" in lowered
+    return param.ndim < 2 or name.endswith("bias") or "layernorm" in lowered or "layer_norm" in lowered or ".norm" in lowered
 
 
 def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
@@ -69,17 +74,24 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_
         if not param.requires_grad or id(param) in seen:  # tied weights appear twice
             continue
         seen.add(id(param))
-        (no_decay if _no_decay(name) else decay).append(param)
+        (no_decay if _no_decay(name, param) else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, *, scaled_clipping: bool = False) -> torch.optim.Optimizer:
+    """AdamW over ``param_groups``. ``scaled_clipping``: gradients are clipped while a GradScaler
+    scales them (fp16 mixed precision), which a fused AdamW cannot take part in."""
     kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
     impl = cfg.implementation
     if impl == "auto":
         fusable = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
-        impl = "fused" if fusable else "foreach"
+        impl = "fused" if fusable and not scaled_clipping else "foreach"
+    elif impl == "fused" and scaled_clipping:
+        raise ConfigError(
+            "optimizer.implementation=fused cannot clip gradients under fp16 loss scaling (trainer.precision=16-mixed): "
+            "use optimizer.implementation=auto or foreach, trainer.precision=bf16-mixed, or trainer.gradient_clip_val=null"
+        )
     if impl == "fused":
         kwargs["fused"] = True
     elif impl == "foreach":
@@ -90,6 +102,36 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim
     if not groups:
         raise ConfigError("no trainable parameters (check base.trainable / freezing)")
     return torch.optim.AdamW(groups, **kwargs)
+
+
+def _grad_scaler(module: pl.LightningModule) -> Any:
+    plugin = module.trainer.precision_plugin
+    return getattr(plugin, "scaler", None) if isinstance(plugin, MixedPrecision) else None
+
+
+def clips_scaled_gradients(module: pl.LightningModule) -> bool:
+    """True when the module's trainer clips gradients that a GradScaler has scaled (fp16 mixed)."""
+    return bool(module.trainer.gradient_clip_val) and _grad_scaler(module) is not None
+
+
+def clip_gradients(module: pl.LightningModule, optimizer: torch.optim.Optimizer, clip_val: float | None,
+                   algorithm: str | None) -> None:
+    """Lightning's gradient clipping, minus a refusal that only applies to scaled gradients.
+
+    Lightning's mixed-precision plugin refuses to clip for any optimizer that unscales inside
+    ``step`` (fused AdamW), also under bf16-mixed, where there is no GradScaler and the gradients
+    are already the true ones; that refusal made ``trainer=gpu`` (bf16 + fused AdamW + clipping)
+    fail at the first step. Here bf16 clips directly; everything else goes through Lightning.
+    """
+    if (clip_val and isinstance(module.trainer.precision_plugin, MixedPrecision) and _grad_scaler(module) is None
+            and getattr(optimizer, "_step_supports_amp_scaling", False)):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, clip_val)
+        return
+    module.clip_gradients(optimizer, gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, total_steps: int) -> Any:
