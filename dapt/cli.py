@@ -26,20 +26,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-# Process environment the CLI sets before torch (and its OpenMP runtime) loads; a value the user
-# exported wins. OMP_WAIT_POLICY=PASSIVE: OpenMP threads sleep at barriers instead of spinning, which
-# `make bench` measured 2.15x faster per training step on a 2-core box shared with other jobs (the
-# spinning threads steal the cores the work needs) and 1.05x on an idle one; never slower.
-RUNTIME_ENV: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
-
-
-def _apply_runtime_env() -> None:
-    if "torch" in sys.modules:  # too late to matter (dapt.cli imported from a running program)
-        return
-    for key, value in RUNTIME_ENV.items():
-        os.environ.setdefault(key, value)
-
-
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -145,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
         return 2
     target, _ = SUBCOMMANDS[command]
-    _apply_runtime_env()
     sys.argv = [f"dapt {command}", *rest]
     try:
         func = _load(target)

@@ -79,20 +79,3 @@ def test_cpu_thread_tuner_probes_then_keeps_a_candidate(tokenizer):
         assert torch.get_num_threads() == 2  # restored after training
     finally:
         torch.set_num_threads(threads)
-
-
-@pytest.mark.parametrize("exported, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_cli_sets_the_openmp_wait_policy_before_torch_loads(exported, expected):
-    """``dapt`` puts OMP_WAIT_POLICY=PASSIVE into its environment (the bench's measured lever) before
-    torch is imported, and a value the user exported wins."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if exported:
-        env["OMP_WAIT_POLICY"] = exported
-    code = ("import os, sys, dapt.cli as cli; cli._apply_runtime_env(); "
-            "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
-    assert out == [expected, "False"]
