@@ -64,3 +64,18 @@ def test_bf16_mixed_training_runs_end_to_end(compose) -> None:
     metrics, objects = train(compose([*TINY_OVERRIDES, "trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1.0"]))
     assert objects["trainer"].precision == "bf16-mixed"
     assert metrics["domain_ppl_after"] < metrics["domain_ppl_before"] < float("inf")
+
+
+def test_fsdp_clips_by_norm_through_the_root_wrapper() -> None:
+    """Under FSDP the norm spans all shards: only the root wrapper's ``clip_grad_norm_`` computes it
+    (Lightning refuses norm clipping there). Lightning's FSDP needs a GPU, so the trainer is faked."""
+    from types import SimpleNamespace
+    from unittest.mock import MagicMock
+
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    module = _Tiny()
+    root = MagicMock()
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy), model=root, precision_plugin=None)
+    clip_gradients(module, MagicMock(), 0.5, "norm")
+    root.clip_grad_norm_.assert_called_once_with(0.5)

@@ -8,6 +8,7 @@ from typing import Any, Iterable
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
+from pytorch_lightning.strategies import FSDPStrategy
 
 from dapt.errors import ConfigError
 
@@ -121,8 +122,13 @@ def clip_gradients(module: pl.LightningModule, optimizer: torch.optim.Optimizer,
     Lightning's mixed-precision plugin refuses to clip for any optimizer that unscales inside
     ``step`` (fused AdamW), also under bf16-mixed, where there is no GradScaler and the gradients
     are already the true ones; that refusal made ``trainer=gpu`` (bf16 + fused AdamW + clipping)
-    fail at the first step. Here bf16 clips directly; everything else goes through Lightning.
+    fail at the first step. Here bf16 clips directly. Under FSDP the norm must be taken over all
+    shards, which only the root wrapper's ``clip_grad_norm_`` does (Lightning refuses norm clipping
+    there). Everything else goes through Lightning.
     """
+    if clip_val and algorithm in (None, "norm") and isinstance(module.trainer.strategy, FSDPStrategy):
+        module.trainer.model.clip_grad_norm_(clip_val)
+        return
     if (clip_val and isinstance(module.trainer.precision_plugin, MixedPrecision) and _grad_scaler(module) is None
             and getattr(optimizer, "_step_supports_amp_scaling", False)):
         params = [p for group in optimizer.param_groups for p in group["params"]]
