@@ -26,6 +26,43 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Process environment the CLI starts with; a value the user exported wins. glibc's allocator by
+# default hands every freed block above 128 KB-32 MB back to the kernel and re-faults it in zeroed
+# on the next step (~1.2M page faults per 50 MLM-sized steps measured here); with these thresholds
+# freed tensors stay in the heap and are reused (RSS stays at its high-water mark instead).
+# `make bench` measured the training step 1.07x faster (median of 6 paired runs, 1.00-1.25x).
+# glibc reads GLIBC_TUNABLES only when a process starts, hence the one-time re-exec below.
+RUNTIME_ENV: dict[str, str] = {
+    "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296",
+}
+
+
+def _restart_with_runtime_env(argv: list[str]) -> None:
+    """Re-exec ``python -m dapt.cli <argv>`` once with ``RUNTIME_ENV`` set (glibc Linux only).
+
+    Skipped when every variable is already set (also by the user), when torch is already loaded
+    (dapt.cli imported by another program), off glibc, or with ``DAPT_NO_REEXEC=1``.
+    """
+    if os.environ.get("DAPT_NO_REEXEC") == "1" or "torch" in sys.modules:
+        return
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return
+    except (AttributeError, ValueError, OSError):
+        return
+    missing = {k: v for k, v in RUNTIME_ENV.items() if k not in os.environ}
+    if not missing:
+        return
+    os.environ.update(missing)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(sys.executable, [sys.executable, "-m", "dapt.cli", *argv])
+    except OSError:  # cannot restart: run on with the default allocator settings
+        for key in missing:
+            os.environ.pop(key, None)
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -122,6 +159,8 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        _restart_with_runtime_env(sys.argv[1:])
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())

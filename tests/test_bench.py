@@ -79,3 +79,26 @@ def test_cpu_thread_tuner_probes_then_keeps_a_candidate(tokenizer):
         assert torch.get_num_threads() == 2  # restored after training
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("exported", [None, "glibc.malloc.arena_max=2"])
+def test_cli_restarts_once_with_its_allocator_settings_unless_the_user_set_them(exported):
+    """``dapt`` re-execs itself with ``RUNTIME_ENV`` (glibc reads GLIBC_TUNABLES only at start-up);
+    a value the user exported wins and then no restart happens."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "DAPT_NO_REEXEC")}
+    if exported:
+        env["GLIBC_TUNABLES"] = exported
+    code = ("import os, dapt.cli as cli; "
+            "os.execv = lambda exe, args: print('EXEC', args[1:4], os.environ['GLIBC_TUNABLES']); "
+            "cli._restart_with_runtime_env(['train', 'x=1']); print('NO-EXEC', os.environ.get('GLIBC_TUNABLES'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    if os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc") and not exported:
+        from dapt.cli import RUNTIME_ENV
+
+        assert out.startswith(f"EXEC ['-m', 'dapt.cli', 'train'] {RUNTIME_ENV['GLIBC_TUNABLES']}")
+    else:
+        assert "EXEC [" not in out and out.startswith(f"NO-EXEC {exported}")

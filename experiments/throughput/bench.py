@@ -139,7 +139,9 @@ def head_to_head(settings: BenchSettings, compile_model: bool) -> dict[str, Any]
     dapt_env: dict[str, str | None] = dict(dapt_runtime_env())
     base = {"settings": settings.as_dict()}
     runs = alternate(settings.rounds, [
-        ("hf_trainer", lambda r: run_worker({**base, "kind": "hf", "seed": r}, inprocess=settings.inprocess)),
+        # The recipe runs in the stock environment, also under `dapt bench` (whose CLI re-exec sets dapt's).
+        ("hf_trainer", lambda r: run_worker({**base, "kind": "hf", "seed": r}, {k: None for k in dapt_env}, force=True,
+                                            inprocess=settings.inprocess)),
         ("dapt", lambda r: run_worker({**base, "kind": "dapt", "seed": r, "compile": compile_model}, dapt_env,
                                       inprocess=settings.inprocess)),
     ])
@@ -163,21 +165,42 @@ def head_to_head(settings: BenchSettings, compile_model: bool) -> dict[str, Any]
     return out
 
 
+def _environment_levers(dapt_env: dict[str, str]) -> dict[str, tuple[str, dict[str, str | None]]]:
+    """Levers that need their own process (read when the process starts): name -> (what, environment)."""
+    passive = dapt_env.get("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "")).upper() == "PASSIVE"
+    levers: dict[str, tuple[str, dict[str, str | None]]] = {
+        "omp_default" if passive else "omp_passive": (
+            "OpenMP default wait policy (spinning) instead of dapt's PASSIVE" if passive
+            else "OMP_WAIT_POLICY=PASSIVE (threads sleep instead of spinning at barriers)",
+            {**dapt_env, "OMP_WAIT_POLICY": None if passive else "PASSIVE"},
+        ),
+    }
+    if "GLIBC_TUNABLES" in dapt_env:
+        levers["allocator_default"] = (
+            "glibc's default malloc thresholds instead of dapt's GLIBC_TUNABLES (freed tensors go back to the kernel)",
+            {**dapt_env, "GLIBC_TUNABLES": None},
+        )
+    return levers
+
+
 def lever_stage(settings: BenchSettings) -> dict[str, Any]:
-    """One-lever-at-a-time step timings, plus the OpenMP wait policy (needs a second process)."""
-    names = tuple(n for n in settings.levers if n != "omp_passive")
+    """One-lever-at-a-time step timings, plus the environment levers (each needs a second process)."""
     dapt_env = dapt_runtime_env()
+    env_levers = _environment_levers(dapt_env)
+    wanted_env = [n for n in env_levers if n in settings.levers or (n.startswith("omp_") and "omp_passive" in settings.levers)
+                  or (n == "allocator_default" and "allocator" in settings.levers)]
+    names = tuple(n for n in settings.levers if n not in ("omp_passive", "allocator"))
     base = {"settings": settings.as_dict()}
     main = run_worker({**base, "kind": "levers", "levers": list(names)}, dict(dapt_env), inprocess=settings.inprocess)
     levers = main["levers"]
-    if "omp_passive" in settings.levers and not settings.inprocess:
-        has_passive = dapt_env.get("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "")).upper() == "PASSIVE"
-        flipped: dict[str, str | None] = {**dapt_env, "OMP_WAIT_POLICY": None if has_passive else "PASSIVE"}
-        other = run_worker({**base, "kind": "levers", "levers": []}, flipped, force=True)["levers"]["dapt"]
-        ref = levers["dapt"]["step_s"]
-        levers["omp_passive" if not has_passive else "omp_default"] = {
-            "description": ("OMP_WAIT_POLICY=PASSIVE (threads sleep instead of spinning at barriers)" if not has_passive
-                            else "OpenMP default wait policy (spinning) instead of dapt's PASSIVE"),
+    if settings.inprocess:
+        return levers
+    ref = levers["dapt"]["step_s"]
+    for name in wanted_env:
+        description, env = env_levers[name]
+        other = run_worker({**base, "kind": "levers", "levers": []}, env, force=True)["levers"]["dapt"]
+        levers[name] = {
+            "description": description,
             "step_s": other["step_s"],
             "tokens_per_s": other["tokens_per_s"],
             "speed_vs_dapt": ref / other["step_s"],

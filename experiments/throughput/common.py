@@ -41,11 +41,12 @@ class BenchSettings:
         eval_blocks: fixed-mask held-out blocks (OHSUMED test) that judge the loss reached.
         train_documents: documents read per run (enough for ``steps`` batches; same order both sides).
         lever_rounds / lever_steps: repetitions of the one-lever-at-a-time step timings.
-        levers: which levers to time (names in ``experiments.throughput.levers.LEVERS``).
+        levers: which levers to time (names in ``experiments.throughput.levers.LEVERS``, plus the
+            environment levers ``omp_passive`` and ``allocator``, each timed in its own process).
         pipeline_documents / memory_documents: corpus sizes for the data pipeline and RSS checks.
         device: ``cpu`` or ``cuda``.
         inprocess: run every measured run in this process (smoke: plumbing only, no per-run
-            environment, so no ``omp_passive`` lever); otherwise each run is a fresh process.
+            environment, so no environment levers); otherwise each run is a fresh process.
     """
 
     model_source: str = MINILM
@@ -61,7 +62,8 @@ class BenchSettings:
     train_documents: int = 600
     lever_rounds: int = 3
     lever_steps: int = 2
-    levers: tuple[str, ...] = ("sparse_head", "attention_dropout", "compile", "optimizer_foreach", "one_thread", "omp_passive")
+    levers: tuple[str, ...] = ("sparse_head", "attention_dropout", "compile", "optimizer_foreach", "one_thread", "omp_passive",
+                               "allocator")
     pipeline_documents: int = 1500
     memory_documents: int = 600
     device: str = "cpu"
