@@ -148,6 +148,16 @@ def train_main() -> None:
 
 def _load(target: str) -> Callable[..., Any]:
     module, func = target.split(":")
+    if module.startswith("experiments."):
+        # experiments/ is not installed (it is the repo's research record, not a library): with an
+        # editable install, import it from the checkout, whatever the current directory.
+        from dapt.config import REPO_ROOT
+
+        if not (REPO_ROOT / "experiments").is_dir():
+            raise DaptError(f"'{module}' lives in the dapt repository's experiments/ folder; run it from a clone "
+                            "installed with pip install -e . (make setup)")
+        if str(REPO_ROOT) not in sys.path:
+            sys.path.insert(0, str(REPO_ROOT))
     return getattr(importlib.import_module(module), func)
 
 

@@ -102,3 +102,11 @@ def test_cli_restarts_once_with_its_allocator_settings_unless_the_user_set_them(
         assert out.startswith(f"EXEC ['-m', 'dapt.cli', 'train'] {RUNTIME_ENV['GLIBC_TUNABLES']}")
     else:
         assert "EXEC [" not in out and out.startswith(f"NO-EXEC {exported}")
+
+
+def test_dapt_bench_runs_from_any_directory(tmp_path):
+    """experiments/ is not an installed package: the CLI imports it from the checkout."""
+    from tests.helpers import fail_message, run_dapt
+
+    proc = run_dapt(["bench", "--help"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0 and "--smoke" in proc.stdout, fail_message(proc)

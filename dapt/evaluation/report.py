@@ -57,7 +57,7 @@ def format_downstream_table(results: Mapping[str, Any], *, title: str | None = N
     if paired:
         table.add_column("Δ", justify="right", no_wrap=True)
         table.add_column("p", justify="right", no_wrap=True)
-        table.add_column("verdict")  # the only column allowed to wrap on a narrow terminal
+        table.add_column("verdict", min_width=7)  # the only column allowed to wrap on a narrow terminal
     models: dict[str, str] = {}
     budgets: set[str] = set()
     for name, entry in results.items():
