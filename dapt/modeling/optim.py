@@ -19,9 +19,9 @@ SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 class OptimizerConfig:
     """AdamW settings. ``implementation``: ``auto``, ``fused``, ``foreach``, ``for_loop``.
 
-    ``auto`` picks the fused kernel on CPU and CUDA (one pass over each parameter: ``make bench``
-    measured the whole MiniLM-L6 training step 1.41× faster fused than foreach on 2 contended CPU
-    cores, equal on idle ones) and foreach on other devices, where fused AdamW may be missing, and
+    ``auto`` picks the fused kernel on CPU and CUDA (one pass over each parameter, HF Trainer's
+    default too; ``make bench`` measured the MiniLM-L6 step 1.41× faster fused than foreach on 2
+    contended CPU cores, and within run-to-run noise on idle ones) and foreach on other devices, where fused AdamW may be missing, and
     under fp16 loss scaling with gradient clipping (a fused AdamW unscales inside ``step``, after
     the point where clipping must see unscaled gradients).
     """
