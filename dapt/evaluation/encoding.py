@@ -11,7 +11,7 @@ shrinking the test set.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -45,6 +45,16 @@ class EncodedSplit(Dataset):
         return [len(f["input_ids"]) for f in self.features]
 
 
+def _tokenized_chunks(examples: Sequence[Any], tokenize: Callable[[Sequence[Any]], Any]) -> Iterator[tuple[int, Any, Any, int]]:
+    """Tokenize ``_TOKENIZE_CHUNK`` examples per call (one Rust batch call each, bounded memory) and
+    yield ``(index in split, example, batch encoding, row in the batch)`` per example."""
+    for start in range(0, len(examples), _TOKENIZE_CHUNK):
+        chunk = examples[start : start + _TOKENIZE_CHUNK]
+        enc = tokenize(chunk)
+        for j, ex in enumerate(chunk):
+            yield start + j, ex, enc, j
+
+
 def encode_ner(
     examples: Sequence[NerExample],
     tokenizer: Any,
@@ -54,28 +64,20 @@ def encode_ner(
 ) -> EncodedSplit:
     """Tokenize pre-split words and put each word's label on its first sub-token."""
     features: list[dict[str, Any]] = []
-    for start in range(0, len(examples), _TOKENIZE_CHUNK):
-        chunk = examples[start : start + _TOKENIZE_CHUNK]
-        enc = tokenizer(
-            [list(ex.tokens) for ex in chunk],
-            is_split_into_words=True,
-            truncation=True,
-            max_length=max_length,
-        )
-        for j, ex in enumerate(chunk):
-            word_ids = enc.word_ids(j)
-            labels = [IGNORE_INDEX] * len(word_ids)
-            word_starts = [-1] * len(ex.tokens)
-            previous = None
-            for pos, word in enumerate(word_ids):
-                if word is not None and word != previous:
-                    word_starts[word] = pos
-                    # dev/test tags unseen in train were mapped to O by load_task; .get guards anyway
-                    labels[pos] = label2id.get(ex.tags[word], IGNORE_INDEX)
-                previous = word
-            features.append(
-                {"input_ids": enc["input_ids"][j], "labels": labels, "word_starts": word_starts, "index": start + j}
-            )
+    batches = _tokenized_chunks(examples, lambda chunk: tokenizer(
+        [list(ex.tokens) for ex in chunk], is_split_into_words=True, truncation=True, max_length=max_length))
+    for index, ex, enc, j in batches:
+        word_ids = enc.word_ids(j)
+        labels = [IGNORE_INDEX] * len(word_ids)
+        word_starts = [-1] * len(ex.tokens)
+        previous = None
+        for pos, word in enumerate(word_ids):
+            if word is not None and word != previous:
+                word_starts[word] = pos
+                # dev/test tags unseen in train were mapped to O by load_task; .get guards anyway
+                labels[pos] = label2id.get(ex.tags[word], IGNORE_INDEX)
+            previous = word
+        features.append({"input_ids": enc["input_ids"][j], "labels": labels, "word_starts": word_starts, "index": index})
     return EncodedSplit(kind="ner", features=features, gold=[list(ex.tags) for ex in examples])
 
 
@@ -87,12 +89,10 @@ def encode_classification(
     max_length: int,
 ) -> EncodedSplit:
     """Tokenize texts as they are (ChemProt's ``<< >>`` / ``[[ ]]`` markers stay ordinary text)."""
-    features: list[dict[str, Any]] = []
-    for start in range(0, len(examples), _TOKENIZE_CHUNK):
-        chunk = examples[start : start + _TOKENIZE_CHUNK]
-        enc = tokenizer([ex.text for ex in chunk], truncation=True, max_length=max_length)
-        for j, ex in enumerate(chunk):
-            features.append({"input_ids": enc["input_ids"][j], "labels": label2id[ex.label], "index": start + j})
+    batches = _tokenized_chunks(examples, lambda chunk: tokenizer([ex.text for ex in chunk], truncation=True,
+                                                                   max_length=max_length))
+    features = [{"input_ids": enc["input_ids"][j], "labels": label2id[ex.label], "index": index}
+                for index, ex, enc, j in batches]
     return EncodedSplit(kind="classification", features=features, gold=[label2id[ex.label] for ex in examples])
 
 

@@ -189,38 +189,39 @@ def _ner_labels(train: list[NerExample]) -> list[str]:
     return ["O"] + [f"{p}-{t}" for t in types for p in ("B", "I")]
 
 
+def _report_unseen(task: TaskConfig, split: str, unseen: dict[str, int], what: str, unit: str, action: str,
+                   notes: list[str]) -> bool:
+    """Warn about (by name, with counts) or refuse labels of ``split`` that train lacks. True if any."""
+    if not unseen:
+        return False
+    listed = ", ".join(f"{k} ({v} {unit})" for k, v in sorted(unseen.items()))
+    if task.unseen_labels == "error":
+        raise DataError(f"task {task.name}: {split} has {what} unseen in train: {listed}")
+    msg = f"task {task.name}: {split} has {what} unseen in train, {action}: {listed}"
+    log.warning(msg)
+    notes.append(msg)
+    return True
+
+
 def _handle_unseen(task: TaskConfig, split: str, examples: list[Any], labels: list[str], notes: list[str]) -> list[Any]:
     """Warn about (by name) and ignore dev/test labels that train lacks, or fail if configured so."""
+    unseen: dict[str, int] = {}
     if task.type == "ner":
         known = {entity_type(t) for t in labels} - {None}
-        unseen: dict[str, int] = {}
         for ex in examples:
             for tag in ex.tags:
                 t = entity_type(tag)
                 if t is not None and t not in known and tag.startswith("B-"):
                     unseen[t] = unseen.get(t, 0) + 1
-        if not unseen:
+        if not _report_unseen(task, split, unseen, "entity types", "entities", "tagged O (not scored)", notes):
             return examples
-        what = ", ".join(f"{k} ({v} entities)" for k, v in sorted(unseen.items()))
-        if task.unseen_labels == "error":
-            raise DataError(f"task {task.name}: {split} has entity types unseen in train: {what}")
-        msg = f"task {task.name}: {split} has entity types unseen in train, tagged O (not scored): {what}"
-        log.warning(msg)
-        notes.append(msg)
         return [NerExample(ex.tokens, tuple(t if entity_type(t) in known or t == "O" else "O" for t in ex.tags)) for ex in examples]
     known_labels = set(labels)
-    unseen_cls: dict[str, int] = {}
     for ex in examples:
         if ex.label not in known_labels:
-            unseen_cls[ex.label] = unseen_cls.get(ex.label, 0) + 1
-    if not unseen_cls:
+            unseen[ex.label] = unseen.get(ex.label, 0) + 1
+    if not _report_unseen(task, split, unseen, "labels", "examples", "examples dropped", notes):
         return examples
-    what = ", ".join(f"{k} ({v} examples)" for k, v in sorted(unseen_cls.items()))
-    if task.unseen_labels == "error":
-        raise DataError(f"task {task.name}: {split} has labels unseen in train: {what}")
-    msg = f"task {task.name}: {split} has labels unseen in train, examples dropped: {what}"
-    log.warning(msg)
-    notes.append(msg)
     return [ex for ex in examples if ex.label in known_labels]
 
 
