@@ -21,9 +21,10 @@ class OptimizerConfig:
 
     ``auto`` picks the fused kernel on CPU and CUDA (one pass over each parameter, HF Trainer's
     default too; ``make bench`` measured the MiniLM-L6 step 1.41× faster fused than foreach on 2
-    contended CPU cores, and within run-to-run noise on idle ones) and foreach on other devices, where fused AdamW may be missing, and
-    under fp16 loss scaling with gradient clipping (a fused AdamW unscales inside ``step``, after
-    the point where clipping must see unscaled gradients).
+    contended CPU cores, and within run-to-run noise on idle ones). It picks foreach on other
+    devices, where fused AdamW may be missing, and under fp16 loss scaling with gradient clipping
+    (a fused AdamW unscales inside ``step``, after the point where clipping must see unscaled
+    gradients).
     """
 
     name: str = "adamw"
