@@ -11,6 +11,7 @@ import pytest
 from dapt.data.datamodule import PackedBlockStream
 from dapt.data.packing import BlockPacker
 from dapt.data.sources import SourceConfig, iter_documents
+from dapt.errors import ConfigError
 
 
 def _docs(data_dir, n=300):
@@ -91,9 +92,19 @@ def test_sources_text_parquet_and_holdout(tmp_path, tokenizer):
     assert paras == ["first doc", "second para"]
     pq_docs = list(iter_documents(SourceConfig(type="parquet", path=str(tmp_path / "c.parquet"), text_field="body"), None))
     assert pq_docs == ["p1", "p2", "p3"]
-    train = list(iter_documents(SourceConfig(type="parquet", path=str(tmp_path / "c.parquet"), text_field="body", holdout_every=2), None))
-    held = list(iter_documents(SourceConfig(type="parquet", path=str(tmp_path / "c.parquet"), text_field="body", holdout_every=2, holdout=True), None))
-    assert train == ["p2"] and held == ["p1", "p3"]
+    pq.write_table(pa.table({"body": [f"d{i}" for i in range(8)]}), tmp_path / "split.parquet")
+
+    def part(name: str, every: int = 3) -> list[str]:
+        src = SourceConfig(type="parquet", path=str(tmp_path / "split.parquet"), text_field="body", holdout_every=every, part=name)
+        return list(iter_documents(src, None))
+
+    assert part("dev") == ["d0", "d3", "d6"] and part("test") == ["d1", "d4", "d7"] and part("train") == ["d2", "d5"]
+    assert sorted(part("dev") + part("test") + part("train")) == part("all")  # a partition: no document in two parts
+    assert part("dev", 2) == ["d0", "d2", "d4", "d6"] and part("test", 2) == ["d1", "d3", "d5", "d7"]
+    with pytest.raises(ConfigError, match="no train part"):
+        SourceConfig(type="parquet", path="x", holdout_every=2, part="train")
+    with pytest.raises(ConfigError, match="needs source.holdout_every"):
+        SourceConfig(type="parquet", path="x", part="dev")
 
 
 def test_hf_datasets_sources_stream_builder_files_and_saved_datasets(tmp_path):

@@ -20,6 +20,7 @@ from dapt.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 SOURCE_TYPES = ("jsonl", "text", "parquet", "hf")
+PARTS = ("all", "train", "dev", "test")
 
 
 @dataclass
@@ -38,8 +39,12 @@ class SourceConfig:
             directory written by ``Dataset.save_to_disk`` is opened with ``load_from_disk``,
             memory-mapped, and iterated without loading it).
         max_documents: stop after this many documents (per pass, before sharding).
-        holdout_every / holdout: with ``holdout_every=N`` the source yields documents ``i % N != 0``
-            (``holdout=false``, training) or ``i % N == 0`` (``holdout=true``, evaluation).
+        holdout_every / part: a deterministic three-way split for corpora without separate files:
+            with ``holdout_every=N`` document ``i`` belongs to ``dev`` when ``i % N == 0``, to
+            ``test`` when ``i % N == 1`` and to ``train`` otherwise (N=2: dev and test halves, no
+            train). ``part`` picks which documents the source yields (``train``, ``dev``, ``test``,
+            or ``all``); dev, test and train never share a document, so dev can select and test
+            report without leaking.
     """
 
     type: str = "jsonl"
@@ -53,7 +58,7 @@ class SourceConfig:
     streaming: bool = True
     max_documents: int | None = None
     holdout_every: int | None = None
-    holdout: bool = False
+    part: str = "all"
 
     def __post_init__(self) -> None:
         if self.type not in SOURCE_TYPES:
@@ -64,6 +69,19 @@ class SourceConfig:
             raise ConfigError(f"source.split_by={self.split_by!r}: choose file, line or blank_line")
         if self.holdout_every is not None and self.holdout_every < 2:
             raise ConfigError(f"source.holdout_every={self.holdout_every} must be >= 2")
+        if self.part not in PARTS:
+            raise ConfigError(f"source.part={self.part!r}: choose one of {', '.join(PARTS)}")
+        if self.part != "all" and self.holdout_every is None:
+            raise ConfigError(f"source.part={self.part!r} needs source.holdout_every (the split rule)")
+        if self.part == "train" and self.holdout_every == 2:
+            raise ConfigError("source.holdout_every=2 splits into dev and test halves only: no train part")
+
+    def keeps(self, index: int) -> bool:
+        """Whether document ``index`` (its position in the raw source) belongs to ``part``."""
+        if self.part == "all" or self.holdout_every is None:
+            return True
+        r = index % self.holdout_every
+        return {"dev": r == 0, "test": r == 1, "train": r > 1}[self.part]
 
 
 def as_source(cfg: Any, prefix: str = "source") -> SourceConfig:
@@ -217,7 +235,7 @@ def iter_documents(
     for source in sources:
         kept = 0
         for i, doc in enumerate(_raw_documents(source, data_dir)):
-            if source.holdout_every is not None and ((i % source.holdout_every == 0) != source.holdout):
+            if not source.keeps(i):
                 continue
             if source.max_documents is not None and kept >= source.max_documents:
                 break
