@@ -20,15 +20,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from dapt.config import to_dataclass
 from dapt.data.datamodule import DataConfig, PackedCorpusDataModule
-from dapt.data.sources import as_source, describe
+from dapt.data.sources import as_source, describe, general_sources
 from dapt.errors import ConfigError
 from dapt.io import atomic_save_dir, atomic_write_json
-from dapt.masking import MaskingContext, build_masker
-from dapt.modeling.base_prep import BaseConfig, BaseInfo, needs_preparation, prepare_base
-from dapt.modeling.callbacks import AtomicCheckpointIO, ThroughputMonitor
+from dapt.masking import MaskingContext, build_eval_masker, build_masker
+from dapt.modeling.base_prep import BaseConfig, BaseInfo, model_fingerprint, needs_preparation, prepare_base
+from dapt.modeling.callbacks import ThroughputMonitor
 from dapt.modeling.loading import load_mlm_model, load_tokenizer
-from dapt.modeling.mlm_module import MLMModule
 from dapt.modeling.optim import OptimizerConfig, SchedulerConfig
+from dapt.pipeline.control import control_config, run_control
+from dapt.pipeline.fit import evaluate_heldout, make_module, make_trainer
 from dapt.tracking.loggers import LoggerConfig, build_loggers, finish_wandb, wandb_run_of
 from dapt.tracking.ddp import debug_callbacks
 from dapt.tracking.progress import StepProgressBar
@@ -73,7 +74,7 @@ class RunConfig:
 
 
 _TOP_LEVEL = {
-    "model", "data", "masking", "optimizer", "scheduler", "trainer", "logger", "paths", "base",
+    "model", "data", "masking", "optimizer", "scheduler", "trainer", "logger", "paths", "base", "control",
     "experiment_name", "seed", "tasks", "downstream", "optimized_metric", "save_model", "tags",
     "checkpoint", "hydra", "hparams_search", "experiment",
 }
@@ -124,22 +125,10 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return path
 
 
-def _eval_summary(metrics: list[dict[str, float]] | dict[str, float], names: list[str]) -> dict[str, float]:
-    flat: dict[str, float] = {}
-    for entry in metrics if isinstance(metrics, list) else [metrics]:
-        flat.update({k: float(v) for k, v in entry.items()})
-    out: dict[str, float] = {}
-    for name in names:
-        for key in ("ppl", "loss", "acc"):
-            value = flat.get(f"val/{name}/{key}")
-            if value is not None:
-                out[f"{name}_{key}"] = value
-    return out
-
-
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run one domain-adaptive pretraining job; returns (flat metrics, objects)."""
     run = validate(cfg)
+    control_cfg = control_config(cfg)
     seed = int(cfg.seed)
     data_dir = str(cfg.paths.data_dir)
     cache_dir = str(cfg.paths.cache_dir)
@@ -151,13 +140,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     context = MaskingContext(
         tokenizer=tokenizer,
         domain_documents=lambda: _documents(run.data.train, data_dir),
-        general_documents=lambda: _documents(run.base.data or [run.data.general_eval], data_dir),
+        general_documents=lambda: _documents(general_sources(cfg), data_dir),
         cache_dir=str(Path(cache_dir) / "masking"),
     )
     masker = build_masker(cfg.masking, tokenizer, default_schedule_steps=max_steps, context=context)
-    eval_masker = build_masker(
-        {"name": masker.config.eval_strategy, "rate": masker.config.eval_rate}, tokenizer, context=context
-    )
+    eval_masker = build_eval_masker(cfg.masking, tokenizer, context=context)
     datamodule = PackedCorpusDataModule(run.data, tokenizer, masker, data_dir=data_dir, seed=seed, eval_masker=eval_masker)
     datamodule.check_inputs()  # missing/empty corpora fail here, before any model work
 
@@ -172,21 +159,24 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if needs_preparation(run.base, loaded.has_pretrained_head):
         base = prepare_base(
             model=model, tokenizer=tokenizer, model_cfg=run.model, model_path=loaded.path, base_cfg=run.base,
-            data_dir=data_dir, cache_dir=cache_dir, seed=seed, trainer_kwargs=run.trainer,
+            data_dir=data_dir, cache_dir=cache_dir, trainer_kwargs=run.trainer,
         )
         if base.cached:
             model = load_mlm_model(base.path, attn_implementation=run.model.attn_implementation).model
     elif not loaded.has_pretrained_head:
         log.warning("model has no pretrained MLM head and base.mode=never: 'before' numbers use a random head")
+    start_fingerprint = base.cache_key or {**model_fingerprint(run.model, loaded.path), "init_seed": seed}
 
-    module = MLMModule(
-        model,
-        optimizer=run.optimizer,
-        scheduler=run.scheduler,
-        total_steps=max_steps,
-        eval_names=datamodule.eval_names,
-        compile_model=run.model.compile,
-    )
+    datamodule.setup()  # held-out sets are sampled once and shared by DAPT and the control arm
+    control = None
+    if control_cfg.enabled:
+        control = run_control(
+            cfg=cfg, run=run, control=control_cfg, start_model=model, start_fingerprint=start_fingerprint,
+            tokenizer=tokenizer, masker=masker, datamodule=datamodule, data_dir=data_dir, cache_dir=cache_dir,
+            root_dir=str(run_dir),
+        )
+
+    module = make_module(model, run, eval_names=datamodule.eval_names, test_names=datamodule.test_names)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     experiment = str(cfg.experiment_name)
     tags = [str(t) for t in (cfg.get("tags") or [])]
@@ -199,24 +189,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         from pytorch_lightning.callbacks import ModelCheckpoint
 
         callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, every_n_train_steps=checkpoint_cfg.get("every_n_steps", 500)))
-    trainer_kwargs = dict(run.trainer)
-    trainer_kwargs.setdefault("enable_checkpointing", bool(checkpoint_cfg.get("enabled", False)))
-    # Held-out metrics are validated before, during and after fit; metric states created under
-    # inference_mode could not be updated later, so evaluation runs under no_grad instead.
-    trainer_kwargs.setdefault("inference_mode", False)
-    trainer = pl.Trainer(
-        logger=loggers or False,
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-        default_root_dir=str(run_dir),
-        **trainer_kwargs,
-    )
+    trainer = make_trainer(run.trainer, callbacks=callbacks, loggers=loggers, root_dir=str(run_dir),
+                           checkpointing=bool(checkpoint_cfg.get("enabled", False)))
 
-    names = datamodule.eval_names
     t0 = time.time()
-    before = _eval_summary(trainer.validate(module, datamodule=datamodule, verbose=False), names)
+    before = evaluate_heldout(trainer, module, datamodule)
+    pl.seed_everything(seed, workers=True, verbose=False)  # the same RNG state as the control arm's fit
     trainer.fit(module, datamodule=datamodule)
-    after = _eval_summary(trainer.validate(module, datamodule=datamodule, verbose=False), names)
+    after = evaluate_heldout(trainer, module, datamodule)
     train_seconds = time.time() - t0
 
     results: dict[str, Any] = {}
@@ -232,26 +212,24 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                 model_dir,
                 lambda tmp: (module.model.save_pretrained(tmp, state_dict=full_state), tokenizer.save_pretrained(tmp)),
             )
-        results = {
-            "experiment": experiment,
-            "domain_ppl_before": before.get("domain_ppl"),
-            "domain_ppl_after": after.get("domain_ppl"),
-            "general_ppl_before": before.get("general_ppl"),
-            "general_ppl_after": after.get("general_ppl"),
-            "domain_acc_before": before.get("domain_acc"),
-            "domain_acc_after": after.get("domain_acc"),
-            "general_acc_before": before.get("general_acc"),
-            "general_acc_after": after.get("general_acc"),
+        results = {"experiment": experiment}
+        results.update(_stage_keys(before, "before"))
+        results.update(_stage_keys(after, "after"))
+        if control is not None:
+            results["control"] = control.as_results()
+        results.update({
             "tokens_per_s": throughput.tokens_per_s,
             "mfu": throughput.mfu,
             "train_tokens": throughput.tokens,
+            "train_sources": datamodule.tokens_per_source(),
             "steps": trainer.global_step,
             "train_seconds": train_seconds,
+            "heldout_sets": datamodule.eval_info,
             "base": base.as_dict(),
             "model_dir": str(model_dir) if cfg.get("save_model", True) else None,
             "data": {"name": run.data.name, "train": describe([as_source(s) for s in run.data.train], data_dir)},
             "config": resolved,
-        }
+        })
         downstream = _downstream(cfg, base, results.get("model_dir"), run_dir, loggers)
         if downstream:
             results["downstream"] = downstream
@@ -265,6 +243,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     objects["results"] = results
     objects["run_dir"] = run_dir
     return metrics, objects
+
+
+def _stage_keys(heldout: dict[str, Any], stage: str) -> dict[str, Any]:
+    """``domain_ppl`` -> ``domain_ppl_<stage>``, ``domain_ppl_ci`` -> ``domain_ppl_<stage>_ci``."""
+    return {(f"{k[:-3]}_{stage}_ci" if k.endswith("_ci") else f"{k}_{stage}"): v for k, v in heldout.items()}
 
 
 def _gathered_model_state(trainer: pl.Trainer) -> dict[str, torch.Tensor]:
@@ -310,20 +293,38 @@ def _downstream(cfg: DictConfig, base: BaseInfo, model_dir: str | None, run_dir:
     return evaluate_downstream(cfg, before=before, after=model_dir, run_dir=run_dir, wandb_run=wandb_run_of(loggers))
 
 
+HELDOUT_KEYS = tuple(
+    f"{name}{split}_{stat}_{stage}"
+    for name in ("domain", "general") for split in ("", "_dev") for stat in ("ppl", "acc") for stage in ("before", "after")
+)
+
+
 def flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
-    """Scalar metrics as a flat ``key -> value`` dict (the objective a sweeper optimises is one key)."""
+    """Scalar metrics as a flat ``key -> value`` dict (the objective a sweeper optimises is one key).
+
+    Relative changes: ``domain_ppl_change`` / ``forgetting`` against the start (before), and
+    ``domain_gain_vs_control`` / ``forgetting_vs_control`` against the control arm (same steps on
+    general text); ``_dev`` variants read the dev sets (what a sweep should select on).
+    """
     flat: dict[str, Any] = {}
-    for key in (
-        "domain_ppl_before", "domain_ppl_after", "general_ppl_before", "general_ppl_after",
-        "domain_acc_before", "domain_acc_after", "general_acc_before", "general_acc_after",
-        "tokens_per_s", "mfu", "train_tokens", "steps",
-    ):
+    for key in (*HELDOUT_KEYS, "tokens_per_s", "mfu", "train_tokens", "steps"):
         if results.get(key) is not None:
             flat[key] = results[key]
-    if results.get("domain_ppl_after") and results.get("domain_ppl_before"):
-        flat["domain_ppl_change"] = results["domain_ppl_after"] / results["domain_ppl_before"] - 1
-    if results.get("general_ppl_after") and results.get("general_ppl_before"):
-        flat["forgetting"] = results["general_ppl_after"] / results["general_ppl_before"] - 1
+    for key, value in results.items():
+        if key.endswith("_ci") and isinstance(value, list) and len(value) == 2 and None not in value:
+            flat[f"{key}_low"], flat[f"{key}_high"] = value
+    control = results.get("control") or {}
+    for split in ("", "_dev"):
+        for name, label in (("domain", f"domain{split}_ppl_change"), ("general", f"forgetting{split}")):
+            after, before = results.get(f"{name}{split}_ppl_after"), results.get(f"{name}{split}_ppl_before")
+            if after and before:
+                flat[label] = after / before - 1
+            ctrl = control.get(f"{name}{split}_ppl_after")
+            if ctrl is not None:
+                flat[f"control/{name}{split}_ppl_after"] = ctrl
+                if after:
+                    label = f"domain{split}_gain" if name == "domain" else f"forgetting{split}"
+                    flat[f"{label}_vs_control"] = after / ctrl - 1
 
     def walk(prefix: str, node: Any) -> None:
         if isinstance(node, dict):
@@ -344,6 +345,19 @@ def _log_summary(loggers: list[Any], metrics: dict[str, Any]) -> None:
             run.summary[key] = value
 
 
+def _ppl_cell(value: Any, ci: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    text = f"{value:.2f}"
+    if isinstance(ci, list) and len(ci) == 2 and None not in ci:
+        text += f" [{ci[0]:.1f}, {ci[1]:.1f}]"
+    return text
+
+
+def _change(after: Any, reference: Any) -> str:
+    return f"{(after / reference - 1) * 100:+.1f}%" if after and reference else "—"
+
+
 def print_summary(results: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -351,15 +365,28 @@ def print_summary(results: dict[str, Any]) -> None:
     def fmt(v: Any, spec: str = ".2f") -> str:
         return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
-    table = Table(title=f"dapt: {results.get('experiment')} ({results['steps']} steps)")
-    table.add_column("held-out set")
-    table.add_column("ppl before", justify="right")
-    table.add_column("ppl after", justify="right")
-    table.add_column("change", justify="right")
-    for name, label in (("domain", "domain"), ("general", "general (forgetting)")):
-        b, a = results.get(f"{name}_ppl_before"), results.get(f"{name}_ppl_after")
-        change = f"{(a / b - 1) * 100:+.1f}%" if a and b else "—"
-        table.add_row(label, fmt(b), fmt(a), change)
+    control = results.get("control") or {}
+    table = Table(title=f"dapt: {results.get('experiment')} ({results['steps']} steps): perplexity [95% CI over documents]",
+                  caption="general = forgetting set; dev selects, test reports", caption_justify="left")
+    table.add_column("held-out set", no_wrap=True)
+    table.add_column("before", justify="right")
+    if control:
+        table.add_column("control", justify="right")
+    table.add_column("after DAPT", justify="right")
+    table.add_column("vs before", justify="right")
+    if control:
+        table.add_column("vs control", justify="right")
+    for name in ("domain", "general"):
+        for split, split_label in (("", "test"), ("_dev", "dev")):
+            key = f"{name}{split}_ppl"
+            b, a = results.get(f"{key}_before"), results.get(f"{key}_after")
+            row = [f"{name} {split_label}", _ppl_cell(b, results.get(f"{key}_before_ci"))]
+            if control:
+                row.append(_ppl_cell(control.get(f"{key}_after"), control.get(f"{key}_after_ci")))
+            row += [_ppl_cell(a, results.get(f"{key}_after_ci")), _change(a, b)]
+            if control:
+                row.append(_change(a, control.get(f"{key}_after")))
+            table.add_row(*row)
     console = Console()
     console.print(table)
     base = results["base"]
@@ -369,6 +396,13 @@ def print_summary(results: dict[str, Any]) -> None:
     else:
         origin = "random initialisation, no base preparation" if random_init else "as loaded, no base preparation"
     console.print(f"base: {base['source']} ({origin})")
+    if control:
+        console.print(f"control: {control['steps']} steps from the same start on general text "
+                      f"({'cached' if control.get('cached') else 'trained now'}); 'vs control' isolates the domain's effect")
+    sources = results.get("train_sources") or {}
+    if sources:
+        total = sum(sources.values()) or 1
+        console.print("trained on: " + ", ".join(f"{Path(k).name} {v / total:.0%}" for k, v in sources.items()))
     console.print(
         f"throughput: {fmt(results.get('tokens_per_s'), ',.0f')} tokens/s (MFU {fmt(results.get('mfu'), '.1%')}), "
         f"{results['train_tokens']:,} training tokens"

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from functools import lru_cache
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
+_CHUNK = 1 << 20
 LIBRARIES = ("torch", "transformers", "pytorch-lightning", "tokenizers", "dapt")
 
 
@@ -26,6 +29,35 @@ def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str | None
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def files_digest(paths: list[Path]) -> str:
+    """SHA-256 over the names and full contents of ``paths`` (weights, data files): content, not size."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        digest.update(b"\0")
+        with path.open("rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=64)
+def _dir_digest(path: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
+    return files_digest([Path(path) / name for name, _, _ in stamp])
+
+
+def directory_digest(path: str | Path) -> str:
+    """Content hash of a checkpoint directory's files (hidden files skipped).
+
+    Memoised per process on (name, size, mtime) stamps, so hashing ~100 MB happens once per run.
+    """
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _dir_digest(str(path), stamp)
 
 
 def source_fingerprint(*objects: Any) -> str:

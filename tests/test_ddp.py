@@ -22,7 +22,7 @@ STEPS, BATCH, LENGTH, WORLD = 4, 4, 64, 2
 def test_ddp_two_cpu_ranks_share_the_job_folder_and_see_disjoint_data(tmp_path):
     sweep_dir = tmp_path / "multirun" / "ddp"
     args = ["train", "-m", "trainer=ddp", "optimizer.lr=3e-4", "model=tiny", "base=none", "tasks=[]",
-            f"trainer.max_steps={STEPS}", "trainer.val_check_interval=2", "data.max_eval_blocks=4",
+            f"trainer.max_steps={STEPS}", "trainer.val_check_interval=2", "data.eval_tokens=256",
             f"data.batch_size={BATCH}", f"data.max_seq_length={LENGTH}", "data.shuffle_buffer=16",
             "experiment_name=ddp_test", f"hydra.sweep.dir={sweep_dir}"]
     proc = dapt(args, cwd=tmp_path, env={"DAPT_RECORD_BLOCKS": "1"}, timeout=400)

@@ -69,10 +69,10 @@ def test_eval_masks_are_identical_across_runs_and_calls(compose, tokenizer):
         masker = build_masker({"rate": train_rate}, tokenizer)
         dm = PackedCorpusDataModule(data_cfg, tokenizer, masker, data_dir=cfg.paths.data_dir, seed=123)
         dm.setup("fit")
-        return {k: v.tensors[1] for k, v in dm.eval_sets.items()}
+        return {f"{split}/{k}": v.tensors[1] for split, sets in dm.eval_sets.items() for k, v in sets.items()}
 
     a, b = eval_labels(0.15), eval_labels(0.4)  # train strategy/rate must not change eval masks
-    assert set(a) == {"domain", "general"}
+    assert set(a) == {"dev/domain", "dev/general", "test/domain", "test/general"}
     for name in a:
         assert (a[name] == b[name]).all()
         rate = (a[name] != -100).float().mean().item()
@@ -99,7 +99,7 @@ def test_real_minilm_on_biomedical_text(compose):
         "tasks=[]", "logger.wandb.enabled=false",
         "base.steps=40", "base.lr=5e-4", "base.max_seq_length=64",
         "trainer.max_steps=40", "trainer.val_check_interval=20", "optimizer.lr=3e-4",
-        "data.max_seq_length=64", "data.max_eval_blocks=48",
+        "data.max_seq_length=64", "data.eval_tokens=3072",
     ])
     _, objects = train(cfg)
     results = objects["results"]

@@ -6,8 +6,11 @@ split across DDP ranks × dataloader workers, so within a pass no block is seen 
 wait on each other for an epoch end. Masking happens in ``on_after_batch_transfer`` where the
 optimizer step is known (rate schedules) and the batch is already on its device.
 
-Held-out sets (domain and general) are packed and masked once with a fixed seed at setup, so every
-evaluation of every run sees identical masks and perplexities are comparable across steps and runs.
+Held-out sets come in two splits: ``dev`` (validated every ``val_check_interval``; what early
+stopping and sweeps select on) and ``test`` (scored once before and once after training, the numbers
+reported). Each split has a ``domain`` and a ``general`` (forgetting) set, sampled across the whole
+split and masked once with a fixed seed (``dapt.data.heldout``), so every evaluation of every run sees
+identical masks and perplexities are comparable across steps and runs.
 """
 
 from __future__ import annotations
@@ -23,14 +26,16 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_worker_info
 
+from dapt.data.heldout import build_heldout_set
 from dapt.data.packing import BlockPacker
-from dapt.data.sources import SourceConfig, as_source, check_nonempty, iter_documents
+from dapt.data.sources import SourceConfig, as_source, check_nonempty, describe, iter_documents
 from dapt.errors import ConfigError, DataError
 from dapt.masking import Masker
 
 log = logging.getLogger(__name__)
 
 EVAL_SET_NAMES = ("domain", "general")
+EVAL_SPLITS = ("dev", "test")
 
 
 @dataclass
@@ -40,10 +45,16 @@ class DataConfig:
     Attributes:
         name: label for this corpus (shown in results and W&B).
         train: list of training sources (see ``SourceConfig``).
-        domain_eval / general_eval: held-out sources for domain perplexity and forgetting.
+        domain_dev / domain_test / general_dev / general_test: held-out sources for domain
+            perplexity and forgetting; dev selects (validation, early stopping, sweeps), test reports.
+            Each must be disjoint from the training sources (see ``SourceConfig.part``).
         max_seq_length: block length, special tokens included.
         batch_size / eval_batch_size: blocks per step (per device).
-        max_eval_blocks: how many blocks of each held-out set to keep (the same ones every time).
+        eval_tokens: token budget of each held-out set, filled with documents sampled across the
+            whole split (``dapt.data.heldout``); it sets the width of the perplexity CI.
+        eval_max_doc_tokens: truncate held-out documents to this many tokens (null = whole
+            documents), so that long documents (papers) do not eat the budget.
+        eval_sample_seed: seed of the document sample (the masks use ``masking.eval_seed``).
         shuffle_buffer: blocks held for shuffling (0 = stream order); memory is O(buffer).
         num_workers: dataloader workers; tokenization runs there when > 0.
         docs_per_batch: documents tokenized per call to the fast tokenizer.
@@ -54,12 +65,16 @@ class DataConfig:
 
     name: str = "corpus"
     train: list[Any] = field(default_factory=list)
-    domain_eval: Any = None
-    general_eval: Any = None
+    domain_dev: Any = None
+    domain_test: Any = None
+    general_dev: Any = None
+    general_test: Any = None
     max_seq_length: int = 128
     batch_size: int = 16
     eval_batch_size: int = 32
-    max_eval_blocks: int = 128
+    eval_tokens: int = 262_144
+    eval_max_doc_tokens: int | None = None
+    eval_sample_seed: int = 0
     shuffle_buffer: int = 2048
     num_workers: int = 0
     docs_per_batch: int = 64
@@ -76,7 +91,9 @@ class DataConfig:
             raise ConfigError("data.train lists no corpus source")
         if self.max_seq_length < 8:
             raise ConfigError(f"data.max_seq_length={self.max_seq_length} must be >= 8")
-        for key in ("batch_size", "eval_batch_size", "max_eval_blocks", "docs_per_batch"):
+        if self.eval_max_doc_tokens is not None and self.eval_max_doc_tokens < 8:
+            raise ConfigError(f"data.eval_max_doc_tokens={self.eval_max_doc_tokens} must be >= 8 or null")
+        for key in ("batch_size", "eval_batch_size", "eval_tokens", "docs_per_batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 1")
         if self.shuffle_buffer < 0 or self.num_workers < 0:
@@ -191,28 +208,6 @@ def collate_blocks(blocks: list[dict[str, np.ndarray]]) -> dict[str, torch.Tenso
     }
 
 
-def build_eval_set(
-    source: SourceConfig,
-    data_dir: str | None,
-    tokenizer: Any,
-    masker: Masker,
-    *,
-    block_size: int,
-    max_blocks: int,
-    seed: int,
-    rate: float,
-) -> TensorDataset:
-    """Pack the first ``max_blocks`` blocks of ``source`` and mask them once with ``seed``."""
-    packer = BlockPacker(tokenizer, block_size)
-    blocks = list(itertools.islice(packer.pack(iter_documents(source, data_dir)), max_blocks))
-    if not blocks:
-        raise DataError(f"held-out set {source.path} produced no full block of {block_size} tokens")
-    batch = collate_blocks(blocks)
-    generator = torch.Generator().manual_seed(seed)
-    out = masker(batch["input_ids"], batch["word_starts"], generator, rate=rate)
-    return TensorDataset(out["input_ids"], out["labels"])
-
-
 class PackedCorpusDataModule(pl.LightningDataModule):
     """Streams a domain corpus for training; serves fixed-mask domain + general held-out sets."""
 
@@ -230,15 +225,22 @@ class PackedCorpusDataModule(pl.LightningDataModule):
         self.config = config
         self.tokenizer = tokenizer
         self.masker = masker
-        self.eval_masker = eval_masker or masker
+        if eval_masker is None:  # the held-out masker: eval_strategy at eval_rate, never the train rate
+            from dataclasses import asdict
+
+            from dapt.masking import build_eval_masker
+
+            eval_masker = build_eval_masker(asdict(masker.config), tokenizer)
+        self.eval_masker = eval_masker
         self.data_dir = data_dir
         self.seed = seed
         self.train_sources = [as_source(s, f"data.train[{i}]") for i, s in enumerate(config.train)]
-        self.eval_sources: dict[str, SourceConfig] = {}
-        for name in EVAL_SET_NAMES:
-            raw = getattr(config, f"{name}_eval")
-            if raw:
-                self.eval_sources[name] = as_source(raw, f"data.{name}_eval")
+        self.eval_sources: dict[str, dict[str, SourceConfig]] = {split: {} for split in EVAL_SPLITS}
+        for split in EVAL_SPLITS:
+            for name in EVAL_SET_NAMES:
+                raw = getattr(config, f"{name}_{split}")
+                if raw:
+                    self.eval_sources[split][name] = as_source(raw, f"data.{name}_{split}")
         self.train_stream = PackedBlockStream(
             self.train_sources,
             data_dir,
@@ -251,18 +253,40 @@ class PackedCorpusDataModule(pl.LightningDataModule):
             replay=[as_source(s, f"data.replay[{i}]") for i, s in enumerate(config.replay)],
             replay_fraction=config.replay_fraction,
         )
-        self.eval_sets: dict[str, TensorDataset] = {}
+        self.eval_sets: dict[str, dict[str, TensorDataset]] = {}
+        self.eval_info: dict[str, dict[str, dict[str, int]]] = {}
         self._generators: dict[str, torch.Generator] = {}
 
     @property
     def eval_names(self) -> list[str]:
-        return list(self.eval_sources)
+        """Names of the dev sets, in ``val_dataloader`` order."""
+        return list(self.eval_sources["dev"])
+
+    @property
+    def test_names(self) -> list[str]:
+        """Names of the test sets, in ``test_dataloader`` order."""
+        return list(self.eval_sources["test"])
+
+    def heldout_fingerprint(self) -> dict[str, Any]:
+        """Everything that determines the held-out sets (cache key of a cached model's perplexities)."""
+        from dataclasses import asdict
+
+        return {
+            "sources": {split: {n: describe([s], self.data_dir) for n, s in srcs.items()} for split, srcs in self.eval_sources.items()},
+            "block_size": self.config.max_seq_length,
+            "eval_tokens": self.config.eval_tokens,
+            "eval_max_doc_tokens": self.config.eval_max_doc_tokens,
+            "eval_sample_seed": self.config.eval_sample_seed,
+            "masker": asdict(self.eval_masker.config),
+            "vocab": len(self.tokenizer),
+        }
 
     def check_inputs(self) -> None:
         """Fail fast, before any model work, on a missing or empty corpus."""
         check_nonempty(self.train_sources, self.data_dir, "training")
-        for name, source in self.eval_sources.items():
-            check_nonempty([source], self.data_dir, f"{name} held-out")
+        for split, sources in self.eval_sources.items():
+            for name, source in sources.items():
+                check_nonempty([source], self.data_dir, f"{name} {split}")
 
     def setup(self, stage: str | None = None) -> None:
         if self.trainer is not None:
@@ -270,17 +294,23 @@ class PackedCorpusDataModule(pl.LightningDataModule):
             self.train_stream.world_size = self.trainer.world_size
         if not self.eval_sets:
             cfg = self.eval_masker.config
-            for name, source in self.eval_sources.items():
-                self.eval_sets[name] = build_eval_set(
-                    source,
-                    self.data_dir,
-                    self.tokenizer,
-                    self.eval_masker,
-                    block_size=self.config.max_seq_length,
-                    max_blocks=self.config.max_eval_blocks,
-                    seed=cfg.eval_seed,
-                    rate=cfg.eval_rate,
-                )
+            for split, sources in self.eval_sources.items():
+                self.eval_sets[split], self.eval_info[split] = {}, {}
+                for name, source in sources.items():
+                    dataset, info = build_heldout_set(
+                        source,
+                        self.data_dir,
+                        self.tokenizer,
+                        self.eval_masker,
+                        block_size=self.config.max_seq_length,
+                        max_tokens=self.config.eval_tokens,
+                        sample_seed=self.config.eval_sample_seed,
+                        mask_seed=cfg.eval_seed,
+                        max_doc_tokens=self.config.eval_max_doc_tokens,
+                    )
+                    self.eval_sets[split][name], self.eval_info[split][name] = dataset, info
+                    log.info("%s %s set: %d of %d documents, %d blocks, %d masked tokens", name, split,
+                             info["documents"], info["documents_in_split"], info["blocks"], info["masked_tokens"])
 
     def train_dataloader(self) -> DataLoader:
         workers = self.config.num_workers
@@ -294,11 +324,15 @@ class PackedCorpusDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
+    def _eval_loaders(self, split: str) -> list[DataLoader]:
+        self.setup()
+        return [DataLoader(ds, batch_size=self.config.eval_batch_size, shuffle=False) for ds in self.eval_sets[split].values()]
+
     def val_dataloader(self) -> list[DataLoader]:
-        return [
-            DataLoader(self.eval_sets[name], batch_size=self.config.eval_batch_size, shuffle=False)
-            for name in self.eval_names
-        ]
+        return self._eval_loaders("dev")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("test")
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -312,6 +346,6 @@ class PackedCorpusDataModule(pl.LightningDataModule):
             step = self.trainer.global_step if self.trainer is not None else 0
             ids = batch["input_ids"]
             return self.masker(ids, batch["word_starts"], self._generator(ids.device), step=step)
-        if isinstance(batch, (list, tuple)) and len(batch) == 2:  # held-out TensorDataset batch
-            return {"input_ids": batch[0], "labels": batch[1]}
+        if isinstance(batch, (list, tuple)) and len(batch) == 3:  # held-out TensorDataset batch
+            return {"input_ids": batch[0], "labels": batch[1], "doc_ids": batch[2]}
         return batch

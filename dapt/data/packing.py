@@ -37,26 +37,27 @@ class BlockPacker:
         self._backend.no_truncation()
         self._backend.no_padding()
 
-    def _encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids and word-start flags of ``texts`` concatenated, each followed by a separator."""
-        encodings = self._backend.encode_batch(texts, add_special_tokens=False)
-        ids_parts: list[np.ndarray] = []
-        start_parts: list[np.ndarray] = []
-        sep = np.array([self.sep_id], dtype=np.int64)
-        no = np.zeros(1, dtype=bool)
-        for enc in encodings:
+    def encode_each(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per document: token ids followed by a separator, and word-start flags (empty docs dropped)."""
+        out: list[tuple[np.ndarray, np.ndarray]] = []
+        for enc in self._backend.encode_batch(texts, add_special_tokens=False):
             ids = np.asarray(enc.ids, dtype=np.int64)
             if ids.size == 0:
                 continue
             words = np.asarray(enc.word_ids, dtype=np.float64)  # None -> nan
-            starts = np.empty(ids.size, dtype=bool)
+            starts = np.empty(ids.size + 1, dtype=bool)
             starts[0] = True
-            np.not_equal(words[1:], words[:-1], out=starts[1:])
-            ids_parts += [ids, sep]
-            start_parts += [starts, no]
-        if not ids_parts:
+            np.not_equal(words[1:], words[:-1], out=starts[1:-1])
+            starts[-1] = False  # the separator
+            out.append((np.append(ids, self.sep_id), starts))
+        return out
+
+    def _encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and word-start flags of ``texts`` concatenated, each followed by a separator."""
+        parts = self.encode_each(texts)
+        if not parts:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
-        return np.concatenate(ids_parts), np.concatenate(start_parts)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def pack(self, documents: Iterable[str]) -> Iterator[dict[str, np.ndarray]]:
         prefix = np.asarray(self.prefix, dtype=np.int64)

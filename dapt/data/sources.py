@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob as globlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 
 SOURCE_TYPES = ("jsonl", "text", "parquet", "hf")
 PARTS = ("all", "train", "dev", "test")
+SPLIT_BY = ("file", "line", "blank_line", "wikitext")
+_WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
 
 
 @dataclass
@@ -33,8 +36,10 @@ class SourceConfig:
             the dataset name (hub id or local builder/dir).
         text_field: JSON key / Parquet column / dataset column holding the text.
         glob: file pattern when ``path`` is a directory.
-        split_by: for ``text``: ``file`` (one document per file), ``line`` (one per non-empty line)
-            or ``blank_line`` (paragraph blocks).
+        split_by: for ``text``: ``file`` (one document per file), ``line`` (one per non-empty line),
+            ``blank_line`` (paragraph blocks) or ``wikitext`` (one per WikiText article: a
+            `` = Title = `` line starts each; articles, not paragraphs, are the independent units a
+            perplexity confidence interval resamples).
         hf_config / hf_split / hf_data_files / streaming: ``datasets.load_dataset`` arguments (a
             directory written by ``Dataset.save_to_disk`` is opened with ``load_from_disk``,
             memory-mapped, and iterated without loading it).
@@ -65,8 +70,8 @@ class SourceConfig:
             raise ConfigError(f"source type {self.type!r} unknown; choose one of {', '.join(SOURCE_TYPES)}")
         if not self.path:
             raise ConfigError(f"a {self.type} source needs a path")
-        if self.split_by not in ("file", "line", "blank_line"):
-            raise ConfigError(f"source.split_by={self.split_by!r}: choose file, line or blank_line")
+        if self.split_by not in SPLIT_BY:
+            raise ConfigError(f"source.split_by={self.split_by!r}: choose one of {', '.join(SPLIT_BY)}")
         if self.holdout_every is not None and self.holdout_every < 2:
             raise ConfigError(f"source.holdout_every={self.holdout_every} must be >= 2")
         if self.part not in PARTS:
@@ -90,6 +95,22 @@ def as_source(cfg: Any, prefix: str = "source") -> SourceConfig:
     from dapt.config import to_dataclass
 
     return to_dataclass(SourceConfig, cfg, prefix=prefix)
+
+
+def general_sources(cfg: Any) -> list[SourceConfig]:
+    """The general-text *training* corpus of a composed config: ``base.data``, else ``data.replay``.
+
+    One definition for every consumer (salient-term statistics, corpus diagnosis, the control arm),
+    so their cache keys cannot drift apart. Held-out sets are never used: statistics or training on
+    them would leak into the forgetting measurement.
+    """
+    base = cfg.get("base") if hasattr(cfg, "get") else None
+    data = cfg.get("data") if hasattr(cfg, "get") else None
+    raw = list((base or {}).get("data") or []) or list((data or {}).get("replay") or [])
+    sources = [as_source(s, "base.data") for s in raw if s]
+    if not sources:
+        raise ConfigError("no general-text training source: set base.data (or data.replay)")
+    return sources
 
 
 def resolve_path(path: str, data_dir: str | None) -> Path:
@@ -170,13 +191,18 @@ def _raw_documents(source: SourceConfig, data_dir: str | None) -> Iterator[str]:
                     if source.split_by == "line":
                         if line.strip():
                             yield line
+                    elif source.split_by == "wikitext":
+                        if _WIKITEXT_TITLE.match(line) and any(p.strip() for p in para):
+                            yield "\n".join(p for p in para if p.strip())
+                            para = []
+                        para.append(line)
                     elif line.strip():
                         para.append(line)
                     elif para:
                         yield "\n".join(para)
                         para = []
-                if para:
-                    yield "\n".join(para)
+                if any(p.strip() for p in para):
+                    yield "\n".join(p for p in para if p.strip())
         counter.report(path)
 
 

@@ -6,7 +6,6 @@ import argparse
 import json
 from typing import Any
 
-from dapt.errors import ConfigError
 
 
 def _compose(overrides: list[str]) -> Any:
@@ -21,7 +20,7 @@ def _compose(overrides: list[str]) -> Any:
 
 def diagnose(overrides: list[str], max_documents: int = 2000) -> dict[str, Any]:
     """Profile the configured domain corpus against general text; return findings + warnings."""
-    from dapt.data.sources import as_source, iter_documents
+    from dapt.data.sources import as_source, general_sources, iter_documents
     from dapt.diagnostics.corpus import domain_terms, fragmentation, profile, vocabulary_overlap
     from dapt.modeling.loading import load_tokenizer
 
@@ -29,12 +28,8 @@ def diagnose(overrides: list[str], max_documents: int = 2000) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.source)
     data_dir = str(cfg.paths.data_dir)
     domain_sources = [as_source(s) for s in cfg.data.train]
-    general_raw = list(cfg.base.data) or [cfg.data.general_eval]
-    if not any(general_raw):
-        raise ConfigError("no general-text source (base.data or data.general_eval) to compare the domain corpus with")
-    general_sources = [as_source(s) for s in general_raw if s]
     domain = profile(iter_documents(domain_sources, data_dir), tokenizer, max_documents=max_documents)
-    general = profile(iter_documents(general_sources, data_dir), tokenizer, max_documents=max_documents)
+    general = profile(iter_documents(general_sources(cfg), data_dir), tokenizer, max_documents=max_documents)
     terms = domain_terms(domain, general)
     report: dict[str, Any] = {
         "domain": domain.as_dict(),

@@ -103,11 +103,10 @@ def _setup(args: argparse.Namespace, kind: str) -> _Setup:
             general = lambda: iter_documents(gpaths)  # noqa: E731
             described.append(f"general: {' '.join(gpaths)}")
         else:
-            from dapt.data.sources import as_source
+            from dapt.data.sources import general_sources
             from dapt.data.sources import iter_documents as iter_sources
 
-            raw = (cfg.base.data if "base" in cfg and cfg.base.get("data") else None) or [cfg.data.general_eval]
-            gsources = [as_source(s) for s in raw if s]
+            gsources = general_sources(cfg)
             general = lambda: iter_sources(gsources, data_dir)  # noqa: E731
             described.append(f"general: {', '.join(s.path for s in gsources)}")
     cache_dir = args.cache_dir or str(Path(str(cfg.paths.cache_dir)).expanduser() / "masking")

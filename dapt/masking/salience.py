@@ -1,12 +1,14 @@
 """Domain-salient terms: words far more frequent in the domain corpus than in a general one.
 
-Score: the log-odds ratio with an informative Dirichlet prior (Monroe, Colaresi & Quinn 2008,
-"Fightin' Words"), divided by its standard error. Unlike a raw frequency ratio it does not crown
-words seen three times in the domain and never in the general sample, and unlike TF-IDF it
+Score: the smoothed log-odds ratio of a word's frequency in the domain vs the general corpus,
+divided by its standard error (the z-score of Monroe, Colaresi & Quinn 2008, "Fightin' Words", but
+with a *uniform* prior: the same pseudo-count ``s`` = ``smoothing`` for every word, not their
+informative Dirichlet prior proportional to pooled frequency). Unlike a raw frequency ratio it does
+not crown words seen three times in the domain and never in the general sample, and unlike TF-IDF it
 compares the two corpora directly:
 
-    delta_w = log((y_dw + a_w) / (n_d + a_0 - y_dw - a_w)) - log((y_gw + a_w) / (n_g + a_0 - y_gw - a_w))
-    z_w     = delta_w / sqrt(1 / (y_dw + a_w) + 1 / (y_gw + a_w)),   a_w = a_0 * p_w (pooled frequency)
+    delta_w = log((y_dw + s) / (n_d - y_dw + s)) - log((y_gw + s) / (n_g - y_gw + s))
+    z_w     = delta_w / sqrt(1 / (y_dw + s) + 1 / (y_gw + s))
 
 Words are the tokenizer's words, identified by the hash of their token ids, exactly as at training.
 """

@@ -15,7 +15,6 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,9 @@ from dapt.io import atomic_save_dir, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-BASE_PREP_VERSION = 1
+# Bump when the base recipe's code changes (tests/test_cache_versions.py pins the code's fingerprint
+# next to this number). 2: dropout on during training, source mixing, content-hashed weights.
+BASE_PREP_VERSION = 2
 MARKER = "dapt_base.json"
 
 
@@ -40,6 +41,8 @@ class BaseConfig:
         top_k: layers unfrozen when ``trainable=top_k``.
         steps / lr / batch_size / max_seq_length / warmup_ratio / rate: the MLM recipe on general text.
         data: general-text sources (see ``SourceConfig``).
+        seed: the base's own seed, separate from the run's ``seed``, so a study that varies the DAPT
+            seed starts every run from the same (cached) base instead of re-preparing it.
         cache: reuse a base with the same hash; false retrains every time.
     """
 
@@ -53,6 +56,7 @@ class BaseConfig:
     warmup_ratio: float = 0.06
     rate: float = 0.15
     data: list[Any] = field(default_factory=list)
+    seed: int = 42
     cache: bool = True
 
     def __post_init__(self) -> None:
@@ -85,34 +89,39 @@ def needs_preparation(cfg: BaseConfig, has_pretrained_head: bool) -> bool:
     return cfg.mode == "always" or (cfg.mode == "auto" and not has_pretrained_head)
 
 
-def _model_fingerprint(model_cfg: Any, model_path: str) -> dict[str, Any]:
+def model_fingerprint(model_cfg: Any, model_path: str) -> dict[str, Any]:
+    """What identifies the starting checkpoint: its source, overrides and the *content* of its files."""
+    from dapt.versioning import directory_digest
+
     fp: dict[str, Any] = {
         "source": model_cfg.source,
         "random_init": bool(model_cfg.random_init),
         "config_overrides": dict(model_cfg.config_overrides or {}),
     }
-    cfg_file = Path(model_path) / "config.json"
-    if cfg_file.exists():
-        fp["config_sha"] = hashlib.sha256(cfg_file.read_bytes()).hexdigest()[:16]
-        weights = sorted(Path(model_path).glob("*.safetensors")) + sorted(Path(model_path).glob("*.bin"))
-        fp["weights"] = [(w.name, w.stat().st_size) for w in weights]
-    if model_cfg.source.startswith("package:"):
-        dist = model_cfg.source.split(":", 1)[1].replace("_", "-")
-        try:
-            fp["package_version"] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
+    if (Path(model_path) / "config.json").exists():
+        fp["files_sha256"] = directory_digest(model_path)
     return fp
 
 
-def cache_key(model_cfg: Any, model_path: str, base_cfg: BaseConfig, data_fingerprint: Any, seed: int, tokenizer_len: int) -> str:
+def recipe_fingerprint() -> str:
+    """The code that trains a base; pinned with ``BASE_PREP_VERSION`` by a test."""
+    from dapt.data import datamodule
+    from dapt.modeling import mlm_module, optim, sparse_head
+    from dapt.versioning import source_fingerprint
+
+    return source_fingerprint(_train_base, freeze_for, mlm_module.MLMModule, sparse_head, optim, datamodule.PackedBlockStream)
+
+
+def cache_key(model_cfg: Any, model_path: str, base_cfg: BaseConfig, data_fingerprint: Any, tokenizer_len: int) -> str:
+    from dapt.versioning import library_versions
+
     payload = {
         "version": BASE_PREP_VERSION,
-        "model": _model_fingerprint(model_cfg, model_path),
+        "model": model_fingerprint(model_cfg, model_path),
         "base": {k: v for k, v in asdict(base_cfg).items() if k not in ("cache", "mode", "data")},
         "data": data_fingerprint,
-        "seed": seed,
         "vocab": tokenizer_len,
+        "libraries": library_versions(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -149,7 +158,6 @@ def prepare_base(
     base_cfg: BaseConfig,
     data_dir: str | None,
     cache_dir: str,
-    seed: int,
     trainer_kwargs: dict[str, Any] | None = None,
 ) -> BaseInfo:
     """Return the cached base for this (model, recipe, data), training and caching it if needed.
@@ -163,7 +171,7 @@ def prepare_base(
     sources = [as_source(s, f"base.data[{i}]") for i, s in enumerate(base_cfg.data)]
     if not sources:
         raise ConfigError("base.data lists no general-text source for base preparation")
-    key = cache_key(model_cfg, model_path, base_cfg, describe(sources, data_dir), seed, len(tokenizer))
+    key = cache_key(model_cfg, model_path, base_cfg, describe(sources, data_dir), len(tokenizer))
     target = Path(cache_dir) / "bases" / key
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
@@ -173,7 +181,7 @@ def prepare_base(
             return BaseInfo(source=info["source"], path=str(target), steps=info["steps"], cache_key=key, cached=True, seconds=info.get("seconds", 0.0))
         log.info("preparing general-MLM base (%d steps, trainable=%s); cached at %s", base_cfg.steps, base_cfg.trainable, target)
         t0 = time.time()
-        _train_base(model, tokenizer, sources, base_cfg, data_dir, seed, trainer_kwargs or {})
+        _train_base(model, tokenizer, sources, base_cfg, data_dir, trainer_kwargs or {})
         seconds = time.time() - t0
         for p in model.parameters():
             p.requires_grad_(True)
@@ -187,7 +195,7 @@ def prepare_base(
     return BaseInfo(source=model_cfg.source, path=str(target), steps=base_cfg.steps, cache_key=key, cached=False, seconds=seconds)
 
 
-def _train_base(model: torch.nn.Module, tokenizer: Any, sources: list[Any], cfg: BaseConfig, data_dir: str | None, seed: int, trainer_kwargs: dict[str, Any]) -> None:
+def _train_base(model: torch.nn.Module, tokenizer: Any, sources: list[Any], cfg: BaseConfig, data_dir: str | None, trainer_kwargs: dict[str, Any]) -> None:
     import pytorch_lightning as pl
 
     from dapt.data.datamodule import DataConfig, PackedCorpusDataModule
@@ -199,7 +207,7 @@ def _train_base(model: torch.nn.Module, tokenizer: Any, sources: list[Any], cfg:
     freeze_for(model, cfg.trainable, cfg.top_k)
     masker = build_masker({"name": "random", "rate": cfg.rate}, tokenizer)
     data_cfg = DataConfig(name="general", train=sources, max_seq_length=cfg.max_seq_length, batch_size=cfg.batch_size)
-    dm = PackedCorpusDataModule(data_cfg, tokenizer, masker, data_dir=data_dir, seed=seed)
+    dm = PackedCorpusDataModule(data_cfg, tokenizer, masker, data_dir=data_dir, seed=cfg.seed)
     dm.check_inputs()
     module = MLMModule(
         model,
@@ -219,5 +227,5 @@ def _train_base(model: torch.nn.Module, tokenizer: Any, sources: list[Any], cfg:
         enable_model_summary=False,
         **kwargs,
     )
-    pl.seed_everything(seed, workers=True, verbose=False)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     trainer.fit(module, datamodule=dm)

@@ -1,19 +1,18 @@
 """``MLMModule``: the LightningModule that adapts a transformers masked LM to a domain.
 
-Training uses the sparse head (masked positions only). Validation runs over named held-out sets
-(``domain``, ``general``) and logs per set ``val/<set>/loss``, ``val/<set>/ppl`` (torchmetrics
-Perplexity over all masked tokens of the set) and ``val/<set>/acc`` (masked-token accuracy).
+Training uses the sparse head (masked positions only) with the wrapped model in train mode (dropout
+on: ``from_pretrained`` returns models in eval mode and Lightning only switches the LightningModule
+itself). Validation runs over the named dev sets (``domain``, ``general``) and testing over the test
+sets; each logs per set ``<val|test>/<set>/ppl`` with its document-bootstrap CI
+(``ppl_low``/``ppl_high``), ``loss`` and ``acc`` (masked-token accuracy), see ``HeldoutPerplexity``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
-from torchmetrics import MeanMetric
-from torchmetrics.text import Perplexity
 
 from dapt.errors import TrainingError
 from dapt.masking import IGNORE_INDEX
@@ -25,7 +24,10 @@ from dapt.modeling.optim import (
     clip_gradients,
     clips_scaled_gradients,
 )
+from dapt.modeling.perplexity import HeldoutPerplexity
 from dapt.modeling.sparse_head import sparse_mlm_loss
+
+HELDOUT_KEYS = ("ppl", "ppl_low", "ppl_high", "loss", "acc")
 
 
 class MLMModule(pl.LightningModule):
@@ -39,6 +41,7 @@ class MLMModule(pl.LightningModule):
         scheduler: SchedulerConfig | None = None,
         total_steps: int = 1000,
         eval_names: Sequence[str] = ("domain", "general"),
+        test_names: Sequence[str] | None = None,
         compile_model: bool = False,
         tune_cpu_threads: bool = True,
     ) -> None:
@@ -49,10 +52,11 @@ class MLMModule(pl.LightningModule):
         self.scheduler_cfg = scheduler or SchedulerConfig()
         self.total_steps = total_steps
         self.eval_names = list(eval_names)
+        self.test_names = list(eval_names if test_names is None else test_names)
         self.compile_model = compile_model
-        self.val_ppl = torch.nn.ModuleDict({n: Perplexity() for n in self.eval_names})
-        self.val_loss = torch.nn.ModuleDict({n: MeanMetric() for n in self.eval_names})
-        self.val_acc = torch.nn.ModuleDict({n: MeanMetric() for n in self.eval_names})
+        self.heldout = torch.nn.ModuleDict(
+            {f"val_{n}": HeldoutPerplexity() for n in self.eval_names} | {f"test_{n}": HeldoutPerplexity() for n in self.test_names}
+        )
         # The compiled encoder is kept out of the module registry (a plain tuple): registered, it
         # would duplicate every weight in state_dict and checkpoints under a second prefix.
         self._compiled: tuple[Any, ...] = ()
@@ -87,6 +91,10 @@ class MLMModule(pl.LightningModule):
             encoder=self._compiled[0] if self._compiled else None,
         )
 
+    def on_train_start(self) -> None:
+        """Dropout on for training: the wrapped model may arrive in eval mode (``from_pretrained``)."""
+        self.model.train()
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _, targets = self.mlm_loss(batch)
         if not torch.isfinite(loss):
@@ -100,17 +108,32 @@ class MLMModule(pl.LightningModule):
             self.log("train/mask_rate", n_masked / max(float(batch["n_maskable"]), 1.0), batch_size=1)
         return loss
 
+    def _heldout_step(self, split: str, names: list[str], batch: dict[str, torch.Tensor], dataloader_idx: int) -> None:
+        _, logits, targets = self.mlm_loss(batch, reduction="sum")
+        if targets.numel():
+            docs = batch["doc_ids"][batch["labels"] != IGNORE_INDEX]
+            self.heldout[f"{split}_{names[dataloader_idx]}"].update(logits, targets, docs)
+
+    def _log_heldout(self, split: str, names: list[str]) -> None:
+        for name in names:
+            metric = self.heldout[f"{split}_{name}"]
+            values = metric.compute()
+            metric.reset()
+            for key in HELDOUT_KEYS:
+                if key in values:
+                    self.log(f"{split}/{name}/{key}", values[key], prog_bar=key == "ppl", sync_dist=False)
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        name = self.eval_names[dataloader_idx]
-        loss_sum, logits, targets = self.mlm_loss(batch, reduction="sum")
-        n = targets.numel()
-        if n == 0:
-            return
-        self.val_ppl[name].update(logits.float().unsqueeze(0), targets.unsqueeze(0))
-        self.val_loss[name].update(loss_sum / n, weight=n)
-        self.val_acc[name].update((logits.argmax(-1) == targets).float().mean(), weight=n)
-        for key, metric in (("ppl", self.val_ppl[name]), ("loss", self.val_loss[name]), ("acc", self.val_acc[name])):
-            self.log(f"val/{name}/{key}", metric, on_step=False, on_epoch=True, add_dataloader_idx=False, prog_bar=key == "ppl")
+        self._heldout_step("val", self.eval_names, batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_heldout("val", self.eval_names)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._heldout_step("test", self.test_names, batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_heldout("test", self.test_names)
 
     def configure_optimizers(self) -> Any:
         optimizer = build_optimizer(self.model, self.optimizer_cfg, scaled_clipping=clips_scaled_gradients(self))
@@ -122,8 +145,4 @@ class MLMModule(pl.LightningModule):
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
-def perplexity_from_loss(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else math.inf
-
-
-__all__ = ["MLMModule", "IGNORE_INDEX", "perplexity_from_loss"]
+__all__ = ["MLMModule", "IGNORE_INDEX"]

@@ -30,9 +30,12 @@ from typing import Any, Sequence
 from dapt.errors import DaptError
 
 # Metrics shown by default, in this order, when present (``--metrics all`` shows every metric).
+# Test perplexities come with their 95% CI bounds (bootstrap over documents); "vs_control" columns
+# read DAPT against the control arm (same steps on general text).
 DEFAULT_METRICS = (
-    "domain_ppl_before", "domain_ppl_after", "domain_ppl_change",
-    "general_ppl_after", "forgetting", "tokens_per_s", "train_tokens", "steps",
+    "domain_dev_ppl_after", "domain_ppl_before", "domain_ppl_after", "domain_ppl_after_ci_low", "domain_ppl_after_ci_high",
+    "domain_ppl_change", "domain_gain_vs_control", "general_ppl_after", "general_ppl_after_ci_low",
+    "general_ppl_after_ci_high", "forgetting", "forgetting_vs_control", "tokens_per_s", "train_tokens", "steps",
 )
 # Config keys that differ between runs for bookkeeping reasons only (never shown as differences).
 IGNORED_CONFIG_PREFIXES = ("paths.", "hydra_job", "_wandb", "logger.wandb.name", "hydra.")

