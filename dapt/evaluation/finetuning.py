@@ -123,7 +123,9 @@ def prepare(model_source: str, data: TaskData, cfg: DownstreamConfig) -> Prepare
     from dapt.modeling.loading import load_tokenizer, resolve_model_path
 
     path = resolve_model_path(model_source)
-    tokenizer = load_tokenizer(model_source)
+    # NER input is pre-split words: byte-level BPE tokenizers must add the word-initial space marker
+    # (load_tokenizer checks that split words encode like running text, or fails in one line).
+    tokenizer = load_tokenizer(model_source, split_words=data.task.type == "ner")
     label2id = {label: i for i, label in enumerate(data.labels)}
     encode = encode_ner if data.task.type == "ner" else encode_classification
     splits = {
@@ -133,7 +135,7 @@ def prepare(model_source: str, data: TaskData, cfg: DownstreamConfig) -> Prepare
     }
     try:
         encoded = {name: encode(examples, tokenizer, label2id, max_length=cfg.max_seq_length) for name, examples in splits.items()}
-    except ValueError as exc:  # e.g. a BPE tokenizer without add_prefix_space for pre-split words
+    except ValueError as exc:  # e.g. a tokenizer that rejects an input
         raise DataError(f"task {data.task.name}: tokenizing for {model_source} failed: {str(exc).splitlines()[0]}") from exc
     return PreparedTask(data=data, model_path=path, tokenizer=tokenizer, label2id=label2id, **encoded)
 
