@@ -1,8 +1,9 @@
 """``dapt finetune model=<dir|hub id|package:...> task=<name>``: downstream scores for any checkpoint.
 
 The same fine-tuning, seeds and table as the end of ``dapt train``, on its own: score a saved adapted
-model, a hub model, or compare two (``base=<source>`` fine-tunes both with the same seeds and runs
-the paired test). Writes ``results.json`` in the Hydra run dir and prints ``results: <path>`` last.
+model, a hub model, or compare (``base_model=<source>`` and/or ``control_model=<source>`` are
+fine-tuned with the same seeds and compared with the model: paired t-test, CI, minimum detectable
+effect, Holm-corrected verdicts). Writes ``results.json`` in the Hydra run dir and prints ``results: <path>`` last.
 
 ``model`` and ``base`` are also names of ``dapt train`` config groups, and Hydra reads ``model=X`` as
 "pick option X of group model". So ``main`` rewrites ``model=<source>`` to ``model.source=<source>``
@@ -25,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def run_finetune(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Fine-tune ``cfg.model`` (and ``cfg.base`` when given) on ``cfg.task``; write ``results.json``."""
+    """Fine-tune ``cfg.model`` (and ``cfg.base_model`` / ``cfg.control_model`` when given) on ``cfg.task``;
+    write ``results.json``."""
     from dapt.evaluation.cache import atomic_write_json
     from dapt.evaluation.downstream import downstream_config, evaluate_models, print_downstream_table
 
@@ -36,9 +38,13 @@ def run_finetune(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     task = cfg.get("task")
     if not isinstance(task, DictConfig):
         raise ConfigError("task must name a conf/task/<name>.yaml (dapt finetune task=<name>)")
-    base = cfg.get("base_model")
+    base, control = cfg.get("base_model"), cfg.get("control_model")
     dcfg = downstream_config(cfg)
-    models = {"before": str(base), "after": str(model)} if base else {"model": str(model)}
+    if base or control:
+        models = {"before": str(base) if base else None, "control": str(control) if control else None, "after": str(model)}
+        models = {role: source for role, source in models.items() if source}
+    else:
+        models = {"model": str(model)}
     downstream = evaluate_models(
         [OmegaConf.to_container(task, resolve=True)],
         models,

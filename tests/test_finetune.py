@@ -154,6 +154,7 @@ def test_evaluate_downstream_before_after_cache_and_wandb(tiny_models, data_dir,
     assert ner["before"]["cached_seeds"] == [] and ner["after"]["cached_seeds"] == []
     assert ner["delta"] == pytest.approx(ner["after"]["test_f1"]["mean"] - ner["before"]["test_f1"]["mean"])
     assert "verdict" in ner and "p_value" in ner and ner["n"] == 2
+    assert {"delta_ci", "mde", "p_holm", "holm_m"} <= set(ner) and "vs_control" not in ner
     assert results["chemprot"]["metric"] == "micro_f1" and "test_macro_f1" in results["chemprot"]["after"]
     assert results["chemprot"]["after"]["dev_score"] == results["chemprot"]["after"]["dev_micro_f1"]
     json.dumps(results, allow_nan=False)
@@ -232,12 +233,13 @@ def test_table_shows_means_seeds_and_verdict():
 
     block = lambda vals: {"model": "m", "test_f1": {"mean": sum(vals) / 2, "std": 0.01, "values": vals}}  # noqa: E731
     results = {"ncbi_disease": {"metric": "f1", "budget": "demo", "before": block([0.70, 0.72]), "after": block([0.71, 0.74]),
-                                "delta": 0.015, "p_value": 0.3, "significant": False, "verdict": "within noise: no significant difference",
-                                "n": 2, "alpha": 0.05}}
+                                "delta": 0.015, "p_value": 0.3, "p_holm": 0.3, "significant": False, "delta_ci": [-0.17, 0.20],
+                                "mde": 0.41, "verdict": "inconclusive (CI -0.170..+0.200)", "n": 2, "alpha": 0.05, "margin": 0.01}}
     console = Console(record=True, width=200)
     console.print(format_downstream_table(results))
     text = console.export_text()
-    assert "0.710 ± 0.010" in text and "0.700 0.720" in text and "+0.015" in text and "within noise" in text
+    assert "0.710 ± 0.010" in text and "0.700 0.720" in text and "+0.015" in text and "inconclusive" in text
+    assert "-0.170..+0.200" in text and "MDE 0.410" in text and "within noise" not in text
 
 
 def _dapt_finetune(args: list[str], env_extra: dict[str, str]) -> subprocess.CompletedProcess:

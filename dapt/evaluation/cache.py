@@ -3,9 +3,13 @@
 In a sweep every run compares against the same base model, so its downstream scores are computed
 once and reused. A result is keyed by everything that changes it: the model (a content hash of a local
 checkpoint's files, so a re-saved or edited directory misses; the id for hub models), the task
-definition and a hash of its data files, the seed, the hyperparameters and a cache version bumped
-when scoring changes. One JSON file per key, written atomically (temp file + ``os.replace``), so
-concurrent sweep workers never read half a file; a corrupt entry is a miss, not an error.
+definition and a hash of its data files, the seed, the hyperparameters, the recipe version
+``CACHE_VERSION`` and the versions of the libraries that compute the scores (torch, transformers,
+Lightning, tokenizers, dapt, torchmetrics, seqeval). ``CACHE_VERSION`` is bumped by hand when the
+fine-tuning or scoring code changes; ``tests/test_cache.py`` pins ``recipe_fingerprint()`` (a hash
+of that code) next to it, so an edit without a bump fails the suite instead of serving stale scores.
+One JSON file per key, written atomically (temp file + ``os.replace``), so concurrent sweep workers
+never read half a file; a corrupt entry is a miss, not an error, and the recomputed result replaces it.
 """
 
 from __future__ import annotations
@@ -20,11 +24,17 @@ from typing import Any
 
 from dapt.evaluation.tasks import TaskConfig
 from dapt.io import atomic_write_json  # noqa: F401  (re-exported for downstream.py and finetune.py)
+from dapt.versioning import LIBRARIES, library_versions, source_fingerprint
 
 log = logging.getLogger(__name__)
 
-# Bump when fine-tuning or scoring changes in a way that makes old cached scores incomparable.
-CACHE_VERSION = 1
+# The recipe version: bump when fine-tuning or scoring changes in a way that makes old cached scores
+# incomparable, and update the fingerprint pinned in tests/test_cache.py.
+# 1: initial. 2: fine-tuning moved to AdamW with linear warmup/decay and bucketed batches, NER
+#    tokenizers of byte-level BPE models get add_prefix_space, and library versions join the key.
+CACHE_VERSION = 2
+# Besides the libraries every cached number depends on, the NER and classification metrics.
+SCORE_LIBRARIES = (*LIBRARIES, "torchmetrics", "seqeval")
 _CHUNK = 1 << 20
 
 
@@ -76,10 +86,31 @@ def task_fingerprint(task: TaskConfig, data_dir: str | Path) -> dict[str, Any]:
     return {"spec": spec, "data": _hash_files([f for f in files if f.is_file()])}
 
 
+def recipe_sources() -> tuple[Any, ...]:
+    """The code that turns (model, task data, seed, hyperparameters) into a cached per-seed result:
+    reading and subsetting the task, tokenizing (including how tokenizers are loaded for words),
+    the fine-tuning loop and modules, and the metrics."""
+    from dapt.evaluation import encoding, finetuning, metrics, modules, readers, tasks
+    from dapt.modeling import loading
+
+    return (readers, tasks, encoding, finetuning, modules, metrics, loading.load_tokenizer, loading._byte_level_nodes,
+            loading.needs_prefix_space, loading.words_encode_like_text, loading._prefix_space_for_words)
+
+
+def recipe_fingerprint() -> str:
+    """``source_fingerprint`` of ``recipe_sources()``; stored in each entry's meta, pinned by a test."""
+    return source_fingerprint(*recipe_sources())
+
+
 def cache_key(*, model_fp: str, task_fp: dict[str, Any], seed: int, hyperparameters: dict[str, Any]) -> str:
-    """Keyed on the model's files, not its name: ``package:X`` and its directory are the same model."""
+    """Keyed on the model's files, not its name: ``package:X`` and its directory are the same model.
+
+    Also on ``CACHE_VERSION`` and ``library_versions()``: a recipe change or a torch / transformers
+    upgrade makes new scores, which must not be paired with (or stand in for) old ones.
+    """
     payload = {
         "version": CACHE_VERSION,
+        "libraries": library_versions(SCORE_LIBRARIES),
         "model_fingerprint": model_fp,
         "task": task_fp,
         "seed": seed,

@@ -1,11 +1,15 @@
-"""Downstream evaluation of a DAPT run: every task × seed, for the base and the adapted model.
+"""Downstream evaluation of a DAPT run: every task × seed, for the base, control and adapted model.
 
 ``evaluate_downstream`` is what ``dapt train`` calls after adaptation (and ``dapt finetune`` reuses
-through ``evaluate_models``): it fine-tunes the run's ``tasks`` from the base ("before") and the
-adapted ("after") checkpoints with the same seeds, aggregates mean/std with per-seed values, runs the
-paired t-test, logs to W&B and returns the JSON-ready dict that goes into ``results.json``.
-Base-model scores come from the on-disk cache when the same (model files, task, seed,
-hyperparameters) was already fine-tuned, so a sweep pays for the base once.
+through ``evaluate_models``): it fine-tunes the run's ``tasks`` from the base ("before"), the
+optional control ("control": the same start given the same number of MLM steps on general text)
+and the adapted ("after") checkpoints with the same seeds, aggregates mean/std with per-seed values,
+compares after with before and after with control (paired t-test, CI, minimum detectable effect,
+Holm correction over the whole table), logs to W&B and returns the JSON-ready dict that goes into
+``results.json``. Without a control, a gain over the base cannot tell domain adaptation from
+"more MLM steps of any text". Base and control scores come from the on-disk cache when the same
+(model files, task, seed, hyperparameters, recipe and library versions) was already fine-tuned, so a
+sweep pays for them once.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from dapt.config import to_dataclass
 from dapt.errors import ConfigError
-from dapt.evaluation.cache import ResultCache, atomic_write_json, cache_key, model_fingerprint, task_fingerprint
+from dapt.evaluation.cache import ResultCache, atomic_write_json, cache_key, model_fingerprint, recipe_fingerprint, task_fingerprint
 from dapt.evaluation.finetuning import DownstreamConfig, finetune_seed, prepare
 from dapt.evaluation.report import format_downstream_table, print_downstream_table
-from dapt.evaluation.stats import aggregate_seeds, paired_comparison, summarize
+from dapt.evaluation.stats import aggregate_seeds, apply_holm, paired_comparison, summarize
 from dapt.evaluation.tasks import METRICS, TaskConfig, TaskData, load_task, resolve_task
 
 __all__ = [
@@ -35,6 +39,13 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# (key in a task entry, role compared, reference role). "" puts after - before at the entry's top
+# level (the keys results.json always had); the control comparison nests under "vs_control".
+COMPARISONS: tuple[tuple[str, str, str], ...] = (("", "after", "before"), ("vs_control", "after", "control"))
+COMPARISON_KEYS = ("delta", "delta_std", "t", "p_value", "delta_ci", "mde", "n", "alpha", "margin", "p_holm", "holm_m",
+                   "significant", "verdict")
+ROLES = ("before", "control", "after", "model")
 
 
 def downstream_config(cfg: Any) -> DownstreamConfig:
@@ -83,7 +94,8 @@ def _run_model(
             result = finetune_seed(prepared, seed, dcfg)
             result["cached"] = False
             if cache is not None:
-                cache.put(keys[seed], result, meta={"model": source, "task": task.name, "seed": seed, "hyperparameters": dcfg.fingerprint()})
+                cache.put(keys[seed], result, meta={"model": source, "task": task.name, "seed": seed, "hyperparameters": dcfg.fingerprint(),
+                                                    "recipe_fingerprint": recipe_fingerprint()})
         per_seed.append(result)
         log.info(
             "[%s] %s seed %d: test %s %.4f (dev %.4f at epoch %d/%d, %s)",
@@ -104,6 +116,35 @@ def _run_model(
     return block
 
 
+def comparisons_of(entry: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The comparison dicts of one task entry: the entry itself (after - before) and ``vs_control``."""
+    out: list[dict[str, Any]] = []
+    for key, _, _ in COMPARISONS:
+        node = entry.get(key) if key else (entry if "p_value" in entry else None)
+        if isinstance(node, dict):
+            out.append(node)
+    return out
+
+
+def _compare(entry: dict[str, Any], metric: str, dcfg: DownstreamConfig, task_name: str) -> None:
+    """Add every comparison whose two roles were scored (per-seed pairs of the test metric)."""
+    metric_key = f"test_{metric}"
+    for key, role, reference in COMPARISONS:
+        if role in entry and reference in entry:
+            comparison = paired_comparison(entry[reference][metric_key]["values"], entry[role][metric_key]["values"],
+                                           alpha=dcfg.alpha, margin=dcfg.equivalence_margin)
+            if key:
+                entry[key] = comparison
+            else:
+                entry.update(comparison)  # delta, delta_ci, mde, p_value, p_holm, significant, verdict, ...
+            log.info("[%s] %s - %s %s: %+.4f", task_name, role, reference, metric, comparison["delta"] or 0.0)
+
+
+def holm_over_table(results: Mapping[str, Any]) -> None:
+    """Holm-correct every comparison in ``results`` (tasks x comparisons) as one family, in place."""
+    apply_holm([c for entry in results.values() if isinstance(entry, Mapping) for c in comparisons_of(entry)])
+
+
 def evaluate_models(
     tasks: Sequence[str | Mapping[str, Any] | TaskConfig],
     models: Mapping[str, str | None],
@@ -111,19 +152,27 @@ def evaluate_models(
     *,
     data_dir: str | Path,
     cache_dir: str | Path | None,
-    cached_roles: Sequence[str] = ("before",),
+    cached_roles: Sequence[str] = ("before", "control"),
     run_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune each model (``{role: source}``) on each task and compare ``before`` with ``after``.
+    """Fine-tune each model (``{role: source}``) on each task and compare the roles.
 
-    Roles in ``cached_roles`` read/write the on-disk cache (when ``dcfg.cache``). Partial results
-    are written to ``run_dir/downstream.json`` after every task, so a crash keeps finished tasks.
+    Roles: ``before`` (base), ``control`` (general-text MLM for the same steps), ``after`` (adapted),
+    or ``model`` alone. Each task entry gets the after - before comparison at its top level
+    (``delta``, ``delta_ci``, ``mde``, ``p_value``, ``p_holm``, ``significant``, ``verdict``, ...) and,
+    when a control was scored, the after - control one under ``vs_control``. Significance is decided
+    on p-values Holm-adjusted over all comparisons of all tasks. Roles in ``cached_roles`` read/write
+    the on-disk cache (when ``dcfg.cache``). Partial results are written to ``run_dir/downstream.json``
+    after every task (Holm over the tasks finished so far), so a crash keeps finished tasks.
     """
     configs = [resolve_task(t) for t in tasks]  # fail on a bad task name before any compute
     names = [t.name for t in configs]
     if len(set(names)) != len(names):
         raise ConfigError(f"tasks lists a task twice: {names}")
-    active = {role: src for role, src in models.items() if src}
+    unknown = sorted(set(models) - set(ROLES))
+    if unknown:
+        raise ConfigError(f"unknown model roles {unknown}; expected some of {list(ROLES)}")
+    active = {role: models[role] for role in ROLES if models.get(role)}
     cache = ResultCache(cache_dir) if dcfg.cache and cache_dir else None
     results: dict[str, Any] = {}
     for task in configs:
@@ -133,21 +182,24 @@ def evaluate_models(
         entry: dict[str, Any] = {"type": task.type, "metric": task.metric, "budget": dcfg.budget}
         for role, source in active.items():
             entry[role] = _run_model(role, source, data, dcfg, cache=cache if role in cached_roles else None, data_dir=data_dir)
-        if "before" in entry and "after" in entry:
-            metric_key = f"test_{task.metric}"
-            comparison = paired_comparison(entry["before"][metric_key]["values"], entry["after"][metric_key]["values"], alpha=dcfg.alpha)
-            entry.update(comparison)  # delta, delta_std, t, p_value, n, alpha, significant, verdict
-            log.info("[%s] after - before %s: %+.4f, %s", task.name, task.metric, comparison["delta"], comparison["verdict"])
+        _compare(entry, task.metric, dcfg, task.name)
         entry["notes"] = data.notes
         results[task.name] = entry
+        holm_over_table(results)
         if run_dir is not None:
             atomic_write_json(Path(run_dir) / "downstream.json", results)
+    for name, entry in results.items():
+        for label, comparison in (("after - before", entry if "p_value" in entry else None), ("after - control", entry.get("vs_control"))):
+            if comparison:
+                log.info("[%s] %s: %s", name, label, comparison["verdict"])
     return results
 
 
 def log_to_wandb(results: Mapping[str, Any], wandb_run: Any) -> None:
     """Summary keys ``downstream/<task>/test_<metric>/{mean,std}`` (the adapted model; the base under
-    ``downstream/<task>/before/...``), ``delta`` / ``p_value``, and a table of every per-seed score."""
+    ``downstream/<task>/before/...``, the control under ``.../control/...``), the after - before
+    comparison (``delta``, ``delta_ci_low``/``_high``, ``mde``, ``p_value``, ``p_holm``, ``significant``),
+    the same under ``downstream/<task>/vs_control/...``, and a table of every per-seed score."""
     import wandb
 
     summary: dict[str, Any] = {}
@@ -155,7 +207,7 @@ def log_to_wandb(results: Mapping[str, Any], wandb_run: Any) -> None:
     for name, entry in results.items():
         prefix = f"downstream/{name}"
         metric = entry["metric"]
-        for role in ("before", "after", "model"):
+        for role in ROLES:
             block = entry.get(role)
             if not block:
                 continue
@@ -163,13 +215,20 @@ def log_to_wandb(results: Mapping[str, Any], wandb_run: Any) -> None:
                 if isinstance(value, dict) and "mean" in value and (key.startswith("test_") or key.startswith("dev_")):
                     for stat in ("mean", "std"):
                         summary[f"{prefix}/{role}/{key}/{stat}"] = value[stat]
-                        if role != "before":  # the run's own model gets the short keys
+                        if role in ("after", "model"):  # the run's own model gets the short keys
                             summary[f"{prefix}/{key}/{stat}"] = value[stat]
             for r in block["per_seed"]:
                 rows.append([name, role, block["model"], r["seed"], metric, r["dev"].get(metric), r["test"][metric], r["best_epoch"], r["cached"], r["seconds"]])
-        for key in ("delta", "p_value", "significant"):
-            if key in entry:
-                summary[f"{prefix}/{key}"] = entry[key]
+        for key, _, _ in COMPARISONS:
+            node = entry.get(key) if key else entry
+            if not isinstance(node, Mapping) or "delta" not in node:
+                continue
+            base = f"{prefix}/{key}" if key else prefix
+            for stat in ("delta", "mde", "p_value", "p_holm", "significant"):
+                if node.get(stat) is not None:
+                    summary[f"{base}/{stat}"] = node[stat]
+            if node.get("delta_ci"):
+                summary[f"{base}/delta_ci_low"], summary[f"{base}/delta_ci_high"] = node["delta_ci"]
     columns = ["task", "role", "model", "seed", "metric", "dev", "test", "best_epoch", "cached", "seconds"]
     wandb_run.log({"downstream/per_seed": wandb.Table(columns=columns, data=rows)})
     for key, value in summary.items():
@@ -218,15 +277,18 @@ def evaluate_downstream(
     after: str | None,
     run_dir: Path,
     wandb_run: Any = None,
+    control: str | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune ``cfg.tasks`` from ``before`` (base) and ``after`` (adapted) over ``cfg.downstream.seeds``.
+    """Fine-tune ``cfg.tasks`` from ``before`` (base), ``control`` (optional: the same start trained for
+    the same MLM steps on general text) and ``after`` (adapted) over ``cfg.downstream.seeds``.
 
     ``cfg`` is the composed train config (``tasks``, ``downstream``, ``paths.data_dir``,
-    ``paths.cache_dir``). Returns ``{task: {"before": {...}, "after": {...}, "delta", "p_value", ...}}``
-    (JSON-serialisable; ``{}`` when ``tasks`` is empty). Base scores are cached on disk.
+    ``paths.cache_dir``). Returns ``{task: {"before": {...}, "control": {...}, "after": {...}, "delta",
+    "delta_ci", "mde", "p_value", "p_holm", "significant", "verdict", "vs_control": {...}, ...}}``
+    (JSON-serialisable; ``{}`` when ``tasks`` is empty). Base and control scores are cached on disk.
     """
     tasks = _task_list(cfg)
-    if not tasks or (before is None and after is None):
+    if not tasks or (before is None and after is None and control is None):
         return {}
     dcfg = downstream_config(cfg)
     paths = cfg.get("paths") or {}
@@ -235,11 +297,11 @@ def evaluate_downstream(
         raise ConfigError("paths.data_dir is not set (DAPT_DATA_DIR)")
     results = evaluate_models(
         tasks,
-        {"before": before, "after": after},
+        {"before": before, "control": control, "after": after},
         dcfg,
         data_dir=data_dir,
         cache_dir=paths.get("cache_dir"),
-        cached_roles=("before",),
+        cached_roles=("before", "control"),
         run_dir=Path(run_dir),
     )
     if wandb_run is not None and results:

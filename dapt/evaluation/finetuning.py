@@ -34,7 +34,7 @@ class DownstreamConfig:
     """Fine-tuning hyperparameters and budget (``conf/downstream/*.yaml``).
 
     Attributes:
-        seeds: fine-tuning seeds; before and after use the same ones so they pair up in the t-test.
+        seeds: fine-tuning seeds; base, control and adapted use the same ones so they pair up.
         lr / batch_size / max_epochs / patience / weight_decay / warmup_ratio / max_grad_norm: the
             optimisation recipe (defaults: Don't Stop Pretraining).
         eval_batch_size: batch size for dev/test prediction (no effect on scores).
@@ -46,7 +46,11 @@ class DownstreamConfig:
         accelerator: Lightning accelerator for fine-tuning (``cpu``, ``gpu``, ``auto``).
         cache: reuse base-model scores from ``paths.cache_dir/downstream`` (keyed by model files,
             task data, seed and these hyperparameters).
-        alpha: significance level of the paired t-test.
+        alpha: significance level of the paired t-tests (family-wise, after Holm correction over
+            every comparison in the results table); the CIs are (1 - alpha) intervals.
+        equivalence_margin: the verdict says "no effect larger than <margin>" only when the whole
+            CI of a difference lies inside ±margin (0.01 = one F1 point); otherwise a non-significant
+            difference is "inconclusive", never "no effect".
         progress_bar: show Lightning's progress bar per fine-tune.
         budget: a name for this budget, printed with the results (``paper``, ``demo``, ``tiny``).
     """
@@ -68,6 +72,7 @@ class DownstreamConfig:
     accelerator: str = "cpu"
     cache: bool = True
     alpha: float = 0.05
+    equivalence_margin: float = 0.01
     progress_bar: bool = False
     budget: str = "paper"
 
@@ -86,6 +91,7 @@ class DownstreamConfig:
             (self.max_eval_examples is None or self.max_eval_examples >= 1, "max_eval_examples must be >= 1 or null"),
             (0 < self.val_check_interval <= 1, f"val_check_interval must be in (0, 1], got {self.val_check_interval}"),
             (0 < self.alpha < 1, f"alpha must be in (0, 1), got {self.alpha}"),
+            (self.equivalence_margin > 0, f"equivalence_margin must be > 0, got {self.equivalence_margin}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -93,7 +99,7 @@ class DownstreamConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields that change scores (cache key): not seeds, caching, reporting or eval batch size."""
-        skip = {"seeds", "cache", "alpha", "progress_bar", "budget", "eval_batch_size"}
+        skip = {"seeds", "cache", "alpha", "equivalence_margin", "progress_bar", "budget", "eval_batch_size"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -123,7 +129,9 @@ def prepare(model_source: str, data: TaskData, cfg: DownstreamConfig) -> Prepare
     from dapt.modeling.loading import load_tokenizer, resolve_model_path
 
     path = resolve_model_path(model_source)
-    tokenizer = load_tokenizer(model_source)
+    # NER input is pre-split words: byte-level BPE tokenizers must add the word-initial space marker
+    # (load_tokenizer checks that split words encode like running text, or fails in one line).
+    tokenizer = load_tokenizer(model_source, split_words=data.task.type == "ner")
     label2id = {label: i for i, label in enumerate(data.labels)}
     encode = encode_ner if data.task.type == "ner" else encode_classification
     splits = {
@@ -133,7 +141,7 @@ def prepare(model_source: str, data: TaskData, cfg: DownstreamConfig) -> Prepare
     }
     try:
         encoded = {name: encode(examples, tokenizer, label2id, max_length=cfg.max_seq_length) for name, examples in splits.items()}
-    except ValueError as exc:  # e.g. a BPE tokenizer without add_prefix_space for pre-split words
+    except ValueError as exc:  # e.g. a tokenizer that rejects an input
         raise DataError(f"task {data.task.name}: tokenizing for {model_source} failed: {str(exc).splitlines()[0]}") from exc
     return PreparedTask(data=data, model_path=path, tokenizer=tokenizer, label2id=label2id, **encoded)
 

@@ -62,8 +62,17 @@ def _hub_error(source: str, exc: Exception) -> DataError:
     )
 
 
-def load_tokenizer(source: str) -> Any:
-    """Load the fast tokenizer for ``source`` (word ids and offsets need the Rust tokenizer)."""
+def load_tokenizer(source: str, *, split_words: bool = False) -> Any:
+    """Load the fast tokenizer for ``source`` (word ids and offsets need the Rust tokenizer).
+
+    ``split_words=True`` is for input that arrives already split into words (NER,
+    ``is_split_into_words=True``). A byte-level BPE tokenizer (RoBERTa, GPT-2 style) then encodes
+    every word as if it started a text, without the space marker ``Ġ``: ``patients`` becomes
+    ``p atients`` instead of the ``Ġpatients`` the model saw in pretraining. transformers no longer
+    refuses this, so the tokenizer is loaded with ``add_prefix_space=True`` here and a probe checks
+    that split words encode like the space-joined sentence; a tokenizer that cannot be made to do so
+    is a one-line ``ConfigError``, never silently mis-tokenized scores.
+    """
     from transformers import AutoTokenizer
 
     path = resolve_model_path(source)
@@ -73,6 +82,8 @@ def load_tokenizer(source: str) -> Any:
         raise _hub_error(source, exc) from exc
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"tokenizer for {source} is not a fast tokenizer; dapt needs word ids from tokenizers")
+    if split_words:
+        tokenizer = _prefix_space_for_words(tokenizer, source, path)
     # Packing splits long documents itself; silence the "sequence longer than model max" warning.
     tokenizer.model_max_length = int(1e9)
     # Some tokenizer.json files (sentence-transformers' among them) enable truncation at 128 and
@@ -80,6 +91,69 @@ def load_tokenizer(source: str) -> Any:
     # (the high-level __call__ sets its own truncation/padding per call and is unaffected).
     tokenizer.backend_tokenizer.no_truncation()
     tokenizer.backend_tokenizer.no_padding()
+    return tokenizer
+
+
+# Plain lowercase words every vocabulary can spell (byte-level BPE can spell anything).
+_PROBE_WORDS = ("patients", "with", "heart", "disease", "were", "treated")
+
+
+def _byte_level_nodes(node: Any) -> list[dict[str, Any]]:
+    """The ``ByteLevel`` pre-tokenizers in a serialised pre-tokenizer (top level or in a Sequence)."""
+    if not isinstance(node, dict):
+        return []
+    if node.get("type") == "ByteLevel":
+        return [node]
+    return [n for child in node.get("pretokenizers") or [] for n in _byte_level_nodes(child)]
+
+
+def needs_prefix_space(tokenizer: Any) -> bool:
+    """True for a byte-level BPE tokenizer whose pre-tokenizer does not add a prefix space."""
+    import json
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    return any(not node.get("add_prefix_space", False) for node in _byte_level_nodes(state.get("pre_tokenizer")))
+
+
+def words_encode_like_text(tokenizer: Any, words: tuple[str, ...] = _PROBE_WORDS) -> bool:
+    """Do pre-split ``words`` get the same sub-tokens as the space-joined sentence?"""
+    split = tokenizer(list(words), is_split_into_words=True, add_special_tokens=False)["input_ids"]
+    joined = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
+    return list(split) == list(joined)
+
+
+def _prefix_space_for_words(tokenizer: Any, source: str, path: str) -> Any:
+    """Make a byte-level BPE tokenizer add the word-initial space marker to pre-split words."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    if needs_prefix_space(tokenizer):
+        # The tokenizer classes that know the option (RobertaTokenizer, GPT2Tokenizer...) rebuild
+        # their pre-tokenizer from it and record it in init_kwargs (so save_pretrained keeps it).
+        try:
+            reloaded = AutoTokenizer.from_pretrained(path, use_fast=True, add_prefix_space=True)
+        except (OSError, ValueError, TypeError):
+            reloaded = None
+        if reloaded is not None and getattr(reloaded, "is_fast", False) and not needs_prefix_space(reloaded):
+            tokenizer = reloaded
+        else:
+            # A generic tokenizers-backed class ignores the kwarg: switch the backend option itself.
+            from tokenizers import Tokenizer
+
+            state = json.loads(tokenizer.backend_tokenizer.to_str())
+            for node in _byte_level_nodes(state.get("pre_tokenizer")):
+                node["add_prefix_space"] = True
+            tokenizer.backend_tokenizer.pre_tokenizer = Tokenizer.from_str(json.dumps(state)).pre_tokenizer
+            if hasattr(tokenizer, "add_prefix_space"):
+                tokenizer.add_prefix_space = True
+        log.info("%s: byte-level BPE tokenizer loaded with add_prefix_space=True for pre-split words", source)
+    if not words_encode_like_text(tokenizer):
+        raise ConfigError(
+            f"tokenizer for {source} encodes pre-split words differently from running text "
+            f"(e.g. {tokenizer.convert_ids_to_tokens(tokenizer(list(_PROBE_WORDS[:2]), is_split_into_words=True, add_special_tokens=False)['input_ids'])}); "
+            "word-level tasks (NER) would be mis-tokenized"
+        )
     return tokenizer
 
 
