@@ -102,12 +102,16 @@ class DataConfig:
             raise ConfigError(f"data.max_passes={self.max_passes} must be >= 1 (or null)")
 
 
-def shard_of(rank: int, world_size: int) -> tuple[int, int]:
-    """(shard index, shard count) of the calling dataloader worker on DDP ``rank``."""
+def shard_of(rank: int, world_size: int, rotate: int = 0) -> tuple[int, int]:
+    """(shard index, shard count) of the calling dataloader worker on DDP ``rank``.
+
+    ``rotate`` shifts which worker reads which shard: a loader resumed after ``b`` batches must start
+    its round-robin with the shard whose turn batch ``b`` was (see ``PackedBlockStream``).
+    """
     info = get_worker_info()
     workers = info.num_workers if info is not None else 1
     worker = info.id if info is not None else 0
-    return rank * workers + worker, world_size * workers
+    return rank * workers + (worker + rotate) % workers, world_size * workers
 
 
 def blocks_before(batches: int, batch_size: int, worker: int, num_workers: int) -> int:
@@ -115,7 +119,8 @@ def blocks_before(batches: int, batch_size: int, worker: int, num_workers: int) 
 
     A ``DataLoader`` over an endless ``IterableDataset`` takes batch ``b`` from worker
     ``b % num_workers`` (0 workers = one in-process "worker"), so resuming after ``batches`` batches
-    means each worker skips its own share.
+    means each worker's shard skips its own share, and the shards rotate so that the resumed loader's
+    first batch comes from shard ``batches % num_workers`` (``shard_of(..., rotate=batches)``).
     """
     workers = max(num_workers, 1)
     return max(0, (batches - worker + workers - 1) // workers) * batch_size
@@ -197,6 +202,9 @@ class PackedBlockStream(IterableDataset):
         """The full stream of one shard, from its first block."""
         comps = self.components()
         streams = [self.source_stream(c.index, shard, num_shards, comps).blocks() for c in comps]
+        # Take each source's first block now: a source too small for this shard fails at the start,
+        # naming itself, not whenever the draw first picks it (maybe never, for a tiny weight).
+        streams = [itertools.chain([next(s)], s) for s in streams]
         mixed = interleave(streams, comps, rng(self.seed, SOURCE_DRAW, shard, num_shards))
         # Block-level shuffle after mixing: consecutive blocks of one source are consecutive slices
         # of one document (a CRAFT article spans ~70 blocks of 128 tokens); without this a batch
@@ -204,10 +212,11 @@ class PackedBlockStream(IterableDataset):
         return buffer_shuffle(mixed, self.shuffle_buffer, rng(self.seed, BLOCK_SHUFFLE, shard, num_shards))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        shard, num_shards = shard_of(self.rank, self.world_size)
+        shard, num_shards = shard_of(self.rank, self.world_size, rotate=self.start_batch)
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        skip = self.start_block + blocks_before(self.start_batch, self.batch_size, worker, workers)
+        workers = info.num_workers if info is not None else 1
+        worker_shard = shard - self.rank * workers  # the worker whose turns this shard takes
+        skip = self.start_block + blocks_before(self.start_batch, self.batch_size, worker_shard, workers)
         return itertools.islice(self.blocks(shard, num_shards), skip, None)
 
 
