@@ -7,7 +7,6 @@ checked to within 4 binomial standard deviations: a false failure has probabilit
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
