@@ -230,7 +230,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "data": {"name": run.data.name, "train": describe([as_source(s) for s in run.data.train], data_dir)},
             "config": resolved,
         })
-        downstream = _downstream(cfg, base, results.get("model_dir"), run_dir, loggers)
+        downstream = _downstream(cfg, base, results.get("model_dir"), run_dir, loggers, control=control.path if control else None)
         if downstream:
             results["downstream"] = downstream
         results["metrics"] = flat_metrics(results)
@@ -278,7 +278,8 @@ def _documents(sources: list[Any], data_dir: str) -> Any:
     return iter_documents([as_source(s) for s in sources if s], data_dir)
 
 
-def _downstream(cfg: DictConfig, base: BaseInfo, model_dir: str | None, run_dir: Path, loggers: list[Any]) -> dict[str, Any]:
+def _downstream(cfg: DictConfig, base: BaseInfo, model_dir: str | None, run_dir: Path, loggers: list[Any], *,
+                control: str | None = None) -> dict[str, Any]:
     tasks = cfg.get("tasks") or []
     if not tasks:
         return {}
@@ -290,7 +291,7 @@ def _downstream(cfg: DictConfig, base: BaseInfo, model_dir: str | None, run_dir:
         before: str | None = base.path
     else:
         before = None if bool(cfg.model.get("random_init", False)) else base.source
-    return evaluate_downstream(cfg, before=before, after=model_dir, run_dir=run_dir, wandb_run=wandb_run_of(loggers))
+    return evaluate_downstream(cfg, before=before, after=model_dir, control=control, run_dir=run_dir, wandb_run=wandb_run_of(loggers))
 
 
 HELDOUT_KEYS = tuple(
@@ -329,6 +330,9 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
     def walk(prefix: str, node: Any) -> None:
         if isinstance(node, dict):
             for k, v in node.items():
+                if k == "delta_ci" and isinstance(v, list) and len(v) == 2 and None not in v:
+                    flat[f"{prefix}/delta_ci_low"], flat[f"{prefix}/delta_ci_high"] = v
+                    continue
                 walk(f"{prefix}/{k}", v)
         elif isinstance(node, (int, float)) and not isinstance(node, bool):
             flat[prefix] = node

@@ -1,10 +1,12 @@
 """``PackedCorpusDataModule``: streamed, packed, sharded training blocks + fixed-mask held-out sets.
 
-Training data is an endless ``IterableDataset`` (training length is ``trainer.max_steps``): each pass
-streams the corpus, packs it, shuffles blocks in a bounded buffer and yields them. Documents are
-split across DDP ranks × dataloader workers, so within a pass no block is seen twice and ranks never
-wait on each other for an epoch end. Masking happens in ``on_after_batch_transfer`` where the
-optimizer step is known (rate schedules) and the batch is already on its device.
+Training data is an endless ``IterableDataset`` (training length is ``trainer.max_steps``) that mixes
+the training sources (and replay sources) by weight from the first block, each source shuffled at
+document level and cycling through its own passes (``dapt.data.mixing`` says why and how). Documents
+are split across DDP ranks × dataloader workers within each source, so within a pass no block is
+seen twice, every shard mixes every source, and ranks never wait on each other for an epoch end.
+Masking happens in ``on_after_batch_transfer`` where the optimizer step is known (rate schedules)
+and the batch is already on its device; that hook also counts tokens trained per source.
 
 Held-out sets come in two splits: ``dev`` (validated every ``val_check_interval``; what early
 stopping and sweeps select on) and ``test`` (scored once before and once after training, the numbers
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import random
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -27,9 +28,20 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_worker_info
 
 from dapt.data.heldout import build_heldout_set
+from dapt.data.mixing import (
+    BLOCK_SHUFFLE,
+    SOURCE_DRAW,
+    Component,
+    SourceStream,
+    buffer_shuffle,
+    components,
+    interleave,
+    rng,
+    source_names,
+)
 from dapt.data.packing import BlockPacker
-from dapt.data.sources import SourceConfig, as_source, check_nonempty, describe, iter_documents
-from dapt.errors import ConfigError, DataError
+from dapt.data.sources import SourceConfig, as_source, check_nonempty, describe
+from dapt.errors import ConfigError
 from dapt.masking import Masker
 
 log = logging.getLogger(__name__)
@@ -55,12 +67,16 @@ class DataConfig:
         eval_max_doc_tokens: truncate held-out documents to this many tokens (null = whole
             documents), so that long documents (papers) do not eat the budget.
         eval_sample_seed: seed of the document sample (the masks use ``masking.eval_seed``).
-        shuffle_buffer: blocks held for shuffling (0 = stream order); memory is O(buffer).
+        shuffle_buffer: blocks held for shuffling after mixing (0 = mixed order); memory O(buffer).
+        doc_shuffle_buffer: documents held per source for the document-level shuffle of each pass
+            (a different order every pass; 0 or 1 = file order); memory O(buffer) documents.
         num_workers: dataloader workers; tokenization runs there when > 0.
         docs_per_batch: documents tokenized per call to the fast tokenizer.
-        max_passes: stop after this many passes over the corpus (null = as many as max_steps needs).
+        max_passes: passes each training source makes (null = as many as max_steps needs); a source
+            that has done its passes leaves the mix and the stream ends when all have.
         replay / replay_fraction: general-text sources mixed into training so that a fraction of the
-            blocks is general text (a standard remedy against forgetting; 0 disables it).
+            blocks is general text (a standard remedy against forgetting; 0 disables it). Replay
+            sources are weighted among themselves like training sources (``weight`` or size).
     """
 
     name: str = "corpus"
@@ -76,6 +92,7 @@ class DataConfig:
     eval_max_doc_tokens: int | None = None
     eval_sample_seed: int = 0
     shuffle_buffer: int = 2048
+    doc_shuffle_buffer: int = 1024
     num_workers: int = 0
     docs_per_batch: int = 64
     max_passes: int | None = None
@@ -96,22 +113,49 @@ class DataConfig:
         for key in ("batch_size", "eval_batch_size", "eval_tokens", "docs_per_batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 1")
-        if self.shuffle_buffer < 0 or self.num_workers < 0:
-            raise ConfigError("data.shuffle_buffer and data.num_workers must be >= 0")
+        if self.shuffle_buffer < 0 or self.doc_shuffle_buffer < 0 or self.num_workers < 0:
+            raise ConfigError("data.shuffle_buffer, data.doc_shuffle_buffer and data.num_workers must be >= 0")
+        if self.max_passes is not None and self.max_passes < 1:
+            raise ConfigError(f"data.max_passes={self.max_passes} must be >= 1 (or null)")
 
 
-def shard_of(rank: int, world_size: int) -> tuple[int, int]:
-    """(shard index, shard count) of the calling dataloader worker on DDP ``rank``."""
+def shard_of(rank: int, world_size: int, rotate: int = 0) -> tuple[int, int]:
+    """(shard index, shard count) of the calling dataloader worker on DDP ``rank``.
+
+    ``rotate`` shifts which worker reads which shard: a loader resumed after ``b`` batches must start
+    its round-robin with the shard whose turn batch ``b`` was (see ``PackedBlockStream``).
+    """
     info = get_worker_info()
     workers = info.num_workers if info is not None else 1
     worker = info.id if info is not None else 0
-    return rank * workers + worker, world_size * workers
+    return rank * workers + (worker + rotate) % workers, world_size * workers
+
+
+def blocks_before(batches: int, batch_size: int, worker: int, num_workers: int) -> int:
+    """Blocks worker ``worker`` of ``num_workers`` delivered in a rank's first ``batches`` batches.
+
+    A ``DataLoader`` over an endless ``IterableDataset`` takes batch ``b`` from worker
+    ``b % num_workers`` (0 workers = one in-process "worker"), so resuming after ``batches`` batches
+    means each worker's shard skips its own share, and the shards rotate so that the resumed loader's
+    first batch comes from shard ``batches % num_workers`` (``shard_of(..., rotate=batches)``).
+    """
+    workers = max(num_workers, 1)
+    return max(0, (batches - worker + workers - 1) // workers) * batch_size
 
 
 class PackedBlockStream(IterableDataset):
-    """Endless stream of packed blocks for one (rank, worker) shard.
+    """Endless stream of packed blocks for one (rank, worker) shard, mixing all sources by weight.
 
-    ``rank``/``world_size`` are set by the data module in ``setup`` (Lightning knows them then).
+    Each block is ``{"input_ids", "word_starts", "source"}`` (``source``: index into
+    ``source_names``; domain sources first, then replay). See ``dapt.data.mixing`` for the design.
+    The stream is a pure function of (sources, weights, seed, shard, shard count): ``start_block=k``
+    yields exactly the tail from block ``k`` of this shard's stream (blocks before it are generated
+    and discarded, no model involved), which serves exact resume and continuing another run's stream.
+
+    ``rank``/``world_size`` are set by the data module in ``setup`` (Lightning knows them then);
+    ``start_block`` counts blocks of each shard, ``start_batch`` (with ``batch_size``) counts a
+    rank's batches and is converted per dataloader worker by ``blocks_before``; both may be set
+    before iteration.
     """
 
     def __init__(
@@ -127,6 +171,8 @@ class PackedBlockStream(IterableDataset):
         max_passes: int | None = None,
         replay: Sequence[SourceConfig] = (),
         replay_fraction: float = 0.0,
+        doc_shuffle_buffer: int = 1024,
+        start_block: int = 0,
     ) -> None:
         self.sources = list(sources)
         self.replay = list(replay)
@@ -135,77 +181,71 @@ class PackedBlockStream(IterableDataset):
         self.tokenizer = tokenizer
         self.block_size = block_size
         self.shuffle_buffer = shuffle_buffer
+        self.doc_shuffle_buffer = doc_shuffle_buffer
         self.seed = seed
         self.docs_per_batch = docs_per_batch
         self.max_passes = max_passes
+        self.start_block = start_block
+        self.start_batch = 0
+        self.batch_size = 1
         self.rank = 0
         self.world_size = 1
 
-    def blocks_for_pass(self, shard: int, num_shards: int, pass_index: int) -> Iterator[dict[str, np.ndarray]]:
+    @property
+    def source_names(self) -> list[str]:
+        """Name of each block ``source`` index: the path, ``replay:<path>`` for replay sources."""
+        return source_names(self.sources, self.replay if self.replay_fraction > 0 else [])
+
+    def components(self) -> list[Component]:
+        """The mixture: each source with its draw probability (weights resolved from the config)."""
+        return components(self.sources, self.data_dir, replay=self.replay, replay_fraction=self.replay_fraction)
+
+    def source_stream(self, index: int, shard: int = 0, num_shards: int = 1, comps: Sequence[Component] | None = None) -> SourceStream:
+        """Source ``index``'s own stream on one shard (its documents per pass and its blocks)."""
+        comp = (comps if comps is not None else self.components())[index]
         packer = BlockPacker(self.tokenizer, self.block_size, docs_per_batch=self.docs_per_batch)
-        docs = iter_documents(self.sources, self.data_dir, shard_index=shard, num_shards=num_shards)
-        blocks = packer.pack(docs)
-        if self.shuffle_buffer > 1:
-            blocks = _buffer_shuffle(blocks, self.shuffle_buffer, random.Random(hash((self.seed, shard, pass_index))))
-        return blocks
+        return SourceStream(
+            comp,
+            self.data_dir,
+            packer,
+            seed=self.seed,
+            shard=shard,
+            num_shards=num_shards,
+            doc_shuffle_buffer=self.doc_shuffle_buffer,
+            max_passes=None if comp.replay else self.max_passes,
+        )
 
-    def _domain_blocks(self, shard: int, num_shards: int) -> Iterator[dict[str, np.ndarray]]:
-        passes = range(self.max_passes) if self.max_passes else itertools.count()
-        for pass_index in passes:
-            n = 0
-            for block in self.blocks_for_pass(shard, num_shards, pass_index):
-                n += 1
-                yield block
-            if n == 0:
-                raise DataError(
-                    f"training shard {shard}/{num_shards} produced no full block of {self.block_size} tokens: "
-                    "the corpus is empty or too small for this many ranks × workers"
-                )
+    def blocks(self, shard: int, num_shards: int) -> Iterator[dict[str, Any]]:
+        """The full stream of one shard, from its first block."""
+        comps = self.components()
+        streams = [self.source_stream(c.index, shard, num_shards, comps).blocks() for c in comps]
+        # Take each source's first block now: a source too small for this shard fails at the start,
+        # naming itself, not whenever the draw first picks it (maybe never, for a tiny weight).
+        streams = [itertools.chain([next(s)], s) for s in streams]
+        mixed = interleave(streams, comps, rng(self.seed, SOURCE_DRAW, shard, num_shards))
+        # Block-level shuffle after mixing: consecutive blocks of one source are consecutive slices
+        # of one document (a CRAFT article spans ~70 blocks of 128 tokens); without this a batch
+        # would hold neighbouring slices of one article and its gradient would be correlated.
+        return buffer_shuffle(mixed, self.shuffle_buffer, rng(self.seed, BLOCK_SHUFFLE, shard, num_shards))
 
-    def _replay_blocks(self, shard: int, num_shards: int) -> Iterator[dict[str, np.ndarray]]:
-        packer = BlockPacker(self.tokenizer, self.block_size, docs_per_batch=self.docs_per_batch)
-        for pass_index in itertools.count():
-            n = 0
-            docs = iter_documents(self.replay, self.data_dir, shard_index=shard, num_shards=num_shards)
-            for block in packer.pack(docs):
-                n += 1
-                yield block
-            if n == 0:
-                raise DataError(f"replay shard {shard}/{num_shards} produced no full block of {self.block_size} tokens")
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        shard, num_shards = shard_of(self.rank, self.world_size)
-        domain = self._domain_blocks(shard, num_shards)
-        if not (self.replay and self.replay_fraction > 0):
-            yield from domain
-            return
-        replay = self._replay_blocks(shard, num_shards)
-        rng = random.Random(hash(("replay", self.seed, shard)))
-        for block in domain:  # domain passes bound the stream; replay cycles as needed
-            while rng.random() < self.replay_fraction:
-                yield next(replay)
-            yield block
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        shard, num_shards = shard_of(self.rank, self.world_size, rotate=self.start_batch)
+        info = get_worker_info()
+        workers = info.num_workers if info is not None else 1
+        worker_shard = shard - self.rank * workers  # the worker whose turns this shard takes
+        skip = self.start_block + blocks_before(self.start_batch, self.batch_size, worker_shard, workers)
+        return itertools.islice(self.blocks(shard, num_shards), skip, None)
 
 
-def _buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
-    """Approximate shuffle with O(size) memory (the standard streaming shuffle buffer)."""
-    buf: list[Any] = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        j = rng.randrange(size)
-        yield buf[j]
-        buf[j] = item
-    rng.shuffle(buf)
-    yield from buf
-
-
-def collate_blocks(blocks: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    return {
+def collate_blocks(blocks: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack blocks: ``input_ids`` / ``word_starts`` [batch, block], ``source`` [batch] when tagged."""
+    out = {
         "input_ids": torch.from_numpy(np.stack([b["input_ids"] for b in blocks])),
         "word_starts": torch.from_numpy(np.stack([b["word_starts"] for b in blocks])),
     }
+    if all("source" in b for b in blocks):
+        out["source"] = torch.tensor([int(b["source"]) for b in blocks], dtype=torch.long)
+    return out
 
 
 class PackedCorpusDataModule(pl.LightningDataModule):
@@ -247,15 +287,19 @@ class PackedCorpusDataModule(pl.LightningDataModule):
             tokenizer,
             config.max_seq_length,
             shuffle_buffer=config.shuffle_buffer,
+            doc_shuffle_buffer=config.doc_shuffle_buffer,
             seed=seed,
             docs_per_batch=config.docs_per_batch,
             max_passes=config.max_passes,
             replay=[as_source(s, f"data.replay[{i}]") for i, s in enumerate(config.replay)],
             replay_fraction=config.replay_fraction,
         )
+        self.train_stream.batch_size = config.batch_size
         self.eval_sets: dict[str, dict[str, TensorDataset]] = {}
         self.eval_info: dict[str, dict[str, dict[str, int]]] = {}
         self._generators: dict[str, torch.Generator] = {}
+        self._token_counts: dict[str, torch.Tensor] = {}  # per device, so counting never syncs it
+        self._restored_counts: dict[str, int] = {}
 
     @property
     def eval_names(self) -> list[str]:
@@ -281,9 +325,24 @@ class PackedCorpusDataModule(pl.LightningDataModule):
             "vocab": len(self.tokenizer),
         }
 
+    def skip_batches(self, batches: int) -> None:
+        """Start training after a rank's first ``batches`` batches (exact resume, control arms).
+
+        Each dataloader worker skips the blocks it delivered in those batches (``blocks_before``);
+        ``batches`` counts dataloader batches, i.e. optimizer steps × ``accumulate_grad_batches``.
+        """
+        if batches < 0:
+            raise ValueError(f"skip_batches({batches})")
+        self.train_stream.start_batch = batches
+        self.train_stream.batch_size = self.config.batch_size
+
     def check_inputs(self) -> None:
-        """Fail fast, before any model work, on a missing or empty corpus."""
+        """Fail fast, before any model work, on a missing or empty corpus or unusable weights."""
         check_nonempty(self.train_sources, self.data_dir, "training")
+        if self.train_stream.replay_fraction > 0:
+            check_nonempty(self.train_stream.replay, self.data_dir, "replay")
+        for comp in self.train_stream.components():
+            log.info("training mix: %s p=%.4f", comp.name, comp.probability)
         for split, sources in self.eval_sources.items():
             for name, source in sources.items():
                 check_nonempty([source], self.data_dir, f"{name} {split}")
@@ -341,8 +400,39 @@ class PackedCorpusDataModule(pl.LightningDataModule):
             self._generators[key] = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + rank)
         return self._generators[key]
 
+    def _count_tokens(self, batch: dict[str, torch.Tensor]) -> None:
+        source = batch["source"]
+        key = str(source.device)
+        counts = self._token_counts.get(key)
+        if counts is None:
+            counts = self._token_counts[key] = torch.zeros(len(self.train_stream.source_names), dtype=torch.long, device=source.device)
+        # index_add_ (not bincount/.item()) so that counting never waits on the device
+        counts.index_add_(0, source, torch.full_like(source, batch["input_ids"].shape[1]))
+
+    def tokens_per_source(self) -> dict[str, int]:
+        """Tokens (special tokens included) of the training batches delivered so far, per source name.
+
+        Names are the sources' paths (``replay:<path>`` for replay). Under DDP each rank counts
+        the batches of its own shards; sum over ranks for the run's total.
+        """
+        names = self.train_stream.source_names
+        total = [self._restored_counts.get(name, 0) for name in names]
+        for counts in self._token_counts.values():
+            for i, n in enumerate(counts.tolist()):
+                total[i] += int(n)
+        return dict(zip(names, total))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens_per_source": self.tokens_per_source()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored_counts = dict(state_dict.get("tokens_per_source", {}))
+        self._token_counts = {}
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, dict) and "word_starts" in batch:
+            if "source" in batch:
+                self._count_tokens(batch)
             step = self.trainer.global_step if self.trainer is not None else 0
             ids = batch["input_ids"]
             return self.masker(ids, batch["word_starts"], self._generator(ids.device), step=step)

@@ -4,15 +4,23 @@ A corpus is an iterator of documents, never a list: files are read line by line 
 batches, HF datasets with ``streaming=True``. Every source can be sharded (document ``i`` belongs to
 shard ``i % count``) so DDP ranks × dataloader workers read disjoint documents, and can hold out
 every N-th document for evaluation when a corpus has no separate test split.
+
+Directory and glob sources skip license/readme/notice files (``SourceConfig.exclude``): corpus
+directories ship them (CRAFT's ``LICENSE.txt`` matches ``*.txt``) and they are not domain text.
+``iter_documents`` reads sources in their canonical order (held-out sets, statistics);
+``iter_pass_documents`` reads one source in a given file order for one training pass (the mixer in
+``dapt.data.mixing`` permutes the files of each pass).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob as globlib
 import json
 import logging
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -24,6 +32,8 @@ SOURCE_TYPES = ("jsonl", "text", "parquet", "hf")
 PARTS = ("all", "train", "dev", "test")
 SPLIT_BY = ("file", "line", "blank_line", "wikitext")
 _WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
+# File names (case-insensitive globs) that are never corpus text in a directory/glob source.
+DEFAULT_EXCLUDE = ("LICENSE*", "LICENCE*", "README*", "COPYING*", "NOTICE*")
 
 
 @dataclass
@@ -50,6 +60,12 @@ class SourceConfig:
             train). ``part`` picks which documents the source yields (``train``, ``dev``, ``test``,
             or ``all``); dev, test and train never share a document, so dev can select and test
             report without leaking.
+        weight: this source's share of training blocks relative to the other sources of the same
+            list (normalised to probabilities). Unset everywhere = proportional to the source's size
+            in bytes; set it on every source of a list or on none (``hf`` sources have no size, so
+            a list mixing them with other sources needs explicit weights).
+        exclude: case-insensitive file-name globs skipped in directory/glob sources (license,
+            readme, notice files by default); a single file named explicitly is always read.
     """
 
     type: str = "jsonl"
@@ -64,8 +80,12 @@ class SourceConfig:
     max_documents: int | None = None
     holdout_every: int | None = None
     part: str = "all"
+    weight: float | None = None
+    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
 
     def __post_init__(self) -> None:
+        if self.weight is not None and not (math.isfinite(self.weight) and self.weight > 0):
+            raise ConfigError(f"source.weight={self.weight} must be a positive number (or unset)")
         if self.type not in SOURCE_TYPES:
             raise ConfigError(f"source type {self.type!r} unknown; choose one of {', '.join(SOURCE_TYPES)}")
         if not self.path:
@@ -120,16 +140,27 @@ def resolve_path(path: str, data_dir: str | None) -> Path:
     return p
 
 
-def _files(source: SourceConfig, data_dir: str | None) -> list[Path]:
+def is_excluded(path: Path, patterns: Iterable[str]) -> bool:
+    """Whether ``path``'s file name matches one of ``patterns`` (case-insensitive)."""
+    name = path.name.lower()
+    return any(fnmatch.fnmatchcase(name, pattern.lower()) for pattern in patterns)
+
+
+def source_files(source: SourceConfig, data_dir: str | None) -> list[Path]:
     """The files a file-based source reads, in a stable order; errors name the missing path."""
+    return _files(source, data_dir)
+
+
+def _files(source: SourceConfig, data_dir: str | None) -> list[Path]:
     path = resolve_path(source.path, data_dir)
     if any(ch in str(path) for ch in "*?["):
         files = sorted(Path(p) for p in globlib.glob(str(path), recursive=True))
+        files = [f for f in files if f.is_file() and not is_excluded(f, source.exclude)]
         if not files:
             raise DataError(f"corpus glob matched no files: {path}")
         return files
     if path.is_dir():
-        files = sorted(p for p in path.rglob(source.glob) if p.is_file())
+        files = sorted(p for p in path.rglob(source.glob) if p.is_file() and not is_excluded(p, source.exclude))
         if not files:
             raise DataError(f"corpus directory has no files matching '{source.glob}': {path}")
         return files
@@ -156,12 +187,15 @@ class _DecodeCounter:
             log.warning("%s: %d line(s) had undecodable bytes, replaced with U+FFFD", path, self.bad_lines)
 
 
-def _raw_documents(source: SourceConfig, data_dir: str | None) -> Iterator[str]:
-    """Every document of the source in order (before holdout, sharding and limits)."""
+def _raw_documents(source: SourceConfig, data_dir: str | None, files: Sequence[Path] | None = None) -> Iterator[str]:
+    """Every document of the source in order (before holdout, sharding and limits).
+
+    ``files`` overrides the source's canonical file list (a permutation of it, for a training pass).
+    """
     if source.type == "hf":
         yield from _hf_documents(source)
         return
-    for path in _files(source, data_dir):
+    for path in files if files is not None else _files(source, data_dir):
         counter = _DecodeCounter()
         if source.type == "parquet":
             yield from _parquet_documents(path, source.text_field)
@@ -259,16 +293,75 @@ def iter_documents(
         raise ValueError(f"shard {shard_index} of {num_shards}")
     global_index = 0
     for source in sources:
-        kept = 0
-        for i, doc in enumerate(_raw_documents(source, data_dir)):
-            if not source.keeps(i):
-                continue
-            if source.max_documents is not None and kept >= source.max_documents:
-                break
-            kept += 1
+        for doc in _kept_documents(source, _raw_documents(source, data_dir)):
             if global_index % num_shards == shard_index:
                 yield doc
             global_index += 1
+
+
+def _kept_documents(source: SourceConfig, raw: Iterable[str]) -> Iterator[str]:
+    """Apply the holdout part and ``max_documents`` (both count positions in ``raw``)."""
+    kept = 0
+    for i, doc in enumerate(raw):
+        if not source.keeps(i):
+            continue
+        if source.max_documents is not None and kept >= source.max_documents:
+            break
+        kept += 1
+        yield doc
+
+
+def permutes_files(source: SourceConfig, data_dir: str | None) -> bool:
+    """Whether a training pass may read this source's files in a shuffled order.
+
+    Not for ``hf`` sources (no files), single files, or sources whose holdout split or
+    ``max_documents`` counts positions in the canonical order: permuting their files would move
+    documents between train and held-out parts, or change which documents are the first N.
+    """
+    if source.type == "hf" or source.holdout_every is not None or source.max_documents is not None:
+        return False
+    return len(_files(source, data_dir)) > 1
+
+
+def iter_pass_documents(
+    source: SourceConfig,
+    data_dir: str | None,
+    *,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    file_order: Sequence[int] | None = None,
+) -> Iterator[str]:
+    """One source's documents for shard ``shard_index`` of ``num_shards``, files in ``file_order``.
+
+    ``file_order`` is a permutation of the indices of ``source_files`` (None: canonical order); every
+    shard of a pass must get the same one, so that shards stay a partition of the source's documents.
+    """
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard {shard_index} of {num_shards}")
+    files = None
+    if file_order is not None:
+        canonical = _files(source, data_dir)
+        if sorted(file_order) != list(range(len(canonical))):
+            raise ValueError(f"file_order is not a permutation of the {len(canonical)} files of {source.path}")
+        files = [canonical[i] for i in file_order]
+    for i, doc in enumerate(_kept_documents(source, _raw_documents(source, data_dir, files))):
+        if i % num_shards == shard_index:
+            yield doc
+
+
+def source_size(source: SourceConfig, data_dir: str | None) -> float | None:
+    """Bytes of text a source contributes (its files' sizes, times its holdout part's share).
+
+    None for ``hf`` sources (no cheap size). A stat per file, no reading: the default mixing weight.
+    ``max_documents`` is ignored (the whole files count): set an explicit weight with it.
+    """
+    if source.type == "hf":
+        return None
+    size = float(sum(f.stat().st_size for f in _files(source, data_dir)))
+    if source.holdout_every is not None and source.part != "all":
+        n = source.holdout_every
+        size *= (n - 2) / n if source.part == "train" else 1 / n
+    return size
 
 
 def check_nonempty(sources: Iterable[SourceConfig], data_dir: str | None, what: str) -> None:
