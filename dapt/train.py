@@ -24,12 +24,12 @@ from dapt.data.sources import as_source, describe, general_sources
 from dapt.errors import ConfigError
 from dapt.io import atomic_save_dir, atomic_write_json
 from dapt.masking import MaskingContext, build_eval_masker, build_masker
-from dapt.modeling.base_prep import BaseConfig, BaseInfo, model_fingerprint, needs_preparation, prepare_base
+from dapt.modeling.base_prep import BaseConfig, BaseInfo, base_stream, model_fingerprint, needs_preparation, prepare_base
 from dapt.modeling.callbacks import ThroughputMonitor
 from dapt.modeling.loading import load_mlm_model, load_tokenizer
 from dapt.modeling.optim import OptimizerConfig, SchedulerConfig
 from dapt.pipeline.control import control_config, run_control
-from dapt.pipeline.fit import evaluate_heldout, make_module, make_trainer
+from dapt.pipeline.fit import DOCUMENTS, evaluate_heldout, make_module, make_trainer, relative_change
 from dapt.tracking.loggers import LoggerConfig, build_loggers, finish_wandb, wandb_run_of
 from dapt.tracking.ddp import debug_callbacks
 from dapt.tracking.progress import StepProgressBar
@@ -173,7 +173,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         control = run_control(
             cfg=cfg, run=run, control=control_cfg, start_model=model, start_fingerprint=start_fingerprint,
             tokenizer=tokenizer, masker=masker, datamodule=datamodule, data_dir=data_dir, cache_dir=cache_dir,
-            root_dir=str(run_dir),
+            root_dir=str(run_dir), base=base_stream(run.base) if base.cache_key else None,
         )
 
     module = make_module(model, run, eval_names=datamodule.eval_names, test_names=datamodule.test_names)
@@ -205,6 +205,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     # A sharded strategy holds a slice of each weight per rank: every rank takes part in gathering
     # the full state dict, then rank 0 saves it. Other strategies save the module as it is.
     full_state = _gathered_model_state(trainer) if sharded and cfg.get("save_model", True) else None
+    train_sources = datamodule.all_ranks_tokens_per_source()  # a collective: every rank takes part
     if trainer.is_global_zero:
         model_dir = run_dir / "model"
         if cfg.get("save_model", True):
@@ -217,11 +218,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         results.update(_stage_keys(after, "after"))
         if control is not None:
             results["control"] = control.as_results()
+        results["changes"] = perplexity_changes(after, before, control.heldout if control else None)
         results.update({
             "tokens_per_s": throughput.tokens_per_s,
             "mfu": throughput.mfu,
             "train_tokens": throughput.tokens,
-            "train_sources": datamodule.tokens_per_source(),
+            "train_sources": train_sources,
             "steps": trainer.global_step,
             "train_seconds": train_seconds,
             "heldout_sets": datamodule.eval_info,
@@ -247,7 +249,25 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _stage_keys(heldout: dict[str, Any], stage: str) -> dict[str, Any]:
     """``domain_ppl`` -> ``domain_ppl_<stage>``, ``domain_ppl_ci`` -> ``domain_ppl_<stage>_ci``."""
-    return {(f"{k[:-3]}_{stage}_ci" if k.endswith("_ci") else f"{k}_{stage}"): v for k, v in heldout.items()}
+    return {(f"{k[:-3]}_{stage}_ci" if k.endswith("_ci") else f"{k}_{stage}"): v for k, v in heldout.items() if k != DOCUMENTS}
+
+
+def perplexity_changes(after: dict[str, Any], before: dict[str, Any], control: dict[str, Any] | None) -> dict[str, Any]:
+    """Relative perplexity changes of the adapted model, each with a paired document-bootstrap CI.
+
+    ``domain_ppl_change`` / ``forgetting`` against the start, ``*_vs_control`` against the control
+    arm (``ppl_after / ppl_control - 1``: negative = DAPT lowered perplexity more than the same steps
+    on general text did); ``_dev`` variants on the dev sets. Values are fractions (-0.05 = -5%).
+    """
+    out: dict[str, Any] = {}
+    for split in ("", "_dev"):
+        for name, label in (("domain", f"domain{split}_ppl_change"), ("general", f"forgetting{split}")):
+            for suffix, reference in (("", before), ("_vs_control", control)):
+                change = relative_change(after, reference, f"{name}{split}_ppl") if reference else None
+                if change is not None:
+                    out[f"{label}{suffix}"] = change[0]
+                    out[f"{label}{suffix}_ci"] = [None if math.isnan(x) else x for x in change[1:]]
+    return out
 
 
 def _gathered_model_state(trainer: pl.Trainer) -> dict[str, torch.Tensor]:
@@ -303,9 +323,9 @@ HELDOUT_KEYS = tuple(
 def flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
     """Scalar metrics as a flat ``key -> value`` dict (the objective a sweeper optimises is one key).
 
-    Relative changes: ``domain_ppl_change`` / ``forgetting`` against the start (before), and
-    ``domain_gain_vs_control`` / ``forgetting_vs_control`` against the control arm (same steps on
-    general text); ``_dev`` variants read the dev sets (what a sweep should select on).
+    Relative changes (``perplexity_changes``): ``domain_ppl_change`` / ``forgetting`` against the start,
+    ``domain_ppl_change_vs_control`` / ``forgetting_vs_control`` against the control arm, each with
+    ``_ci_low``/``_ci_high``; ``_dev`` variants read the dev sets (what a sweep should select on).
     """
     flat: dict[str, Any] = {}
     for key in (*HELDOUT_KEYS, "tokens_per_s", "mfu", "train_tokens", "steps"):
@@ -314,18 +334,15 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
     for key, value in results.items():
         if key.endswith("_ci") and isinstance(value, list) and len(value) == 2 and None not in value:
             flat[f"{key}_low"], flat[f"{key}_high"] = value
-    control = results.get("control") or {}
-    for split in ("", "_dev"):
-        for name, label in (("domain", f"domain{split}_ppl_change"), ("general", f"forgetting{split}")):
-            after, before = results.get(f"{name}{split}_ppl_after"), results.get(f"{name}{split}_ppl_before")
-            if after and before:
-                flat[label] = after / before - 1
-            ctrl = control.get(f"{name}{split}_ppl_after")
-            if ctrl is not None:
-                flat[f"control/{name}{split}_ppl_after"] = ctrl
-                if after:
-                    label = f"domain{split}_gain" if name == "domain" else f"forgetting{split}"
-                    flat[f"{label}_vs_control"] = after / ctrl - 1
+    for key, value in (results.get("control") or {}).items():
+        if key.endswith("_ppl_after") and value is not None:
+            flat[f"control/{key}"] = value
+    for key, value in (results.get("changes") or {}).items():
+        if key.endswith("_ci"):
+            if isinstance(value, list) and len(value) == 2 and None not in value:
+                flat[f"{key}_low"], flat[f"{key}_high"] = value
+        elif value is not None:
+            flat[key] = value
 
     def walk(prefix: str, node: Any) -> None:
         if isinstance(node, dict):
@@ -358,8 +375,14 @@ def _ppl_cell(value: Any, ci: Any) -> str:
     return text
 
 
-def _change(after: Any, reference: Any) -> str:
-    return f"{(after / reference - 1) * 100:+.1f}%" if after and reference else "—"
+def _change_cell(changes: dict[str, Any], key: str) -> str:
+    value, ci = changes.get(key), changes.get(f"{key}_ci")
+    if value is None:
+        return "—"
+    text = f"{value * 100:+.1f}%"
+    if isinstance(ci, list) and None not in ci:
+        text += f" [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]"
+    return text
 
 
 def print_summary(results: dict[str, Any]) -> None:
@@ -371,7 +394,8 @@ def print_summary(results: dict[str, Any]) -> None:
 
     control = results.get("control") or {}
     table = Table(title=f"dapt: {results.get('experiment')} ({results['steps']} steps): perplexity [95% CI over documents]",
-                  caption="general = forgetting set; dev selects, test reports", caption_justify="left")
+                  caption="general = forgetting set; dev selects, test reports; changes with paired 95% CIs",
+                  caption_justify="left")
     table.add_column("held-out set", no_wrap=True)
     table.add_column("before", justify="right")
     if control:
@@ -380,16 +404,17 @@ def print_summary(results: dict[str, Any]) -> None:
     table.add_column("vs before", justify="right")
     if control:
         table.add_column("vs control", justify="right")
+    changes = results.get("changes") or {}
     for name in ("domain", "general"):
         for split, split_label in (("", "test"), ("_dev", "dev")):
             key = f"{name}{split}_ppl"
-            b, a = results.get(f"{key}_before"), results.get(f"{key}_after")
-            row = [f"{name} {split_label}", _ppl_cell(b, results.get(f"{key}_before_ci"))]
+            change = f"domain{split}_ppl_change" if name == "domain" else f"forgetting{split}"
+            row = [f"{name} {split_label}", _ppl_cell(results.get(f"{key}_before"), results.get(f"{key}_before_ci"))]
             if control:
                 row.append(_ppl_cell(control.get(f"{key}_after"), control.get(f"{key}_after_ci")))
-            row += [_ppl_cell(a, results.get(f"{key}_after_ci")), _change(a, b)]
+            row += [_ppl_cell(results.get(f"{key}_after"), results.get(f"{key}_after_ci")), _change_cell(changes, change)]
             if control:
-                row.append(_change(a, control.get(f"{key}_after")))
+                row.append(_change_cell(changes, f"{change}_vs_control"))
             table.add_row(*row)
     console = Console()
     console.print(table)

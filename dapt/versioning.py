@@ -44,6 +44,17 @@ def files_digest(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
+@lru_cache(maxsize=4096)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    return files_digest([Path(path)])
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of one file's contents, memoised per process on (path, size, mtime)."""
+    stat = Path(path).stat()
+    return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
 @lru_cache(maxsize=64)
 def _dir_digest(path: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
     return files_digest([Path(path) / name for name, _, _ in stamp])

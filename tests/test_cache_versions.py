@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 # version -> fingerprint of the recipe's code at that version
-BASE_RECIPE = {2: "PIN"}
-CONTROL_RECIPE = {1: "PIN"}
+BASE_RECIPE = {2: "07087ae0a9e13562"}
+CONTROL_RECIPE = {1: "be3595fa46c0aaaa"}
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,14 @@ def test_ddp_two_cpu_ranks_share_the_job_folder_and_see_disjoint_data(tmp_path):
 
     results = json.loads((job / "results.json").read_text())
     assert results["steps"] == STEPS
+    # the control arm trains under DDP too (no rank waits on a lock the other holds)
+    assert results["control"]["steps"] == STEPS
+    # each held-out block is scored once across the ranks (no padding duplicates in perplexity or its CI)
+    import csv
+
+    rows = list(csv.DictReader((job / "csv" / "metrics.csv").open()))
+    scored = {float(r["val/domain/masked_tokens"]) for r in rows if r.get("val/domain/masked_tokens")}
+    assert scored == {float(results["heldout_sets"]["dev"]["domain"]["masked_tokens"])}, scored
     assert results["train_tokens"] == STEPS * BATCH * LENGTH * WORLD
     assert results["config"]["trainer"]["devices"] == WORLD and results["config"]["trainer"]["strategy"] == "ddp"
     # rank zero only: one results.json, one W&B run, one model

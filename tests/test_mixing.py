@@ -335,7 +335,7 @@ def test_tokens_per_source_counts_the_delivered_batches(tmp_path, tokenizer):
     assert counts == {name: expected[name] for name in module.train_stream.source_names}
     assert sum(counts.values()) == 25 * 8 * 32 and counts[f"replay:{general.path}"] > 0
     # held-out batches are not training tokens
-    module.on_after_batch_transfer((torch.zeros(4, 32, dtype=torch.long), torch.zeros(4, 32, dtype=torch.long)), 0)
+    module.on_after_batch_transfer((torch.zeros(4, 32, dtype=torch.long), torch.zeros(4, 32, dtype=torch.long), torch.zeros(4, 32, dtype=torch.long)), 0)
     assert module.tokens_per_source() == counts
     restored = PackedCorpusDataModule(cfg, tokenizer, module.masker, data_dir=None)
     restored.load_state_dict(module.state_dict())

@@ -117,3 +117,18 @@ def test_keys_kept_and_new_keys_present():
     assert set(cmp) >= {"delta", "delta_std", "t", "p_value", "n", "alpha", "significant", "verdict",
                         "delta_ci", "mde", "p_holm", "margin"}
     assert cmp["p_value"] == pytest.approx(sps.ttest_rel([0.72, 0.71, 0.70], [0.70, 0.75, 0.68]).pvalue)
+
+
+def test_mde_is_reported_at_the_holm_level_of_the_table():
+    """Four comparisons in one table: significance needs p < alpha/4 at Holm's first step, so the
+    detectable effect is the one at alpha/4, larger than the unadjusted one."""
+    from dapt.evaluation.stats import apply_holm, minimum_detectable_effect, paired_comparison
+
+    rng = np.random.default_rng(0)
+    comps = [paired_comparison(list(rng.normal(0.7, 0.02, 5)), list(rng.normal(0.7, 0.02, 5))) for _ in range(4)]
+    unadjusted = [c["mde"] for c in comps]
+    apply_holm(comps)
+    for c, before in zip(comps, unadjusted):
+        assert c["mde_unadjusted"] == before
+        assert c["mde"] == pytest.approx(minimum_detectable_effect(c["delta_std"], 5, alpha=0.05 / 4))
+        assert c["mde"] > 1.3 * before

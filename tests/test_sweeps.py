@@ -142,7 +142,7 @@ def test_optuna_sweep_three_trials_returns_the_objective_and_survives_a_failed_t
             assert not (job / "results.json").exists()
             failed.append(job)
         else:
-            values.append(json.loads((job / "results.json").read_text())["metrics"]["domain_ppl_after"])
+            values.append(json.loads((job / "results.json").read_text())["metrics"]["domain_dev_ppl_after"])
     assert len(failed) == 1 and len(values) == 2
     best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(min(values))  # dapt train returned optimized_metric
@@ -180,7 +180,7 @@ def test_wandb_sweep_agent_command_parses_into_hydra_overrides(tmp_path):
     from dapt.tracking.sweeps import agent_command
 
     sweep = yaml.safe_load((REPO_ROOT / "experiments" / "sweeps" / "wandb_lr_masking.yaml").read_text())
-    assert sweep["metric"] == {"name": "domain_ppl_after", "goal": "minimize"}
+    assert sweep["metric"] == {"name": "domain_dev_ppl_after", "goal": "minimize"}
     command = agent_command(sweep, {"optimizer.lr": 0.00031, "masking.rate": 0.3, "scheduler.warmup_ratio": 0.0})
     assert command[:3] == ["/usr/bin/env", "dapt", "train"]
     assert command[3:6] == ["optimizer.lr=0.00031", "masking.rate=0.3", "scheduler.warmup_ratio=0.0"]
@@ -216,7 +216,7 @@ def test_hparams_search_and_launcher_configs_compose():
     from omegaconf import OmegaConf
 
     cfg = _compose_with_hydra(["hparams_search=domain_ppl"])
-    assert cfg.optimized_metric == "domain_ppl_after" and cfg.hydra.sweeper.direction == "minimize"
+    assert cfg.optimized_metric == "domain_dev_ppl_after" and cfg.hydra.sweeper.direction == "minimize"
     assert "optuna" in cfg.hydra.sweeper._target_ and cfg.hydra.sweeper.max_failure_rate == 1.0
     cfg = _compose_with_hydra(["hparams_search=downstream_f1", "tasks=[chemprot]"])
     assert cfg.optimized_metric == "downstream/chemprot/after/dev_score/mean" and cfg.hydra.sweeper.direction == "maximize"

@@ -87,7 +87,11 @@ def test_cli_prints_results_path_last(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert last == f"results: {tmp_path / 'run' / 'results.json'}"
-    assert "domain" in proc.stdout and "ppl before" in proc.stdout
+    assert "domain" in proc.stdout and "before" in proc.stdout
+    # output is not a terminal: plain progress lines (about a tenth of the run apart), no redrawn bars
+    assert "\r" not in proc.stdout and "\r" not in proc.stderr
+    steps = [line for line in proc.stdout.splitlines() if line.startswith("dapt biomed: step ")]
+    assert 1 <= len(steps) <= 11 and steps[-1].startswith("dapt biomed: step 6/6"), steps
 
 
 @pytest.mark.slow

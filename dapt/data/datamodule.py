@@ -25,6 +25,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_worker_info
 
 from dapt.data.heldout import build_heldout_set
@@ -62,8 +63,12 @@ class DataConfig:
             Each must be disjoint from the training sources (see ``SourceConfig.part``).
         max_seq_length: block length, special tokens included.
         batch_size / eval_batch_size: blocks per step (per device).
-        eval_tokens: token budget of each held-out set, filled with documents sampled across the
-            whole split (``dapt.data.heldout``); it sets the width of the perplexity CI.
+        eval_tokens: token budget of each test set, filled with documents sampled across the whole
+            split (``dapt.data.heldout``; a split smaller than the budget is used whole); it sets
+            the width of the reported perplexity CIs.
+        dev_eval_tokens: the same for the dev sets (null = ``eval_tokens``). Dev sets are scored at
+            every ``val_check_interval``, so a smaller budget keeps runs short; changes between arms
+            are paired on the same documents and stay narrow.
         eval_max_doc_tokens: truncate held-out documents to this many tokens (null = whole
             documents), so that long documents (papers) do not eat the budget.
         eval_sample_seed: seed of the document sample (the masks use ``masking.eval_seed``).
@@ -89,6 +94,7 @@ class DataConfig:
     batch_size: int = 16
     eval_batch_size: int = 32
     eval_tokens: int = 262_144
+    dev_eval_tokens: int | None = None
     eval_max_doc_tokens: int | None = None
     eval_sample_seed: int = 0
     shuffle_buffer: int = 2048
@@ -108,6 +114,8 @@ class DataConfig:
             raise ConfigError("data.train lists no corpus source")
         if self.max_seq_length < 8:
             raise ConfigError(f"data.max_seq_length={self.max_seq_length} must be >= 8")
+        if self.dev_eval_tokens is not None and self.dev_eval_tokens < 1:
+            raise ConfigError(f"data.dev_eval_tokens={self.dev_eval_tokens} must be >= 1 or null")
         if self.eval_max_doc_tokens is not None and self.eval_max_doc_tokens < 8:
             raise ConfigError(f"data.eval_max_doc_tokens={self.eval_max_doc_tokens} must be >= 8 or null")
         for key in ("batch_size", "eval_batch_size", "eval_tokens", "docs_per_batch"):
@@ -260,20 +268,16 @@ class PackedCorpusDataModule(pl.LightningDataModule):
         data_dir: str | None,
         seed: int = 0,
         eval_masker: Masker | None = None,
+        mask_seed: int | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer
         self.masker = masker
-        if eval_masker is None:  # the held-out masker: eval_strategy at eval_rate, never the train rate
-            from dataclasses import asdict
-
-            from dapt.masking import build_eval_masker
-
-            eval_masker = build_eval_masker(asdict(masker.config), tokenizer)
-        self.eval_masker = eval_masker
+        self._eval_masker = eval_masker
         self.data_dir = data_dir
         self.seed = seed
+        self.mask_seed = seed if mask_seed is None else mask_seed  # training masks; the stream uses ``seed``
         self.train_sources = [as_source(s, f"data.train[{i}]") for i, s in enumerate(config.train)]
         self.eval_sources: dict[str, dict[str, SourceConfig]] = {split: {} for split in EVAL_SPLITS}
         for split in EVAL_SPLITS:
@@ -302,6 +306,19 @@ class PackedCorpusDataModule(pl.LightningDataModule):
         self._restored_counts: dict[str, int] = {}
 
     @property
+    def eval_masker(self) -> Masker:
+        """The held-out masker: ``eval_strategy`` at ``eval_rate``, never the training rate. Built from
+        the training masker's config when none was given (and only then: a data module without
+        held-out sets, such as base preparation's, never needs one)."""
+        if self._eval_masker is None:
+            from dataclasses import asdict
+
+            from dapt.masking import build_eval_masker
+
+            self._eval_masker = build_eval_masker(asdict(self.masker.config), self.tokenizer)
+        return self._eval_masker
+
+    @property
     def eval_names(self) -> list[str]:
         """Names of the dev sets, in ``val_dataloader`` order."""
         return list(self.eval_sources["dev"])
@@ -311,6 +328,12 @@ class PackedCorpusDataModule(pl.LightningDataModule):
         """Names of the test sets, in ``test_dataloader`` order."""
         return list(self.eval_sources["test"])
 
+    def eval_budget(self, split: str) -> int:
+        """Token budget of the ``dev`` or ``test`` held-out sets."""
+        if split == "dev" and self.config.dev_eval_tokens is not None:
+            return self.config.dev_eval_tokens
+        return self.config.eval_tokens
+
     def heldout_fingerprint(self) -> dict[str, Any]:
         """Everything that determines the held-out sets (cache key of a cached model's perplexities)."""
         from dataclasses import asdict
@@ -318,7 +341,7 @@ class PackedCorpusDataModule(pl.LightningDataModule):
         return {
             "sources": {split: {n: describe([s], self.data_dir) for n, s in srcs.items()} for split, srcs in self.eval_sources.items()},
             "block_size": self.config.max_seq_length,
-            "eval_tokens": self.config.eval_tokens,
+            "eval_tokens": {split: self.eval_budget(split) for split in EVAL_SPLITS},
             "eval_max_doc_tokens": self.config.eval_max_doc_tokens,
             "eval_sample_seed": self.config.eval_sample_seed,
             "masker": asdict(self.eval_masker.config),
@@ -362,7 +385,7 @@ class PackedCorpusDataModule(pl.LightningDataModule):
                         self.tokenizer,
                         self.eval_masker,
                         block_size=self.config.max_seq_length,
-                        max_tokens=self.config.eval_tokens,
+                        max_tokens=self.eval_budget(split),
                         sample_seed=self.config.eval_sample_seed,
                         mask_seed=cfg.eval_seed,
                         max_doc_tokens=self.config.eval_max_doc_tokens,
@@ -385,7 +408,18 @@ class PackedCorpusDataModule(pl.LightningDataModule):
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         self.setup()
-        return [DataLoader(ds, batch_size=self.config.eval_batch_size, shuffle=False) for ds in self.eval_sets[split].values()]
+        # Each loader gets its own generator: a DataLoader iterator draws its base seed from the global
+        # torch RNG otherwise, so every mid-training validation would shift the dropout masks of all
+        # later steps and a run's training would depend on val_check_interval.
+        # Under DDP each rank scores a disjoint slice of every set: Lightning's default DistributedSampler
+        # pads by repeating blocks, which would count some documents twice in perplexity and its CI.
+        world = self.trainer.world_size if self.trainer is not None else 1
+        loaders = []
+        for ds in self.eval_sets[split].values():
+            sampler = UnrepeatedDistributedSampler(ds, num_replicas=world, rank=self.trainer.global_rank, shuffle=False) if world > 1 else None
+            loaders.append(DataLoader(ds, batch_size=self.config.eval_batch_size, shuffle=False, sampler=sampler,
+                                      generator=torch.Generator().manual_seed(0)))
+        return loaders
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders("dev")
@@ -397,7 +431,7 @@ class PackedCorpusDataModule(pl.LightningDataModule):
         key = str(device)
         if key not in self._generators:
             rank = self.trainer.global_rank if self.trainer is not None else 0
-            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + rank)
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.mask_seed * 1_000_003 + rank)
         return self._generators[key]
 
     def _count_tokens(self, batch: dict[str, torch.Tensor]) -> None:
@@ -421,6 +455,17 @@ class PackedCorpusDataModule(pl.LightningDataModule):
             for i, n in enumerate(counts.tolist()):
                 total[i] += int(n)
         return dict(zip(names, total))
+
+    def all_ranks_tokens_per_source(self) -> dict[str, int]:
+        """``tokens_per_source`` summed over DDP ranks (a collective: call it on every rank)."""
+        counts = self.tokens_per_source()
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return counts
+        backend = torch.distributed.get_backend()
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        values = torch.tensor(list(counts.values()), dtype=torch.long, device=device)
+        torch.distributed.all_reduce(values)
+        return dict(zip(counts, (int(v) for v in values.tolist())))
 
     def state_dict(self) -> dict[str, Any]:
         return {"tokens_per_source": self.tokens_per_source()}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob as globlib
+import hashlib
 import json
 import logging
 import math
@@ -372,7 +373,11 @@ def check_nonempty(sources: Iterable[SourceConfig], data_dir: str | None, what: 
 
 
 def describe(sources: Iterable[SourceConfig], data_dir: str | None) -> list[dict[str, Any]]:
-    """A JSON-able fingerprint of sources (paths, sizes, mtimes) for cache keys and provenance."""
+    """A JSON-able fingerprint of sources for cache keys and provenance: the config, and for files
+    their count, size and a SHA-256 of their contents (a same-size edit changes it). Hashing is
+    memoised per process on (path, size, mtime)."""
+    from dapt.versioning import file_digest
+
     out: list[dict[str, Any]] = []
     for source in sources:
         entry: dict[str, Any] = {k: v for k, v in vars(source).items()}
@@ -380,5 +385,6 @@ def describe(sources: Iterable[SourceConfig], data_dir: str | None) -> list[dict
             files = _files(source, data_dir)
             entry["files"] = len(files)
             entry["bytes"] = sum(f.stat().st_size for f in files)
+            entry["sha256"] = hashlib.sha256("".join(file_digest(f) for f in files).encode()).hexdigest()
         out.append(entry)
     return out

@@ -184,11 +184,18 @@ def paired_comparison(
 
 def apply_holm(comparisons: Sequence[MutableMapping[str, Any]]) -> None:
     """Holm-adjust a table's comparisons together: sets ``p_holm``, ``holm_m``, ``significant`` and
-    ``verdict`` on each (in place; each keeps its own ``alpha`` and ``margin``)."""
+    ``verdict`` on each (in place; each keeps its own ``alpha`` and ``margin``), and recomputes ``mde``
+    at ``alpha / m`` (the unadjusted value stays in ``mde_unadjusted``)."""
     adjusted = holm_adjust([c.get("p_value") for c in comparisons])
     m = sum(p is not None for p in adjusted)
     for comparison, p_holm in zip(comparisons, adjusted):
         comparison["p_holm"] = p_holm
         comparison["holm_m"] = m
+        # Significance is now decided at Holm's level, whose strictest step is alpha / m: the effect
+        # the table can detect is computed there (an unadjusted MDE would promise too much).
+        if comparison.get("mde") is not None and m > 1:
+            comparison["mde_unadjusted"] = comparison["mde"]
+            comparison["mde"] = minimum_detectable_effect(comparison["delta_std"], comparison["n"],
+                                                          alpha=comparison.get("alpha", 0.05) / m)
         comparison["significant"] = p_holm is not None and p_holm < comparison.get("alpha", 0.05)
         comparison["verdict"] = verdict(comparison, margin=comparison.get("margin", DEFAULT_EQUIVALENCE_MARGIN))

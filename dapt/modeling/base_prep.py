@@ -105,17 +105,26 @@ def model_fingerprint(model_cfg: Any, model_path: str) -> dict[str, Any]:
 
 def recipe_fingerprint() -> str:
     """The code that trains a base; pinned with ``BASE_PREP_VERSION`` by a test."""
-    from dapt.data import datamodule
+    from dapt.data import datamodule, mixing, packing, sources
+    from dapt.masking import base as masking_base
+    from dapt.masking import random as random_masking
     from dapt.modeling import mlm_module, optim, sparse_head
     from dapt.versioning import source_fingerprint
 
-    return source_fingerprint(_train_base, freeze_for, mlm_module.MLMModule, sparse_head, optim, datamodule.PackedBlockStream)
+    return source_fingerprint(_train_base, freeze_for, base_data_config, mlm_module.MLMModule, sparse_head, optim,
+                              datamodule.PackedBlockStream, mixing, packing, sources, masking_base, random_masking)
 
 
-def cache_key(model_cfg: Any, model_path: str, base_cfg: BaseConfig, data_fingerprint: Any, tokenizer_len: int) -> str:
+# Trainer settings that change how a base is trained (and so what it is); the rest only change logging.
+BASE_TRAINER_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision", "gradient_clip_val")
+
+
+def cache_key(model_cfg: Any, model_path: str, base_cfg: BaseConfig, data_fingerprint: Any, tokenizer_len: int,
+              trainer_kwargs: dict[str, Any] | None = None) -> str:
     from dapt.versioning import library_versions
 
     payload = {
+        "trainer": {k: str(v) for k, v in (trainer_kwargs or {}).items() if k in BASE_TRAINER_KEYS},
         "version": BASE_PREP_VERSION,
         "model": model_fingerprint(model_cfg, model_path),
         "base": {k: v for k, v in asdict(base_cfg).items() if k not in ("cache", "mode", "data")},
@@ -124,6 +133,29 @@ def cache_key(model_cfg: Any, model_path: str, base_cfg: BaseConfig, data_finger
         "libraries": library_versions(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def base_data_config(cfg: BaseConfig, sources: list[Any]) -> Any:
+    """The data config of the base's general-text stream (the control arm continues this stream)."""
+    from dapt.data.datamodule import DataConfig
+
+    return DataConfig(name="general", train=sources, max_seq_length=cfg.max_seq_length, batch_size=cfg.batch_size)
+
+
+@dataclass
+class BaseStream:
+    """Where the base's training stream stopped: the control arm starts there, on unseen text."""
+
+    data: Any  # DataConfig of the base's stream
+    seed: int
+    blocks: int  # blocks consumed (steps x batch size, one process)
+
+
+def base_stream(cfg: BaseConfig) -> BaseStream:
+    from dapt.data.sources import as_source
+
+    sources = [as_source(s, f"base.data[{i}]") for i, s in enumerate(cfg.data)]
+    return BaseStream(data=base_data_config(cfg, sources), seed=cfg.seed, blocks=cfg.steps * cfg.batch_size)
 
 
 def freeze_for(model: torch.nn.Module, trainable: str, top_k: int) -> None:
@@ -171,7 +203,7 @@ def prepare_base(
     sources = [as_source(s, f"base.data[{i}]") for i, s in enumerate(base_cfg.data)]
     if not sources:
         raise ConfigError("base.data lists no general-text source for base preparation")
-    key = cache_key(model_cfg, model_path, base_cfg, describe(sources, data_dir), len(tokenizer))
+    key = cache_key(model_cfg, model_path, base_cfg, describe(sources, data_dir), len(tokenizer), trainer_kwargs)
     target = Path(cache_dir) / "bases" / key
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
@@ -198,7 +230,7 @@ def prepare_base(
 def _train_base(model: torch.nn.Module, tokenizer: Any, sources: list[Any], cfg: BaseConfig, data_dir: str | None, trainer_kwargs: dict[str, Any]) -> None:
     import pytorch_lightning as pl
 
-    from dapt.data.datamodule import DataConfig, PackedCorpusDataModule
+    from dapt.data.datamodule import PackedCorpusDataModule
     from dapt.masking import build_masker
     from dapt.modeling.mlm_module import MLMModule
     from dapt.modeling.optim import OptimizerConfig, SchedulerConfig
@@ -206,8 +238,7 @@ def _train_base(model: torch.nn.Module, tokenizer: Any, sources: list[Any], cfg:
 
     freeze_for(model, cfg.trainable, cfg.top_k)
     masker = build_masker({"name": "random", "rate": cfg.rate}, tokenizer)
-    data_cfg = DataConfig(name="general", train=sources, max_seq_length=cfg.max_seq_length, batch_size=cfg.batch_size)
-    dm = PackedCorpusDataModule(data_cfg, tokenizer, masker, data_dir=data_dir, seed=cfg.seed)
+    dm = PackedCorpusDataModule(base_data_config(cfg, sources), tokenizer, masker, data_dir=data_dir, seed=cfg.seed)
     dm.check_inputs()
     module = MLMModule(
         model,
@@ -216,7 +247,7 @@ def _train_base(model: torch.nn.Module, tokenizer: Any, sources: list[Any], cfg:
         total_steps=cfg.steps,
         eval_names=(),
     )
-    kwargs = {k: v for k, v in trainer_kwargs.items() if k in ("accelerator", "devices", "precision", "gradient_clip_val")}
+    kwargs = {k: v for k, v in trainer_kwargs.items() if k in BASE_TRAINER_KEYS}
     trainer = pl.Trainer(
         max_steps=cfg.steps,
         logger=False,

@@ -27,7 +27,7 @@ from dapt.modeling.optim import (
 from dapt.modeling.perplexity import HeldoutPerplexity
 from dapt.modeling.sparse_head import sparse_mlm_loss
 
-HELDOUT_KEYS = ("ppl", "ppl_low", "ppl_high", "loss", "acc")
+HELDOUT_KEYS = ("ppl", "ppl_low", "ppl_high", "loss", "acc", "masked_tokens", "documents")
 
 
 class MLMModule(pl.LightningModule):
@@ -57,6 +57,7 @@ class MLMModule(pl.LightningModule):
         self.heldout = torch.nn.ModuleDict(
             {f"val_{n}": HeldoutPerplexity() for n in self.eval_names} | {f"test_{n}": HeldoutPerplexity() for n in self.test_names}
         )
+        self.heldout_documents: dict[str, Any] = {}  # "<val|test>/<set>" -> (doc ids, loss sums, counts)
         # The compiled encoder is kept out of the module registry (a plain tuple): registered, it
         # would duplicate every weight in state_dict and checkpoints under a second prefix.
         self._compiled: tuple[Any, ...] = ()
@@ -119,6 +120,8 @@ class MLMModule(pl.LightningModule):
             metric = self.heldout[f"{split}_{name}"]
             values = metric.compute()
             metric.reset()
+            if "documents_table" in values:  # per-document sums: paired CIs between arms (pipeline.fit)
+                self.heldout_documents[f"{split}/{name}"] = values["documents_table"]
             for key in HELDOUT_KEYS:
                 if key in values:
                     self.log(f"{split}/{name}/{key}", values[key], prog_bar=key == "ppl", sync_dist=False)

@@ -32,7 +32,8 @@ from dapt.data.datamodule import PackedCorpusDataModule
 from dapt.data.sources import as_source, describe, general_sources
 from dapt.errors import ConfigError
 from dapt.io import atomic_save_dir, atomic_write_json
-from dapt.pipeline.fit import evaluate_heldout, make_module, make_trainer
+from dapt.modeling.base_prep import BaseStream
+from dapt.pipeline.fit import DOCUMENTS, evaluate_heldout, make_module, make_trainer
 from dapt.tracking.progress import StepProgressBar
 
 log = logging.getLogger(__name__)
@@ -65,11 +66,15 @@ class ControlResult:
     steps: int
     seconds: float
     heldout: dict[str, Any]
+    stream: dict[str, Any]  # what the control trained on: sources, stream seed, first block, shuffles
 
     def as_results(self) -> dict[str, Any]:
         """The ``control`` block of results.json (perplexities after the control's training)."""
-        out: dict[str, Any] = {"steps": self.steps, "cache_key": self.cache_key, "cached": self.cached, "path": self.path}
+        out: dict[str, Any] = {"steps": self.steps, "cache_key": self.cache_key, "cached": self.cached, "path": self.path,
+                               "stream": self.stream}
         for key, value in self.heldout.items():
+            if key == DOCUMENTS:
+                continue
             if key.endswith("_ci"):
                 out[f"{key[:-3]}_after_ci"] = value
             else:
@@ -79,13 +84,16 @@ class ControlResult:
 
 def recipe_fingerprint() -> str:
     """The code that trains and evaluates a control; pinned with ``CONTROL_VERSION`` by a test."""
-    from dapt.data import datamodule, heldout
+    import dapt.masking as masking
+    from dapt.data import datamodule, heldout, mixing, packing, sources
     from dapt.modeling import mlm_module, optim, perplexity, sparse_head
     from dapt.pipeline import fit
     from dapt.versioning import source_fingerprint
 
-    return source_fingerprint(run_control, fit, mlm_module.MLMModule, sparse_head, optim, perplexity, heldout,
-                              datamodule.PackedBlockStream)
+    strategies = [masking.base, masking.units, masking.random, masking.whole_word, masking.span, masking.pmi, masking.ngrams,
+                  masking.salient, masking.salience, masking.corpus_stats]
+    return source_fingerprint(run_control, control_stream, fit, mlm_module.MLMModule, sparse_head, optim, perplexity, heldout,
+                              datamodule.PackedBlockStream, mixing, packing, sources, *strategies)
 
 
 def _key(payload: dict[str, Any]) -> str:
@@ -94,6 +102,27 @@ def _key(payload: dict[str, Any]) -> str:
 
 def control_sources(cfg: Any, control: ControlConfig) -> list[Any]:
     return [as_source(s, f"control.data[{i}]") for i, s in enumerate(control.data)] if control.data else general_sources(cfg)
+
+
+def control_stream(cfg: Any, run: Any, control: ControlConfig, base: BaseStream | None) -> tuple[Any, int, int]:
+    """The control's training stream: (data config, stream seed, first block).
+
+    When DAPT starts from a prepared base trained on the control's corpus, the control continues the
+    base's stream where it stopped (same order, shuffles, workers and stream seed; its masks and
+    dropout still follow the run's seed, like DAPT's), so that, like DAPT, it trains on text its
+    starting point has not seen. Otherwise it reads its corpus from the start with the run's seed.
+    """
+    sources = control_sources(cfg, control)
+    data_cfg = replace(run.data, name="control", train=sources, replay=[], replay_fraction=0.0)
+    if base is None or [asdict(s) for s in base.data.train] != [asdict(s) for s in sources]:
+        return data_cfg, int(cfg.seed), 0
+    if base.data.max_seq_length != run.data.max_seq_length:
+        raise ConfigError(
+            f"control arm: base.max_seq_length={base.data.max_seq_length} differs from data.max_seq_length="
+            f"{run.data.max_seq_length}; the control must train on DAPT's block shape (set them equal)"
+        )
+    stream_keys = ("shuffle_buffer", "doc_shuffle_buffer", "docs_per_batch", "max_passes", "num_workers")
+    return replace(data_cfg, **{k: getattr(base.data, k) for k in stream_keys}), base.seed, base.blocks
 
 
 def run_control(
@@ -109,59 +138,65 @@ def run_control(
     data_dir: str,
     cache_dir: str,
     root_dir: str,
+    base: BaseStream | None = None,
 ) -> ControlResult:
     """Train (or load from the cache) the control arm and return its held-out perplexities.
 
     ``start_model`` is DAPT's starting model *before* any DAPT step; it is deep-copied, never trained.
     ``datamodule`` supplies the held-out sets (the control is evaluated on exactly DAPT's sets).
+    ``base``: where a prepared base's stream stopped, when DAPT starts from one.
     """
-    from filelock import FileLock
-
     from dapt.modeling.loading import load_mlm_model
     from dapt.versioning import library_versions
 
-    sources = control_sources(cfg, control)
-    seed = int(cfg.seed)
-    data_cfg = replace(run.data, name="control", train=sources, replay=[], replay_fraction=0.0)
+    data_cfg, seed, start_block = control_stream(cfg, run, control, base)
+    sources = data_cfg.train
     recipe = {
         "version": CONTROL_VERSION,
         "start": start_fingerprint,
+        "model": {"attn_implementation": run.model.attn_implementation, "compile": run.model.compile},
         "optimizer": asdict(run.optimizer),
         "scheduler": asdict(run.scheduler),
         "masking": asdict(masker.config),
+        "masking_stats": str(getattr(masker.strategy, "stats_file", None)),  # PMI n-grams / salient terms (content-keyed)
         "trainer": {k: v for k, v in run.trainer.items() if k not in ("val_check_interval", "log_every_n_steps", "enable_model_summary", "enable_progress_bar")},
         "data": {k: v for k, v in asdict(data_cfg).items() if not k.startswith(("domain_", "general_", "eval_", "name", "train", "num_workers"))},
         "sources": describe(sources, data_dir),
         "seed": seed,
+        "start_block": start_block,
+        "run_seed": int(cfg.seed),
         "libraries": library_versions(),
     }
     key = _key(recipe)
-    target = Path(cache_dir) / "controls" / key
-    target.parent.mkdir(parents=True, exist_ok=True)
-    eval_key = _key({"heldout": datamodule.heldout_fingerprint(), "version": CONTROL_VERSION})
-    with FileLock(str(target) + ".lock"):
-        marker = target / MARKER
-        cached = control.cache and marker.exists()
-        info = json.loads(marker.read_text()) if cached else {}
-        if cached:
-            log.info("using cached control arm %s", target)
-            model = load_mlm_model(str(target), attn_implementation=run.model.attn_implementation).model
-        else:
-            log.info("training the control arm: %d steps on general text (%s); cached at %s",
-                     run.trainer["max_steps"], ", ".join(s.path for s in sources), target)
-            model = copy.deepcopy(start_model)
-            t0 = time.time()
-            dm = PackedCorpusDataModule(data_cfg, tokenizer, masker, data_dir=data_dir, seed=seed)
-            dm.check_inputs()
-            module = make_module(model, run, eval_names=(), test_names=())
-            trainer_kwargs = {**run.trainer, "limit_val_batches": 0, "val_check_interval": None, "check_val_every_n_epoch": None}
-            trainer = make_trainer(trainer_kwargs, callbacks=[StepProgressBar(description="control (general text)")],
-                                   loggers=None, root_dir=root_dir)
-            pl.seed_everything(seed, workers=True, verbose=False)
-            trainer.fit(module, datamodule=dm)
-            info = {"steps": int(trainer.global_step), "seconds": time.time() - t0, "recipe": recipe, "evals": {}}
-            if not control.cache:
-                target = Path(root_dir) / "control_model"
+    target = Path(cache_dir) / "controls" / key if control.cache else Path(root_dir) / "control_model"
+    eval_key = _key({"heldout": datamodule.heldout_fingerprint(), "version": CONTROL_VERSION,
+                     "precision": run.trainer.get("precision"), "attn": run.model.attn_implementation})
+    # No file lock around training (unlike the base): under DDP every rank must train together, and a
+    # lock held by rank 0 would deadlock the collective calls. Concurrent sweep jobs may train the same
+    # control twice; the atomic directory swap keeps the cache consistent either way.
+    marker = target / MARKER
+    cached = control.cache and marker.exists()
+    info = json.loads(marker.read_text()) if cached else {}
+    if cached:
+        log.info("using cached control arm %s", target)
+        model = load_mlm_model(str(target), attn_implementation=run.model.attn_implementation).model
+    else:
+        log.info("training the control arm: %d steps on general text (%s); saved at %s",
+                 run.trainer["max_steps"], ", ".join(s.path for s in sources), target)
+        model = copy.deepcopy(start_model)
+        t0 = time.time()
+        dm = PackedCorpusDataModule(data_cfg, tokenizer, masker, data_dir=data_dir, seed=seed, mask_seed=int(cfg.seed),
+                                    eval_masker=datamodule.eval_masker)
+        dm.train_stream.start_block = start_block
+        dm.check_inputs()
+        module = make_module(model, run, eval_names=(), test_names=())
+        trainer_kwargs = {**run.trainer, "limit_val_batches": 0, "val_check_interval": None, "check_val_every_n_epoch": None}
+        trainer = make_trainer(trainer_kwargs, callbacks=[StepProgressBar(description="control (general text)")],
+                               loggers=None, root_dir=root_dir)
+        pl.seed_everything(int(cfg.seed), workers=True, verbose=False)  # dropout as in DAPT's fit
+        trainer.fit(module, datamodule=dm)
+        info = {"steps": int(trainer.global_step), "seconds": time.time() - t0, "recipe": recipe, "evals": {}}
+        if trainer.is_global_zero:
 
             def write(tmp: Path) -> None:
                 model.save_pretrained(tmp)
@@ -169,15 +204,18 @@ def run_control(
                 atomic_write_json(tmp / MARKER, info)
 
             atomic_save_dir(target, write)
-        heldout = info.get("evals", {}).get(eval_key)
-        if heldout is None:
-            module = make_module(model, run, eval_names=datamodule.eval_names, test_names=datamodule.test_names)
-            trainer = make_trainer({**run.trainer, "enable_progress_bar": False}, callbacks=[], loggers=None, root_dir=root_dir)
-            heldout = evaluate_heldout(trainer, module, datamodule)
-            info.setdefault("evals", {})[eval_key] = heldout
-            atomic_write_json(target / MARKER, info)
+    heldout = info.get("evals", {}).get(eval_key)
+    if heldout is None:
+        module = make_module(model, run, eval_names=datamodule.eval_names, test_names=datamodule.test_names)
+        trainer = make_trainer({**run.trainer, "enable_progress_bar": False}, callbacks=[], loggers=None, root_dir=root_dir)
+        heldout = evaluate_heldout(trainer, module, datamodule)
+        info.setdefault("evals", {})[eval_key] = heldout
+        if trainer.is_global_zero:
+            atomic_write_json(marker, info)
+    stream = {"sources": [s.path for s in sources], "seed": seed, "start_block": start_block,
+              "shuffle_buffer": data_cfg.shuffle_buffer, "doc_shuffle_buffer": data_cfg.doc_shuffle_buffer}
     return ControlResult(path=str(target), cache_key=key, cached=cached, steps=int(info["steps"]),
-                         seconds=float(info.get("seconds", 0.0)), heldout=heldout)
+                         seconds=float(info.get("seconds", 0.0)), heldout=heldout, stream=stream)
 
 
 def control_config(cfg: Any) -> ControlConfig:

@@ -17,6 +17,23 @@ from dapt.modeling.callbacks import AtomicCheckpointIO
 from dapt.modeling.mlm_module import MLMModule
 
 HELDOUT_STATS = ("ppl", "acc")
+DOCUMENTS = "documents"  # key of the per-document tables in evaluate_heldout's result
+
+
+def relative_change(new: dict[str, Any], reference: dict[str, Any], key: str) -> tuple[float, float, float] | None:
+    """``ppl_new / ppl_ref - 1`` for held-out set ``key`` (e.g. ``domain_dev_ppl``) with its paired CI.
+
+    Both arms were scored on the same documents and masks, so the CI resamples documents jointly
+    (``paired_change_ci``). None when either side lacks the per-document table.
+    """
+    import numpy as np
+
+    from dapt.modeling.perplexity import paired_change_ci
+
+    a, b = new.get(DOCUMENTS, {}).get(key), reference.get(DOCUMENTS, {}).get(key)
+    if not a or not b or a["ids"] != b["ids"] or a["counts"] != b["counts"]:
+        return None
+    return paired_change_ci(np.asarray(a["sums"]), np.asarray(b["sums"]), np.asarray(a["counts"]))
 
 
 def make_module(model: torch.nn.Module, run: Any, *, eval_names: Sequence[str], test_names: Sequence[str]) -> MLMModule:
@@ -45,9 +62,11 @@ def evaluate_heldout(trainer: pl.Trainer, module: MLMModule, datamodule: Any) ->
     """Dev and test perplexity (with CIs) and accuracy of ``module``'s model on every held-out set.
 
     Returns flat keys ``<set>_ppl`` / ``<set>_ppl_ci`` / ``<set>_acc`` for test and
-    ``<set>_dev_ppl`` / ``<set>_dev_ppl_ci`` / ``<set>_dev_acc`` for dev (``set`` is domain/general).
+    ``<set>_dev_ppl`` / ``<set>_dev_ppl_ci`` / ``<set>_dev_acc`` for dev (``set`` is domain/general),
+    plus ``DOCUMENTS``: per set key, the per-document loss sums and masked-token counts that paired
+    comparisons between arms resample (JSON-able lists, so cached arms keep them).
     """
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {DOCUMENTS: {}}
     stages = (("dev", "val", trainer.validate, datamodule.eval_names), ("test", "test", trainer.test, datamodule.test_names))
     for split, prefix, run_loop, names in stages:
         if not names:
@@ -61,6 +80,9 @@ def evaluate_heldout(trainer: pl.Trainer, module: MLMModule, datamodule: Any) ->
                 value = logged.get(f"{prefix}/{name}/{stat}")
                 if value is not None:
                     out[f"{key}_{stat}"] = value
+            table = module.heldout_documents.get(f"{prefix}/{name}")
+            if table is not None:
+                out[DOCUMENTS][f"{key}_ppl"] = {"ids": table[0].tolist(), "sums": table[1].tolist(), "counts": table[2].tolist()}
             low, high = logged.get(f"{prefix}/{name}/ppl_low"), logged.get(f"{prefix}/{name}/ppl_high")
             if low is not None and high is not None:
                 out[f"{key}_ppl_ci"] = [None if math.isnan(low) else low, None if math.isnan(high) else high]

@@ -34,7 +34,7 @@ from dapt.errors import DaptError
 # read DAPT against the control arm (same steps on general text).
 DEFAULT_METRICS = (
     "domain_dev_ppl_after", "domain_ppl_before", "domain_ppl_after", "domain_ppl_after_ci_low", "domain_ppl_after_ci_high",
-    "domain_ppl_change", "domain_gain_vs_control", "general_ppl_after", "general_ppl_after_ci_low",
+    "domain_ppl_change", "domain_ppl_change_vs_control", "general_ppl_after", "general_ppl_after_ci_low",
     "general_ppl_after_ci_high", "forgetting", "forgetting_vs_control", "tokens_per_s", "train_tokens", "steps",
 )
 # Config keys that differ between runs for bookkeeping reasons only (never shown as differences).

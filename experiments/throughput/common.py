@@ -167,16 +167,17 @@ def train_texts(settings: BenchSettings) -> list[str]:
 
 
 def build_eval_batches(settings: BenchSettings, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
-    """Fixed-mask held-out batches (OHSUMED test, eval seed 1234, 15 %), identical for every run."""
-    from dapt.data.datamodule import build_eval_set
+    """Fixed-mask held-out batches (documents sampled across OHSUMED test, eval seed 1234, 15 %),
+    identical for every run."""
+    from dapt.data.heldout import build_heldout_set
     from dapt.masking import build_masker
 
     masker = build_masker({"name": "random", "rate": settings.mask_rate}, tokenizer)
-    dataset = build_eval_set(
+    dataset, _ = build_heldout_set(
         SourceConfig(type="jsonl", path=EVAL_FILE, text_field="text"), settings.data_dir, tokenizer, masker,
-        block_size=settings.seq_len, max_blocks=settings.eval_blocks, seed=1234, rate=settings.mask_rate,
+        block_size=settings.seq_len, max_tokens=settings.eval_blocks * settings.seq_len, sample_seed=0, mask_seed=1234,
     )
-    ids, labels = dataset.tensors
+    ids, labels, _ = dataset.tensors
     step = 16
     return [{"input_ids": ids[i:i + step], "labels": labels[i:i + step]} for i in range(0, len(ids), step)]
 

@@ -1,0 +1,77 @@
+"""How large must a held-out set be? Perplexity CI half-width vs token budget, on the default run.
+
+Loads the default config's starting model (the cached general-MLM base; prepared first if missing),
+builds each held-out set of the default data config at several ``data.eval_tokens`` budgets, and
+prints perplexity with its 95% document-bootstrap CI and the relative half-width. The default
+``eval_tokens`` in conf/data/common.yaml is the smallest budget whose half-width is <= 3% on the
+domain sets (the README of this folder has the measured table).
+
+    python -m experiments.dapt_biomed.heldout_budget [override ...] [--budgets 65536,131072,262144]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--budgets", default="65536,131072,262144,393216")
+    parser.add_argument("--out", default=None, help="write the table as JSON here")
+    args = parser.parse_args(argv)
+
+    from hydra import compose, initialize_config_dir
+
+    from dapt.config import config_dir, register_resolvers
+    from dapt.data.datamodule import PackedCorpusDataModule
+    from dapt.masking import build_eval_masker, build_masker
+    from dapt.modeling.base_prep import needs_preparation, prepare_base
+    from dapt.modeling.loading import load_mlm_model, load_tokenizer
+    from dapt.pipeline.fit import evaluate_heldout, make_module, make_trainer
+    from dapt.train import validate
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["tasks=[]", "logger.wandb.enabled=false", *args.overrides])
+    run = validate(cfg)
+    tokenizer = load_tokenizer(run.model.source)
+    loaded = load_mlm_model(run.model.source, attn_implementation=run.model.attn_implementation)
+    model = loaded.model
+    if needs_preparation(run.base, loaded.has_pretrained_head):
+        base = prepare_base(model=model, tokenizer=tokenizer, model_cfg=run.model, model_path=loaded.path, base_cfg=run.base,
+                            data_dir=str(cfg.paths.data_dir), cache_dir=str(cfg.paths.cache_dir), trainer_kwargs=run.trainer)
+        model = load_mlm_model(base.path, attn_implementation=run.model.attn_implementation).model
+    masker = build_masker(cfg.masking, tokenizer)
+    eval_masker = build_eval_masker(cfg.masking, tokenizer)
+    rows: list[dict[str, Any]] = []
+    for budget in [int(b) for b in args.budgets.split(",")]:
+        data = type(run.data)(**{**run.data.__dict__, "eval_tokens": budget})
+        dm = PackedCorpusDataModule(data, tokenizer, masker, data_dir=str(cfg.paths.data_dir), seed=int(cfg.seed), eval_masker=eval_masker)
+        t0 = time.time()
+        dm.setup()
+        module = make_module(model, run, eval_names=dm.eval_names, test_names=dm.test_names)
+        trainer = make_trainer({**run.trainer, "enable_progress_bar": False}, callbacks=[], loggers=None, root_dir="/tmp/heldout_budget")
+        heldout = evaluate_heldout(trainer, module, dm)
+        seconds = time.time() - t0
+        for split, prefix in (("test", ""), ("dev", "_dev")):
+            for name in ("domain", "general"):
+                ppl, ci = heldout.get(f"{name}{prefix}_ppl"), heldout.get(f"{name}{prefix}_ppl_ci")
+                info = dm.eval_info[split][name]
+                half = (ci[1] - ci[0]) / 2 / ppl if ci and None not in ci else None
+                rows.append({"budget": budget, "set": f"{name} {split}", "ppl": ppl, "ci": ci, "half_width": half,
+                             "documents": info["documents"], "documents_in_split": info["documents_in_split"],
+                             "masked_tokens": info["masked_tokens"], "eval_seconds_all_sets": round(seconds, 1)})
+                print(f"eval_tokens={budget:>7}  {name:>7} {split:<4}  ppl {ppl:8.2f}  CI [{ci[0]:.2f}, {ci[1]:.2f}]  "
+                      f"±{half:.1%}  docs {info['documents']}/{info['documents_in_split']}  masked {info['masked_tokens']}", flush=True)
+        print(f"eval_tokens={budget}: all four sets evaluated in {seconds:.0f} s", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
