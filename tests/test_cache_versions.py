@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 # version -> fingerprint of the recipe's code at that version
-BASE_RECIPE = {2: "07087ae0a9e13562"}
-CONTROL_RECIPE = {1: "be3595fa46c0aaaa"}
+BASE_RECIPE = {2: "7cafaec949d5d464"}  # on_fit_start instead of on_train_start: same modes at every step
+CONTROL_RECIPE = {1: "615db81f1b4e2793"}
 
 
 @pytest.mark.parametrize(

@@ -92,8 +92,11 @@ class MLMModule(pl.LightningModule):
             encoder=self._compiled[0] if self._compiled else None,
         )
 
-    def on_train_start(self) -> None:
-        """Dropout on for training: the wrapped model may arrive in eval mode (``from_pretrained``)."""
+    def on_fit_start(self) -> None:
+        """Dropout on for training: the wrapped model may arrive in eval mode (``from_pretrained``).
+
+        ``on_fit_start`` runs before Lightning checks for modules in eval mode at the start of training
+        (and before its validation loops record, then restore, the modules' modes)."""
         self.model.train()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
