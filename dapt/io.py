@@ -66,3 +66,22 @@ def atomic_save_dir(target: str | os.PathLike[str], write: Any) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def multi_process() -> bool:
+    """True inside a multi-process (DDP) job: every rank has ``WORLD_SIZE`` set before training
+    (dapt's DDP launcher, torchrun and SLURM all set it)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def cache_build_lock(path: str | os.PathLike[str]) -> Any:
+    """Lock held while one process builds a cached model (base, control) so that concurrent sweep
+    jobs build it once. Under DDP no lock is taken: all ranks must train the model *together*, and a
+    lock held by one rank would leave the others waiting while it waits for them in a collective;
+    only global rank 0 writes the result, atomically."""
+    import contextlib
+
+    from filelock import FileLock
+
+    return contextlib.nullcontext() if multi_process() else FileLock(str(path) + ".lock")
+

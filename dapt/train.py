@@ -133,7 +133,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     data_dir = str(cfg.paths.data_dir)
     cache_dir = str(cfg.paths.cache_dir)
     run_dir = run_dir_of(cfg)
-    pl.seed_everything(seed, workers=True, verbose=False)  # CPU thread count: MLMModule's CpuThreadTuner
+    pl.seed_everything(seed, workers=True, verbose=False)
 
     tokenizer = load_tokenizer(run.model.tokenizer or run.model.source)
     max_steps = int(run.trainer["max_steps"])
@@ -219,6 +219,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if control is not None:
             results["control"] = control.as_results()
         results["changes"] = perplexity_changes(after, before, control.heldout if control else None)
+        # Per-document loss sums of every arm, beside results.json: other runs scored on the same
+        # held-out sets (a sweep) can be compared with paired CIs from them.
+        atomic_write_json(run_dir / "heldout_documents.json", {
+            "before": before[DOCUMENTS], "after": after[DOCUMENTS], "control": control.heldout.get(DOCUMENTS) if control else None,
+        })
         results.update({
             "tokens_per_s": throughput.tokens_per_s,
             "mfu": throughput.mfu,
@@ -343,6 +348,10 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
                 flat[f"{key}_low"], flat[f"{key}_high"] = value
         elif value is not None:
             flat[key] = value
+    for name, label in (("domain", "domain_ppl_change"), ("general", "forgetting")):  # results without "changes"
+        after, before = results.get(f"{name}_ppl_after"), results.get(f"{name}_ppl_before")
+        if label not in flat and after and before:
+            flat[label] = after / before - 1
 
     def walk(prefix: str, node: Any) -> None:
         if isinstance(node, dict):

@@ -336,7 +336,10 @@ class PackedCorpusDataModule(pl.LightningDataModule):
 
     def heldout_fingerprint(self) -> dict[str, Any]:
         """Everything that determines the held-out sets (cache key of a cached model's perplexities)."""
+        import hashlib
         from dataclasses import asdict
+
+        from dapt.versioning import file_digest
 
         return {
             "sources": {split: {n: describe([s], self.data_dir) for n, s in srcs.items()} for split, srcs in self.eval_sources.items()},
@@ -345,7 +348,8 @@ class PackedCorpusDataModule(pl.LightningDataModule):
             "eval_max_doc_tokens": self.config.eval_max_doc_tokens,
             "eval_sample_seed": self.config.eval_sample_seed,
             "masker": asdict(self.eval_masker.config),
-            "vocab": len(self.tokenizer),
+            "masker_stats": file_digest(stats) if (stats := getattr(self.eval_masker.strategy, "stats_file", None)) else None,
+            "tokenizer": hashlib.sha256(self.tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
         }
 
     def skip_batches(self, batches: int) -> None:

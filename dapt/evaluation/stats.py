@@ -193,9 +193,9 @@ def apply_holm(comparisons: Sequence[MutableMapping[str, Any]]) -> None:
         comparison["holm_m"] = m
         # Significance is now decided at Holm's level, whose strictest step is alpha / m: the effect
         # the table can detect is computed there (an unadjusted MDE would promise too much).
-        if comparison.get("mde") is not None and m > 1:
-            comparison["mde_unadjusted"] = comparison["mde"]
+        if comparison.get("mde") is not None:
+            comparison.setdefault("mde_unadjusted", comparison["mde"])  # idempotent: a second call keeps it
             comparison["mde"] = minimum_detectable_effect(comparison["delta_std"], comparison["n"],
-                                                          alpha=comparison.get("alpha", 0.05) / m)
+                                                          alpha=comparison.get("alpha", 0.05) / max(m, 1))
         comparison["significant"] = p_holm is not None and p_holm < comparison.get("alpha", 0.05)
         comparison["verdict"] = verdict(comparison, margin=comparison.get("margin", DEFAULT_EQUIVALENCE_MARGIN))

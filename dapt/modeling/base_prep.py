@@ -112,7 +112,7 @@ def recipe_fingerprint() -> str:
     from dapt.versioning import source_fingerprint
 
     return source_fingerprint(_train_base, freeze_for, base_data_config, mlm_module.MLMModule, sparse_head, optim,
-                              datamodule.PackedBlockStream, mixing, packing, sources, masking_base, random_masking)
+                              datamodule, mixing, packing, sources, masking_base, random_masking)
 
 
 # Trainer settings that change how a base is trained (and so what it is); the rest only change logging.
@@ -194,11 +194,11 @@ def prepare_base(
 ) -> BaseInfo:
     """Return the cached base for this (model, recipe, data), training and caching it if needed.
 
-    Concurrent sweep jobs wait on a file lock, so the base is built once per machine.
+    Concurrent single-process sweep jobs wait on a file lock, so the base is built once per machine;
+    under DDP every rank trains it together and global rank 0 saves it (``cache_build_lock``).
     """
-    from filelock import FileLock
-
     from dapt.data.sources import as_source, describe
+    from dapt.io import cache_build_lock
 
     sources = [as_source(s, f"base.data[{i}]") for i, s in enumerate(base_cfg.data)]
     if not sources:
@@ -206,14 +206,14 @@ def prepare_base(
     key = cache_key(model_cfg, model_path, base_cfg, describe(sources, data_dir), len(tokenizer), trainer_kwargs)
     target = Path(cache_dir) / "bases" / key
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
+    with cache_build_lock(target):
         if base_cfg.cache and (target / MARKER).exists():
             log.info("using cached general-MLM base %s", target)
             info = json.loads((target / MARKER).read_text())
             return BaseInfo(source=info["source"], path=str(target), steps=info["steps"], cache_key=key, cached=True, seconds=info.get("seconds", 0.0))
         log.info("preparing general-MLM base (%d steps, trainable=%s); cached at %s", base_cfg.steps, base_cfg.trainable, target)
         t0 = time.time()
-        _train_base(model, tokenizer, sources, base_cfg, data_dir, trainer_kwargs or {})
+        is_global_zero = _train_base(model, tokenizer, sources, base_cfg, data_dir, trainer_kwargs or {})
         seconds = time.time() - t0
         for p in model.parameters():
             p.requires_grad_(True)
@@ -223,11 +223,13 @@ def prepare_base(
             tokenizer.save_pretrained(tmp)
             atomic_write_json(tmp / MARKER, {"source": model_cfg.source, "steps": base_cfg.steps, "seconds": seconds, "cache_key": key, "recipe": asdict(base_cfg)})
 
-        atomic_save_dir(target, write)
+        if is_global_zero:
+            atomic_save_dir(target, write)
     return BaseInfo(source=model_cfg.source, path=str(target), steps=base_cfg.steps, cache_key=key, cached=False, seconds=seconds)
 
 
-def _train_base(model: torch.nn.Module, tokenizer: Any, sources: list[Any], cfg: BaseConfig, data_dir: str | None, trainer_kwargs: dict[str, Any]) -> None:
+def _train_base(model: torch.nn.Module, tokenizer: Any, sources: list[Any], cfg: BaseConfig, data_dir: str | None, trainer_kwargs: dict[str, Any]) -> bool:
+    """Train the base in place; returns whether this process is global rank 0 (the one that saves)."""
     import pytorch_lightning as pl
 
     from dapt.data.datamodule import PackedCorpusDataModule
@@ -260,3 +262,4 @@ def _train_base(model: torch.nn.Module, tokenizer: Any, sources: list[Any], cfg:
     )
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     trainer.fit(module, datamodule=dm)
+    return trainer.is_global_zero

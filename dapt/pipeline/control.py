@@ -31,7 +31,7 @@ from dapt.config import to_dataclass
 from dapt.data.datamodule import PackedCorpusDataModule
 from dapt.data.sources import as_source, describe, general_sources
 from dapt.errors import ConfigError
-from dapt.io import atomic_save_dir, atomic_write_json
+from dapt.io import atomic_save_dir, atomic_write_json, cache_build_lock
 from dapt.modeling.base_prep import BaseStream
 from dapt.pipeline.fit import DOCUMENTS, evaluate_heldout, make_module, make_trainer
 from dapt.tracking.progress import StepProgressBar
@@ -86,14 +86,30 @@ def recipe_fingerprint() -> str:
     """The code that trains and evaluates a control; pinned with ``CONTROL_VERSION`` by a test."""
     import dapt.masking as masking
     from dapt.data import datamodule, heldout, mixing, packing, sources
-    from dapt.modeling import mlm_module, optim, perplexity, sparse_head
+    from dapt.modeling import base_prep, loading, mlm_module, optim, perplexity, sparse_head
     from dapt.pipeline import fit
     from dapt.versioning import source_fingerprint
 
     strategies = [masking.base, masking.units, masking.random, masking.whole_word, masking.span, masking.pmi, masking.ngrams,
                   masking.salient, masking.salience, masking.corpus_stats]
     return source_fingerprint(run_control, control_stream, fit, mlm_module.MLMModule, sparse_head, optim, perplexity, heldout,
-                              datamodule.PackedBlockStream, mixing, packing, sources, *strategies)
+                              datamodule, mixing, packing, sources, loading, base_prep.base_stream, base_prep.BaseStream,
+                              base_prep.base_data_config, *strategies)
+
+
+# Trainer settings that never change the control's weights (evaluation and logging only).
+CONTROL_IRRELEVANT_TRAINER_KEYS = (
+    "val_check_interval", "check_val_every_n_epoch", "limit_val_batches", "limit_test_batches", "num_sanity_val_steps",
+    "log_every_n_steps", "enable_model_summary", "enable_progress_bar",
+)
+
+
+def _stats_digest(masker: Any) -> str | None:
+    """Content hash of the corpus statistics (PMI n-grams, salient terms) a masker's strategy uses."""
+    from dapt.versioning import file_digest
+
+    path = getattr(masker.strategy, "stats_file", None)
+    return file_digest(path) if path and Path(path).is_file() else None
 
 
 def _key(payload: dict[str, Any]) -> str:
@@ -113,14 +129,18 @@ def control_stream(cfg: Any, run: Any, control: ControlConfig, base: BaseStream 
     starting point has not seen. Otherwise it reads its corpus from the start with the run's seed.
     """
     sources = control_sources(cfg, control)
-    data_cfg = replace(run.data, name="control", train=sources, replay=[], replay_fraction=0.0)
+    # No held-out sets of its own: the control is scored on DAPT's (see run_control).
+    data_cfg = replace(run.data, name="control", train=sources, replay=[], replay_fraction=0.0,
+                       domain_dev=None, domain_test=None, general_dev=None, general_test=None)
     if base is None or [asdict(s) for s in base.data.train] != [asdict(s) for s in sources]:
         return data_cfg, int(cfg.seed), 0
     if base.data.max_seq_length != run.data.max_seq_length:
-        raise ConfigError(
-            f"control arm: base.max_seq_length={base.data.max_seq_length} differs from data.max_seq_length="
-            f"{run.data.max_seq_length}; the control must train on DAPT's block shape (set them equal)"
+        log.warning(
+            "control arm: base.max_seq_length=%d differs from data.max_seq_length=%d, so the control cannot "
+            "continue the base's stream; it reads the general corpus from the start (text the base has "
+            "partly seen). Set them equal for a clean control.", base.data.max_seq_length, run.data.max_seq_length,
         )
+        return data_cfg, int(cfg.seed), 0
     stream_keys = ("shuffle_buffer", "doc_shuffle_buffer", "docs_per_batch", "max_passes", "num_workers")
     return replace(data_cfg, **{k: getattr(base.data, k) for k in stream_keys}), base.seed, base.blocks
 
@@ -158,9 +178,9 @@ def run_control(
         "optimizer": asdict(run.optimizer),
         "scheduler": asdict(run.scheduler),
         "masking": asdict(masker.config),
-        "masking_stats": str(getattr(masker.strategy, "stats_file", None)),  # PMI n-grams / salient terms (content-keyed)
-        "trainer": {k: v for k, v in run.trainer.items() if k not in ("val_check_interval", "log_every_n_steps", "enable_model_summary", "enable_progress_bar")},
-        "data": {k: v for k, v in asdict(data_cfg).items() if not k.startswith(("domain_", "general_", "eval_", "name", "train", "num_workers"))},
+        "masking_stats": _stats_digest(masker),  # PMI n-grams / salient terms the masks depend on
+        "trainer": {k: v for k, v in run.trainer.items() if k not in CONTROL_IRRELEVANT_TRAINER_KEYS},
+        "data": {k: v for k, v in asdict(data_cfg).items() if not k.startswith(("domain_", "general_", "eval_", "dev_eval_", "name", "train"))},
         "sources": describe(sources, data_dir),
         "seed": seed,
         "start_block": start_block,
@@ -170,52 +190,51 @@ def run_control(
     key = _key(recipe)
     target = Path(cache_dir) / "controls" / key if control.cache else Path(root_dir) / "control_model"
     eval_key = _key({"heldout": datamodule.heldout_fingerprint(), "version": CONTROL_VERSION,
-                     "precision": run.trainer.get("precision"), "attn": run.model.attn_implementation})
-    # No file lock around training (unlike the base): under DDP every rank must train together, and a
-    # lock held by rank 0 would deadlock the collective calls. Concurrent sweep jobs may train the same
-    # control twice; the atomic directory swap keeps the cache consistent either way.
-    marker = target / MARKER
-    cached = control.cache and marker.exists()
-    info = json.loads(marker.read_text()) if cached else {}
-    if cached:
-        log.info("using cached control arm %s", target)
-        model = load_mlm_model(str(target), attn_implementation=run.model.attn_implementation).model
-    else:
-        log.info("training the control arm: %d steps on general text (%s); saved at %s",
-                 run.trainer["max_steps"], ", ".join(s.path for s in sources), target)
-        model = copy.deepcopy(start_model)
-        t0 = time.time()
-        dm = PackedCorpusDataModule(data_cfg, tokenizer, masker, data_dir=data_dir, seed=seed, mask_seed=int(cfg.seed),
-                                    eval_masker=datamodule.eval_masker)
-        dm.train_stream.start_block = start_block
-        dm.check_inputs()
-        module = make_module(model, run, eval_names=(), test_names=())
-        trainer_kwargs = {**run.trainer, "limit_val_batches": 0, "val_check_interval": None, "check_val_every_n_epoch": None}
-        trainer = make_trainer(trainer_kwargs, callbacks=[StepProgressBar(description="control (general text)")],
-                               loggers=None, root_dir=root_dir)
-        pl.seed_everything(int(cfg.seed), workers=True, verbose=False)  # dropout as in DAPT's fit
-        trainer.fit(module, datamodule=dm)
-        info = {"steps": int(trainer.global_step), "seconds": time.time() - t0, "recipe": recipe, "evals": {}}
-        if trainer.is_global_zero:
+                     "precision": run.trainer.get("precision"), "accelerator": run.trainer.get("accelerator"),
+                     "attn": run.model.attn_implementation})
+    with cache_build_lock(target):  # one build per machine for concurrent sweep jobs; none under DDP
+        marker = target / MARKER
+        cached = control.cache and marker.exists()
+        info = json.loads(marker.read_text()) if cached else {}
+        if cached:
+            log.info("using cached control arm %s", target)
+            model = load_mlm_model(str(target), attn_implementation=run.model.attn_implementation).model
+        else:
+            log.info("training the control arm: %d steps on general text (%s); saved at %s",
+                     run.trainer["max_steps"], ", ".join(s.path for s in sources), target)
+            model = copy.deepcopy(start_model)
+            t0 = time.time()
+            dm = PackedCorpusDataModule(data_cfg, tokenizer, masker, data_dir=data_dir, seed=seed, mask_seed=int(cfg.seed))
+            dm.train_stream.start_block = start_block
+            dm.check_inputs()
+            module = make_module(model, run, eval_names=(), test_names=())
+            trainer_kwargs = {**run.trainer, "limit_val_batches": 0, "val_check_interval": None, "check_val_every_n_epoch": None}
+            trainer = make_trainer(trainer_kwargs, callbacks=[StepProgressBar(description="control (general text)")],
+                                   loggers=None, root_dir=root_dir)
+            pl.seed_everything(int(cfg.seed), workers=True, verbose=False)  # dropout as in DAPT's fit
+            trainer.fit(module, datamodule=dm)
+            info = {"steps": int(trainer.global_step), "seconds": time.time() - t0, "recipe": recipe, "evals": {}}
+            if trainer.is_global_zero:
 
-            def write(tmp: Path) -> None:
-                model.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-                atomic_write_json(tmp / MARKER, info)
+                def write(tmp: Path) -> None:
+                    model.save_pretrained(tmp)
+                    tokenizer.save_pretrained(tmp)
+                    atomic_write_json(tmp / MARKER, info)
 
-            atomic_save_dir(target, write)
-    heldout = info.get("evals", {}).get(eval_key)
-    if heldout is None:
-        module = make_module(model, run, eval_names=datamodule.eval_names, test_names=datamodule.test_names)
-        trainer = make_trainer({**run.trainer, "enable_progress_bar": False}, callbacks=[], loggers=None, root_dir=root_dir)
-        heldout = evaluate_heldout(trainer, module, datamodule)
-        info.setdefault("evals", {})[eval_key] = heldout
-        if trainer.is_global_zero:
-            atomic_write_json(marker, info)
-    stream = {"sources": [s.path for s in sources], "seed": seed, "start_block": start_block,
-              "shuffle_buffer": data_cfg.shuffle_buffer, "doc_shuffle_buffer": data_cfg.doc_shuffle_buffer}
-    return ControlResult(path=str(target), cache_key=key, cached=cached, steps=int(info["steps"]),
-                         seconds=float(info.get("seconds", 0.0)), heldout=heldout, stream=stream)
+                atomic_save_dir(target, write)
+        heldout = info.get("evals", {}).get(eval_key)
+        if heldout is None:
+            module = make_module(model, run, eval_names=datamodule.eval_names, test_names=datamodule.test_names)
+            trainer = make_trainer({**run.trainer, "enable_progress_bar": False}, callbacks=[], loggers=None, root_dir=root_dir)
+            heldout = evaluate_heldout(trainer, module, datamodule)
+            info.setdefault("evals", {})[eval_key] = heldout
+            if trainer.is_global_zero:
+                atomic_write_json(marker, info)
+        stream = {"sources": [s.path for s in sources], "continues_base_stream": start_block > 0, "stream_seed": seed,
+                  "start_block": start_block, "mask_seed": int(cfg.seed),
+                  **{k: getattr(data_cfg, k) for k in ("shuffle_buffer", "doc_shuffle_buffer", "docs_per_batch", "max_passes", "num_workers")}}
+        return ControlResult(path=str(target), cache_key=key, cached=cached, steps=int(info["steps"]),
+                             seconds=float(info.get("seconds", 0.0)), heldout=heldout, stream=stream)
 
 
 def control_config(cfg: Any) -> ControlConfig:

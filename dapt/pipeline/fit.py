@@ -7,6 +7,7 @@ optimizer, schedule, masking, batch shape, trainer settings and seed. Both there
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Sequence
 
@@ -15,6 +16,8 @@ import torch
 
 from dapt.modeling.callbacks import AtomicCheckpointIO
 from dapt.modeling.mlm_module import MLMModule
+
+log = logging.getLogger(__name__)
 
 HELDOUT_STATS = ("ppl", "acc")
 DOCUMENTS = "documents"  # key of the per-document tables in evaluate_heldout's result
@@ -31,7 +34,10 @@ def relative_change(new: dict[str, Any], reference: dict[str, Any], key: str) ->
     from dapt.modeling.perplexity import paired_change_ci
 
     a, b = new.get(DOCUMENTS, {}).get(key), reference.get(DOCUMENTS, {}).get(key)
-    if not a or not b or a["ids"] != b["ids"] or a["counts"] != b["counts"]:
+    if not a or not b:
+        return None
+    if a["ids"] != b["ids"] or a["counts"] != b["counts"]:
+        log.warning("%s: the two arms were not scored on the same masked tokens; no paired change reported", key)
         return None
     return paired_change_ci(np.asarray(a["sums"]), np.asarray(b["sums"]), np.asarray(a["counts"]))
 
@@ -67,6 +73,7 @@ def evaluate_heldout(trainer: pl.Trainer, module: MLMModule, datamodule: Any) ->
     comparisons between arms resample (JSON-able lists, so cached arms keep them).
     """
     out: dict[str, Any] = {DOCUMENTS: {}}
+    module.heldout_documents.clear()  # a set that yields nothing this time must not reuse an old table
     stages = (("dev", "val", trainer.validate, datamodule.eval_names), ("test", "test", trainer.test, datamodule.test_names))
     for split, prefix, run_loop, names in stages:
         if not names:
