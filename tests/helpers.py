@@ -55,3 +55,15 @@ def run_dapt(args: list[str], cwd: Path, timeout: int = 400, env: dict[str, str]
 def fail_message(proc: subprocess.CompletedProcess) -> str:
     """What an assertion on a subprocess shows: exit code and the ends of both streams."""
     return f"rc={proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+
+
+class FakeRun:
+    """Stands in for a W&B run: records ``log`` calls and the summary."""
+
+    def __init__(self) -> None:
+        self.summary: dict[str, Any] = {}
+        self.logged: list[dict[str, Any]] = []
+
+    def log(self, data: dict[str, Any]) -> None:
+        self.logged.append(data)
+

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from omegaconf import OmegaConf
 
 from dapt.evaluation import downstream
 from dapt.evaluation.finetuning import DownstreamConfig
 from dapt.evaluation.report import format_downstream_table
+from tests.helpers import FakeRun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,15 +60,6 @@ def train_cfg(data_dir: Path, cache_dir: Path, tasks: list[str], **overrides: An
     node = OmegaConf.load(REPO / "conf" / "downstream" / "tiny.yaml")
     return OmegaConf.create({"tasks": tasks, "downstream": OmegaConf.merge(node, {"seeds": [0, 1, 2, 3, 4], **overrides}),
                              "paths": {"data_dir": str(data_dir), "cache_dir": str(cache_dir)}})
-
-
-class FakeRun:
-    def __init__(self) -> None:
-        self.summary: dict[str, Any] = {}
-        self.logged: list[dict[str, Any]] = []
-
-    def log(self, data: dict[str, Any]) -> None:
-        self.logged.append(data)
 
 
 def test_three_arms_compare_after_with_base_and_control(monkeypatch, models, data_dir, tmp_path):

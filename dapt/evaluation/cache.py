@@ -18,13 +18,12 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from dapt.evaluation.tasks import TaskConfig
 from dapt.io import atomic_write_json  # noqa: F401  (re-exported for downstream.py and finetune.py)
-from dapt.versioning import LIBRARIES, library_versions, source_fingerprint
+from dapt.versioning import LIBRARIES, directory_digest, files_digest, library_versions, source_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -35,24 +34,6 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 2
 # Besides the libraries every cached number depends on, the NER and classification metrics.
 SCORE_LIBRARIES = (*LIBRARIES, "torchmetrics", "seqeval")
-_CHUNK = 1 << 20
-
-
-def _hash_files(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode())
-        digest.update(b"\0")
-        with path.open("rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
-@lru_cache(maxsize=32)
-def _dir_fingerprint(path: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
-    return _hash_files([Path(path) / name for name, _, _ in stamp])
 
 
 def model_fingerprint(source: str) -> str:
@@ -66,9 +47,7 @@ def model_fingerprint(source: str) -> str:
     path = Path(resolve_model_path(source))
     if not path.is_dir():
         return f"hub:{source}"
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-    return _dir_fingerprint(str(path), stamp)
+    return directory_digest(path)
 
 
 def task_fingerprint(task: TaskConfig, data_dir: str | Path) -> dict[str, Any]:
@@ -83,7 +62,7 @@ def task_fingerprint(task: TaskConfig, data_dir: str | Path) -> dict[str, Any]:
             continue
         p = Path(location).expanduser()
         files.append(p if p.is_absolute() else Path(data_dir).expanduser() / p)
-    return {"spec": spec, "data": _hash_files([f for f in files if f.is_file()])}
+    return {"spec": spec, "data": files_digest([f for f in files if f.is_file()])}
 
 
 def recipe_sources() -> tuple[Any, ...]:
