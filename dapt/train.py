@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -425,7 +426,8 @@ def print_summary(results: dict[str, Any]) -> None:
             if control:
                 row.append(_change_cell(changes, f"{change}_vs_control"))
             table.add_row(*row)
-    console = Console()
+    # Not a terminal (a log file, CI): rich would assume 80 columns and cut the tables' cells.
+    console = Console() if sys.stdout.isatty() else Console(width=120)
     console.print(table)
     base = results["base"]
     random_init = bool(results.get("config", {}).get("model", {}).get("random_init"))

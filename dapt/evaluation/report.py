@@ -10,6 +10,7 @@ of each verdict stays in ``results.json``. Fits a ~100-column terminal with thre
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Mapping
 
 from rich import box
@@ -125,4 +126,6 @@ def format_downstream_table(results: Mapping[str, Any], *, title: str | None = N
 def print_downstream_table(results: Mapping[str, Any], console: Console | None = None, **kwargs: Any) -> None:
     if not results:
         return
-    (console or Console()).print(format_downstream_table(results, **kwargs))
+    if console is None:  # not a terminal (a log file, CI): rich would assume 80 columns and cut cells
+        console = Console() if sys.stdout.isatty() else Console(width=120)
+    console.print(format_downstream_table(results, **kwargs))
