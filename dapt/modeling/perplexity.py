@@ -115,7 +115,8 @@ class HeldoutPerplexity(Metric):
 
     def compute(self) -> dict[str, Any]:
         """Scalars for logging, plus ``documents_table``: (doc ids, loss sums, counts) for paired CIs."""
-        if not self.losses:
+        # A list of per-batch tensors here; one concatenated tensor after a DDP sync ("cat" reduction).
+        if isinstance(self.losses, list) and not self.losses:
             return {}
         losses = dim_zero_cat(self.losses).double().cpu().numpy()
         correct = dim_zero_cat(self.correct).double().cpu().numpy()
