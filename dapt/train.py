@@ -30,7 +30,7 @@ from dapt.modeling.callbacks import ThroughputMonitor
 from dapt.modeling.loading import load_mlm_model, load_tokenizer
 from dapt.modeling.optim import OptimizerConfig, SchedulerConfig
 from dapt.pipeline.control import control_config, run_control
-from dapt.pipeline.fit import DOCUMENTS, evaluate_heldout, make_module, make_trainer, relative_change
+from dapt.pipeline.fit import DOCUMENTS, evaluate_heldout, make_module, make_trainer, relative_change, stage_keys
 from dapt.tracking.loggers import LoggerConfig, build_loggers, finish_wandb, wandb_run_of
 from dapt.tracking.ddp import debug_callbacks
 from dapt.tracking.progress import StepProgressBar
@@ -215,8 +215,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                 lambda tmp: (module.model.save_pretrained(tmp, state_dict=full_state), tokenizer.save_pretrained(tmp)),
             )
         results = {"experiment": experiment}
-        results.update(_stage_keys(before, "before"))
-        results.update(_stage_keys(after, "after"))
+        results.update(stage_keys(before, "before"))
+        results.update(stage_keys(after, "after"))
         if control is not None:
             results["control"] = control.as_results()
         results["changes"] = perplexity_changes(after, before, control.heldout if control else None)
@@ -251,11 +251,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     objects["results"] = results
     objects["run_dir"] = run_dir
     return metrics, objects
-
-
-def _stage_keys(heldout: dict[str, Any], stage: str) -> dict[str, Any]:
-    """``domain_ppl`` -> ``domain_ppl_<stage>``, ``domain_ppl_ci`` -> ``domain_ppl_<stage>_ci``."""
-    return {(f"{k[:-3]}_{stage}_ci" if k.endswith("_ci") else f"{k}_{stage}"): v for k, v in heldout.items() if k != DOCUMENTS}
 
 
 def perplexity_changes(after: dict[str, Any], before: dict[str, Any], control: dict[str, Any] | None) -> dict[str, Any]:

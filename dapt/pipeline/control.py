@@ -33,7 +33,7 @@ from dapt.data.sources import as_source, describe, general_sources
 from dapt.errors import ConfigError
 from dapt.io import atomic_save_dir, atomic_write_json, cache_build_lock
 from dapt.modeling.base_prep import BaseStream
-from dapt.pipeline.fit import DOCUMENTS, evaluate_heldout, make_module, make_trainer
+from dapt.pipeline.fit import evaluate_heldout, make_module, make_trainer, stage_keys
 from dapt.tracking.progress import StepProgressBar
 
 log = logging.getLogger(__name__)
@@ -70,16 +70,8 @@ class ControlResult:
 
     def as_results(self) -> dict[str, Any]:
         """The ``control`` block of results.json (perplexities after the control's training)."""
-        out: dict[str, Any] = {"steps": self.steps, "cache_key": self.cache_key, "cached": self.cached, "path": self.path,
-                               "stream": self.stream}
-        for key, value in self.heldout.items():
-            if key == DOCUMENTS:
-                continue
-            if key.endswith("_ci"):
-                out[f"{key[:-3]}_after_ci"] = value
-            else:
-                out[f"{key}_after"] = value
-        return out
+        return {"steps": self.steps, "cache_key": self.cache_key, "cached": self.cached, "path": self.path,
+                "stream": self.stream, **stage_keys(self.heldout, "after")}
 
 
 def recipe_fingerprint() -> str:

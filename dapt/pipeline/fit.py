@@ -23,6 +23,12 @@ HELDOUT_STATS = ("ppl", "acc")
 DOCUMENTS = "documents"  # key of the per-document tables in evaluate_heldout's result
 
 
+def stage_keys(heldout: dict[str, Any], stage: str) -> dict[str, Any]:
+    """``evaluate_heldout`` keys as results.json names them: ``domain_ppl`` -> ``domain_ppl_<stage>``,
+    ``domain_ppl_ci`` -> ``domain_ppl_<stage>_ci`` (the per-document tables are left out)."""
+    return {(f"{k[:-3]}_{stage}_ci" if k.endswith("_ci") else f"{k}_{stage}"): v for k, v in heldout.items() if k != DOCUMENTS}
+
+
 def relative_change(new: dict[str, Any], reference: dict[str, Any], key: str) -> tuple[float, float, float] | None:
     """``ppl_new / ppl_ref - 1`` for held-out set ``key`` (e.g. ``domain_dev_ppl``) with its paired CI.
 
