@@ -30,7 +30,7 @@ from dapt.modeling.callbacks import ThroughputMonitor
 from dapt.modeling.loading import load_mlm_model, load_tokenizer
 from dapt.modeling.optim import OptimizerConfig, SchedulerConfig
 from dapt.pipeline.control import control_config, run_control
-from dapt.pipeline.fit import DOCUMENTS, evaluate_heldout, make_module, make_trainer, relative_change, stage_keys
+from dapt.pipeline.fit import DOCUMENTS, cached_start_evaluation, evaluate_heldout, make_module, make_trainer, relative_change, stage_keys
 from dapt.tracking.loggers import LoggerConfig, build_loggers, finish_wandb, wandb_run_of
 from dapt.tracking.ddp import debug_callbacks
 from dapt.tracking.progress import StepProgressBar
@@ -194,7 +194,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                            checkpointing=bool(checkpoint_cfg.get("enabled", False)))
 
     t0 = time.time()
-    before = evaluate_heldout(trainer, module, datamodule)
+    before, before_cached = cached_start_evaluation(
+        cache_dir, start_fingerprint, run, datamodule, lambda: evaluate_heldout(trainer, module, datamodule),
+        write=trainer.is_global_zero,
+    )
     pl.seed_everything(seed, workers=True, verbose=False)  # the same RNG state as the control arm's fit
     trainer.fit(module, datamodule=datamodule)
     after = evaluate_heldout(trainer, module, datamodule)
@@ -216,6 +219,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             )
         results = {"experiment": experiment}
         results.update(stage_keys(before, "before"))
+        results["before_cached"] = before_cached
         results.update(stage_keys(after, "after"))
         if control is not None:
             results["control"] = control.as_results()

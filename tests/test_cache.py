@@ -92,3 +92,47 @@ def test_unreadable_entries_are_misses(tmp_path, bad):
     assert cache.get("k") is None
     cache.put("k", {"a": 1}, meta={})
     assert cache.get("k") == {"a": 1}
+
+
+# --- the start model's held-out evaluation ------------------------------------------------------------
+
+class _Sets:
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def heldout_fingerprint(self) -> dict:
+        return {"eval_sample_seed": self.seed}
+
+
+def _run(precision: str = "32-true"):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(trainer={"precision": precision, "accelerator": "cpu"}, model=SimpleNamespace(attn_implementation="sdpa"))
+
+
+def test_start_evaluation_cache_keys_on_model_sets_and_numerics_and_heals(tmp_path):
+    from dapt.pipeline.fit import DOCUMENTS, cached_start_evaluation
+
+    calls = []
+
+    def compute(value: float):
+        def run_eval():
+            calls.append(value)
+            return {"domain_ppl": value, DOCUMENTS: {}}
+        return run_eval
+
+    start = {"files_sha256": "abc"}
+    first, cached = cached_start_evaluation(tmp_path, start, _run(), _Sets(), compute(1.0), write=True)
+    assert (first["domain_ppl"], cached) == (1.0, False)
+    again, cached = cached_start_evaluation(tmp_path, start, _run(), _Sets(), compute(2.0), write=True)
+    assert (again["domain_ppl"], cached) == (1.0, True) and calls == [1.0]
+    # another start model, other held-out sets, other precision: each a miss
+    for args in (({"files_sha256": "abd"}, _run(), _Sets()), (start, _run(), _Sets(seed=1)), (start, _run("bf16-mixed"), _Sets())):
+        out, cached = cached_start_evaluation(tmp_path, *args, compute(3.0), write=True)
+        assert not cached and out["domain_ppl"] == 3.0
+    # a truncated entry is recomputed and rewritten
+    for entry in (tmp_path / "evals").glob("*.json"):
+        entry.write_text('{"heldout": {"domain_pp')
+    out, cached = cached_start_evaluation(tmp_path, start, _run(), _Sets(), compute(4.0), write=True)
+    assert (out["domain_ppl"], cached) == (4.0, False)
+    assert cached_start_evaluation(tmp_path, start, _run(), _Sets(), compute(5.0), write=True)[0]["domain_ppl"] == 4.0

@@ -16,7 +16,6 @@ perplexities are cached beside it under a key of the held-out sets, so a cached 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import time
@@ -33,7 +32,7 @@ from dapt.data.sources import as_source, describe, general_sources
 from dapt.errors import ConfigError
 from dapt.io import atomic_save_dir, atomic_write_json, cache_build_lock
 from dapt.modeling.base_prep import BaseStream
-from dapt.pipeline.fit import evaluate_heldout, make_module, make_trainer, stage_keys
+from dapt.pipeline.fit import content_key, evaluate_heldout, heldout_eval_payload, make_module, make_trainer, stage_keys
 from dapt.tracking.progress import StepProgressBar
 
 log = logging.getLogger(__name__)
@@ -102,10 +101,6 @@ def _stats_digest(masker: Any) -> str | None:
 
     path = getattr(masker.strategy, "stats_file", None)
     return file_digest(path) if path and Path(path).is_file() else None
-
-
-def _key(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def control_sources(cfg: Any, control: ControlConfig) -> list[Any]:
@@ -179,11 +174,9 @@ def run_control(
         "run_seed": int(cfg.seed),
         "libraries": library_versions(),
     }
-    key = _key(recipe)
+    key = content_key(recipe)
     target = Path(cache_dir) / "controls" / key if control.cache else Path(root_dir) / "control_model"
-    eval_key = _key({"heldout": datamodule.heldout_fingerprint(), "version": CONTROL_VERSION,
-                     "precision": run.trainer.get("precision"), "accelerator": run.trainer.get("accelerator"),
-                     "attn": run.model.attn_implementation})
+    eval_key = content_key({**heldout_eval_payload(run, datamodule), "version": CONTROL_VERSION})
     with cache_build_lock(target):  # one build per machine for concurrent sweep jobs; none under DDP
         marker = target / MARKER
         cached = control.cache and marker.exists()

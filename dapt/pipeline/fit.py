@@ -7,9 +7,12 @@ optimizer, schedule, masking, batch shape, trainer settings and seed. Both there
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -100,3 +103,59 @@ def evaluate_heldout(trainer: pl.Trainer, module: MLMModule, datamodule: Any) ->
             if low is not None and high is not None:
                 out[f"{key}_ppl_ci"] = [None if math.isnan(low) else low, None if math.isnan(high) else high]
     return out
+
+
+def heldout_eval_payload(run: Any, datamodule: Any) -> dict[str, Any]:
+    """Everything besides a model's weights that determines its held-out numbers: the sets (sources,
+    sampling, eval masks, tokenizer) and the numerics (precision, accelerator, attention kernel)."""
+    return {"heldout": datamodule.heldout_fingerprint(), "precision": run.trainer.get("precision"),
+            "accelerator": run.trainer.get("accelerator"), "attn": run.model.attn_implementation}
+
+
+def content_key(payload: dict[str, Any], length: int = 20) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def evaluation_code_fingerprint() -> str:
+    """The code that turns fixed weights into held-out numbers (part of the cache key of a start
+    model's evaluation, so that any change to it recomputes rather than serves an old number)."""
+    import dapt.masking as masking
+    from dapt.data import datamodule, heldout, packing, sources
+    from dapt.modeling import mlm_module, perplexity, sparse_head
+    from dapt.versioning import source_fingerprint
+
+    return source_fingerprint(evaluate_heldout, stage_keys, mlm_module.MLMModule, sparse_head, perplexity, heldout, datamodule,
+                              packing, sources, masking.base, masking.units, masking.random, masking.whole_word, masking.span,
+                              masking.pmi, masking.ngrams, masking.salient, masking.salience)
+
+
+def cached_start_evaluation(cache_dir: str | Path, start_fingerprint: Any, run: Any, datamodule: Any,
+                            compute: Callable[[], dict[str, Any]], *, write: bool) -> tuple[dict[str, Any], bool]:
+    """``compute()`` (the start model's ``evaluate_heldout``), read from or written to the cache.
+
+    The start model of a run (a prepared base, a hub checkpoint) is shared by every job of a sweep
+    over DAPT knobs, and so are the held-out sets: its "before" numbers are the same in all of them
+    and cost as much as the final evaluation. They are cached under a key of the start model's
+    content fingerprint, the held-out sets and numerics, the evaluation code and library versions;
+    an unreadable entry is a miss and is rewritten. Returns (numbers, whether they came from the cache).
+    """
+    from dapt.io import atomic_write_json
+    from dapt.versioning import library_versions
+
+    key = content_key({"start": start_fingerprint, "eval": heldout_eval_payload(run, datamodule),
+                       "code": evaluation_code_fingerprint(), "libraries": library_versions()})
+    path = Path(cache_dir) / "evals" / f"{key}.json"
+    try:
+        entry = json.loads(path.read_text())
+        if isinstance(entry, dict) and isinstance(entry.get("heldout"), dict) and DOCUMENTS in entry["heldout"]:
+            log.info("start model's held-out numbers read from the cache: %s", path)
+            return entry["heldout"], True
+        log.warning("cached evaluation %s is malformed; recomputing it", path)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as err:
+        log.warning("cached evaluation %s is unreadable (%s); recomputing it", path, err)
+    heldout = compute()
+    if write:
+        atomic_write_json(path, {"start": start_fingerprint, "heldout": heldout})
+    return heldout, False
