@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from dapt.errors import DaptError
+from dapt.errors import DaptError, RunInterrupted
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dapt.cli:train_main", "domain-adaptive pretraining run (Hydra: overrides, -m sweeps)"),
@@ -119,6 +119,14 @@ def _train_task(cfg: Any) -> float | None:
         with local_ranks(trainer_cfg, run_dir_of(cfg), job.overrides if job else [], cwd=job.cwd if job else None):
             metrics, _ = train(cfg)
         return _objective(cfg, metrics, strict=strict)
+    except RunInterrupted as exc:
+        # Pre-empted (SIGTERM) or stopped (SIGINT): record it, say how to resume, and end the whole
+        # process with 128 + signal, in a sweep too (the remaining jobs were pre-empted with it).
+        # SystemExit, not an exception: Hydra would print a traceback and exit 1.
+        finish_wandb(exit_code=1)
+        record_failure(run_dir_of(cfg), exc, job, extra={"signal": exc.signum, "step": exc.step, "checkpoint": exc.checkpoint})
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(exc.exit_code) from None
     except Exception as exc:
         finish_wandb(exit_code=1)
         if job is not None and not job.multirun and isinstance(exc, DaptError):
@@ -144,6 +152,13 @@ def train_main() -> None:
 
     check_overrides(sys.argv[1:], config_dir())  # unknown option/key: one line listing the valid ones
     hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(_train_task)()
+    from dapt.tracking.sweeps import SWEEP_FAILURES
+
+    if SWEEP_FAILURES:  # the sweep ran all its jobs; it must not report success when some failed
+        print(f"error: {len(SWEEP_FAILURES)} sweep job(s) failed:", file=sys.stderr)
+        for line in SWEEP_FAILURES:
+            print(f"  {line}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def _load(target: str) -> Callable[..., Any]:

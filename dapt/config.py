@@ -8,6 +8,7 @@ the key's full name instead of an hour into a run.
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,12 +48,20 @@ def default_cache_dir() -> str:
     return os.environ.get("DAPT_CACHE_DIR") or str(Path.home() / ".cache" / "dapt")
 
 
+# A short random tag, one per process: run and sweep folders are named <time>_<tag>, so two runs
+# started in the same second never share a folder (one results.json would silently replace the other).
+RUN_TAG = secrets.token_hex(3)
+
+
 def register_resolvers() -> None:
-    """Resolvers used by ``conf/paths``: ``${dapt_data_dir:}`` and ``${dapt_cache_dir:}``."""
+    """Resolvers used by ``conf/paths`` and ``conf/hydra``: ``${dapt_data_dir:}``, ``${dapt_cache_dir:}``
+    and ``${dapt_run_tag:}`` (``RUN_TAG``)."""
     if not OmegaConf.has_resolver("dapt_data_dir"):
         OmegaConf.register_new_resolver("dapt_data_dir", default_data_dir)
     if not OmegaConf.has_resolver("dapt_cache_dir"):
         OmegaConf.register_new_resolver("dapt_cache_dir", default_cache_dir)
+    if not OmegaConf.has_resolver("dapt_run_tag"):
+        OmegaConf.register_new_resolver("dapt_run_tag", lambda: RUN_TAG)
 
 
 def _describe(exc: OmegaConfBaseException, prefix: str) -> str:

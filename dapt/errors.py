@@ -22,3 +22,21 @@ class DataError(DaptError):
 
 class TrainingError(DaptError):
     """Training went wrong in a way the user must act on (e.g. a non-finite loss)."""
+
+
+class RunInterrupted(DaptError):
+    """The run was stopped by a signal (SIGTERM from a scheduler/``timeout``/``docker stop``, or SIGINT).
+
+    ``exit_code`` is the shell convention 128 + signal number (143 for SIGTERM, 130 for SIGINT), so
+    schedulers and sweep drivers see a failure, never the exit status 0 of a finished run.
+    """
+
+    def __init__(self, message: str, *, signum: int, step: int | None = None, checkpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.step = step
+        self.checkpoint = checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

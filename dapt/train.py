@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dapt.config import to_dataclass
 from dapt.data.datamodule import DataConfig, PackedCorpusDataModule
@@ -26,10 +27,14 @@ from dapt.errors import ConfigError
 from dapt.io import atomic_save_dir, atomic_write_json
 from dapt.masking import MaskingContext, build_eval_masker, build_masker
 from dapt.modeling.base_prep import BaseConfig, BaseInfo, base_stream, model_fingerprint, needs_preparation, prepare_base
-from dapt.modeling.callbacks import ThroughputMonitor
+from dapt.modeling.callbacks import RngStateCheckpoint, ThroughputMonitor
 from dapt.modeling.loading import load_mlm_model, load_tokenizer
 from dapt.modeling.optim import OptimizerConfig, SchedulerConfig
 from dapt.pipeline.control import control_config, run_control
+from dapt.pipeline.resume import (
+    CHECKPOINT_DIR, LAST_CHECKPOINT, CheckpointConfig, ResumePoint, StopOnSignal, checkpoint_callback, find_resume_point,
+    keep_csv_history, restore_csv_history, resume_command, wandb_run_id, write_run_config,
+)
 from dapt.pipeline.fit import DOCUMENTS, cached_start_evaluation, evaluate_heldout, make_module, make_trainer, relative_change, stage_keys
 from dapt.tracking.loggers import LoggerConfig, build_loggers, finish_wandb, wandb_run_of
 from dapt.tracking.ddp import debug_callbacks
@@ -77,7 +82,7 @@ class RunConfig:
 _TOP_LEVEL = {
     "model", "data", "masking", "optimizer", "scheduler", "trainer", "logger", "paths", "base", "control",
     "experiment_name", "seed", "tasks", "downstream", "optimized_metric", "save_model", "tags",
-    "checkpoint", "hydra", "hparams_search", "experiment",
+    "checkpoint", "resume", "hydra", "hparams_search", "experiment",
 }
 
 
@@ -126,14 +131,50 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return path
 
 
+def checkpoint_config(cfg: DictConfig) -> CheckpointConfig:
+    return to_dataclass(CheckpointConfig, cfg.get("checkpoint") or {}, prefix="checkpoint")
+
+
+def resolve_run_dir(cfg: DictConfig) -> tuple[Path, ResumePoint | None]:
+    """This run's directory: a new one, or with ``resume`` the interrupted run's own (then also set
+    as ``paths.output_dir``, so everything that asks ``run_dir_of`` later writes there)."""
+    run_dir = run_dir_of(cfg)
+    point = find_resume_point(cfg, run_dir)
+    if point is None:
+        return run_dir, None
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(point.run_dir)
+    log.warning("resuming %s from step %d (%s)", point.run_dir, point.step, point.checkpoint)
+    return point.run_dir, point
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run one domain-adaptive pretraining job; returns (flat metrics, objects)."""
+    """Run one domain-adaptive pretraining job; returns (flat metrics, objects).
+
+    SIGTERM/SIGINT stop it at a step boundary with a checkpoint and raise ``RunInterrupted``
+    (see ``dapt.pipeline.resume``); ``resume=auto`` continues such a run.
+    """
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
     run = validate(cfg)
+    checkpoint = checkpoint_config(cfg)
+    run_dir, resume = resolve_run_dir(cfg)
+    write_run_config(run_dir, cfg)
+    stopper = StopOnSignal(run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT if checkpoint.enabled else None).install()
+    try:
+        return _train(cfg, run, run_dir, checkpoint, resume, stopper)
+    except SIGTERMException:  # Lightning's stop (a SystemExit with status 0) after our signal handler asked for it
+        raise stopper.interrupted(resume_hint=resume_command(sys.argv)) from None
+    finally:
+        stopper.uninstall()
+
+
+def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: CheckpointConfig, resume: ResumePoint | None,
+           stopper: StopOnSignal) -> tuple[dict[str, Any], dict[str, Any]]:
     control_cfg = control_config(cfg)
     seed = int(cfg.seed)
     data_dir = str(cfg.paths.data_dir)
     cache_dir = str(cfg.paths.cache_dir)
-    run_dir = run_dir_of(cfg)
     pl.seed_everything(seed, workers=True, verbose=False)
 
     tokenizer = load_tokenizer(run.model.tokenizer or run.model.source)
@@ -181,17 +222,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     experiment = str(cfg.experiment_name)
     tags = [str(t) for t in (cfg.get("tags") or [])]
-    loggers = build_loggers(run.logger, run_dir, run_name=run_dir.name, group=experiment, tags=tags, config=resolved)
+    csv_history = keep_csv_history(run_dir, resume.step) if resume else []
+    loggers = build_loggers(run.logger, run_dir, run_name=run_dir.name, group=experiment, tags=tags, config=resolved,
+                            run_id=wandb_run_id(run_dir))
+    restore_csv_history(loggers, csv_history)
     throughput = _throughput_monitor(model, run, masker.config.rate)
-    callbacks: list[Any] = [throughput, StepProgressBar(description=f"dapt {run.data.name}")]
+    callbacks: list[Any] = [throughput, StepProgressBar(description=f"dapt {run.data.name}"), stopper, RngStateCheckpoint()]
     callbacks += debug_callbacks(run_dir)  # DAPT_RECORD_BLOCKS=1: each rank lists the blocks it trained on
-    checkpoint_cfg = cfg.get("checkpoint") or {}
-    if checkpoint_cfg.get("enabled", False):
-        from pytorch_lightning.callbacks import ModelCheckpoint
-
-        callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, every_n_train_steps=checkpoint_cfg.get("every_n_steps", 500)))
-    trainer = make_trainer(run.trainer, callbacks=callbacks, loggers=loggers, root_dir=str(run_dir),
-                           checkpointing=bool(checkpoint_cfg.get("enabled", False)))
+    if checkpoint.enabled:
+        callbacks.append(checkpoint_callback(checkpoint, run_dir))
+    trainer = make_trainer(run.trainer, callbacks=callbacks, loggers=loggers, root_dir=str(run_dir), checkpointing=checkpoint.enabled)
 
     t0 = time.time()
     before, before_cached = cached_start_evaluation(
@@ -199,7 +239,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         write=trainer.is_global_zero,
     )
     pl.seed_everything(seed, workers=True, verbose=False)  # the same RNG state as the control arm's fit
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.checkpoint) if resume else None)
     after = evaluate_heldout(trainer, module, datamodule)
     train_seconds = time.time() - t0
 
@@ -235,6 +275,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "train_tokens": throughput.tokens,
             "train_sources": train_sources,
             "steps": trainer.global_step,
+            "resumed_from_step": resume.step if resume else None,
             "train_seconds": train_seconds,
             "heldout_sets": datamodule.eval_info,
             "base": base.as_dict(),
@@ -247,6 +288,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             results["downstream"] = downstream
         results["metrics"] = flat_metrics(results)
         atomic_write_json(run_dir / "results.json", results)
+        if checkpoint.enabled and not checkpoint.keep:  # finished: nothing left to resume
+            shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
         _log_summary(loggers, results["metrics"])
         print_summary(results)
         print(f"results: {run_dir / 'results.json'}", flush=True)

@@ -33,7 +33,7 @@ def test_ddp_two_cpu_ranks_share_the_job_folder_and_see_disjoint_data(tmp_path):
     assert sorted(p.name for p in sweep_dir.iterdir()) == ["0", "multirun.yaml"]
     assert (job / "dapt_rank1.log").is_file(), "rank 1 did not run in the job folder"
 
-    blocks = {rank: (job / f"rank{rank}_blocks.txt").read_text().split() for rank in range(WORLD)}
+    blocks = {rank: [line.split()[-1] for line in (job / f"rank{rank}_blocks.txt").read_text().splitlines()] for rank in range(WORLD)}
     for rank, hashes in blocks.items():
         assert len(hashes) == STEPS * BATCH, f"rank {rank} consumed {len(hashes)} blocks"
         assert len(set(hashes)) == len(hashes), f"rank {rank} saw a block twice within one pass"

@@ -304,6 +304,8 @@ class PackedCorpusDataModule(pl.LightningDataModule):
         self._generators: dict[str, torch.Generator] = {}
         self._token_counts: dict[str, torch.Tensor] = {}  # per device, so counting never syncs it
         self._restored_counts: dict[str, int] = {}
+        self._batches = 0  # training batches masked so far (the stream position a checkpoint records)
+        self._restored_generators: dict[str, torch.Tensor] = {}
 
     @property
     def eval_masker(self) -> Masker:
@@ -436,6 +438,8 @@ class PackedCorpusDataModule(pl.LightningDataModule):
         if key not in self._generators:
             rank = self.trainer.global_rank if self.trainer is not None else 0
             self._generators[key] = torch.Generator(device=device).manual_seed(self.mask_seed * 1_000_003 + rank)
+            if key in self._restored_generators:
+                self._generators[key].set_state(self._restored_generators.pop(key))
         return self._generators[key]
 
     def _count_tokens(self, batch: dict[str, torch.Tensor]) -> None:
@@ -472,17 +476,31 @@ class PackedCorpusDataModule(pl.LightningDataModule):
         return dict(zip(counts, (int(v) for v in values.tolist())))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tokens_per_source": self.tokens_per_source()}
+        """What a checkpoint needs to continue the data exactly: the number of training batches
+        consumed (the stream is a pure function of its seed, so this is its position, mixing and
+        replay included), the masking generators' states, and the tokens counted per source."""
+        return {
+            "tokens_per_source": self.tokens_per_source(),
+            "batches": self._batches,
+            "mask_generators": {key: gen.get_state() for key, gen in self._generators.items()},
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume: the next training batch is the one after the checkpoint's last, masked as it would
+        have been. (Under DDP the checkpoint holds rank 0's counts and generator states.)"""
         self._restored_counts = dict(state_dict.get("tokens_per_source", {}))
         self._token_counts = {}
+        self._batches = int(state_dict.get("batches", 0))
+        self.skip_batches(self._batches)
+        self._generators = {}
+        self._restored_generators = {str(k): v for k, v in (state_dict.get("mask_generators") or {}).items()}
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, dict) and "word_starts" in batch:
             if "source" in batch:
                 self._count_tokens(batch)
             step = self.trainer.global_step if self.trainer is not None else 0
+            self._batches += 1
             ids = batch["input_ids"]
             return self.masker(ids, batch["word_starts"], self._generator(ids.device), step=step)
         if isinstance(batch, (list, tuple)) and len(batch) == 3:  # held-out TensorDataset batch

@@ -50,6 +50,15 @@ class ThroughputMonitor(pl.Callback):
             if self.flops_per_token and self.peak_flops:
                 pl_module.log("train/mfu", rate * self.flops_per_token / self.peak_flops, batch_size=1)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpointed so that a resumed run reports the tokens of the whole run, not of its last leg."""
+        return {"tokens": self.tokens, "measured_tokens": self.measured_tokens, "measured_time": self.measured_time}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tokens = int(state_dict.get("tokens", 0))
+        self.measured_tokens = int(state_dict.get("measured_tokens", 0))
+        self.measured_time = float(state_dict.get("measured_time", 0.0))
+
     @property
     def tokens_per_s(self) -> float | None:
         return self.measured_tokens / self.measured_time if self.measured_time > 0 else None
@@ -144,3 +153,57 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+class RngStateCheckpoint(pl.Callback):
+    """Saves the global RNG states (dropout) in each checkpoint and restores them on resume.
+
+    Lightning restores weights, optimizer, scheduler and loop counters but not the RNGs, so a resumed
+    run would draw different dropout masks from the one that was interrupted. The states are
+    captured when a checkpoint is written (the end of a training step) and put back at the start of
+    the first training step after the resume, not at load time: Lightning draws from the global RNG
+    in between (a DataLoader iterator takes its base seed from it), and nothing draws from it
+    between a step's end and the next step's start in an uninterrupted run (evaluation loaders own
+    their generators and masks come from the datamodule's generator), so the resumed steps see
+    exactly the states the uninterrupted ones did. Under DDP the checkpoint holds rank 0's states:
+    other ranks resume with rank 0's dropout stream (statistically equivalent, not bitwise).
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        import random
+
+        import numpy as np
+
+        # plain lists and tensors only: checkpoints load with torch.load(weights_only=True)
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        version, internal, gauss_next = random.getstate()
+        state: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": [version, list(internal), gauss_next],
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = dict(state_dict)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._pending is None:
+            return
+        import random
+
+        import numpy as np
+
+        state, self._pending = self._pending, None
+        torch.set_rng_state(state["torch"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        version, internal, gauss_next = state["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])

@@ -34,6 +34,7 @@ import torch
 log = logging.getLogger(__name__)
 
 RECORD_BLOCKS_ENV = "DAPT_RECORD_BLOCKS"
+SIGNAL_ENV = "DAPT_DEBUG_SIGNAL"
 # Strategies whose ranks are separate processes started from the command line (not spawn/fork).
 _SCRIPT_STRATEGIES = ("ddp", "fsdp", "deepspeed")
 _DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -187,8 +188,14 @@ class _RankWatcher(threading.Thread):
 # ----------------------------------------------------------------------------- debug hook
 
 def debug_callbacks(run_dir: Path) -> list[Any]:
-    """Callbacks switched on by environment variables (``DAPT_RECORD_BLOCKS=1``)."""
-    return [BlockRecorder(run_dir)] if os.environ.get(RECORD_BLOCKS_ENV, "") not in ("", "0") else []
+    """Callbacks switched on by environment variables: ``DAPT_RECORD_BLOCKS=1`` (``BlockRecorder``)
+    and ``DAPT_DEBUG_SIGNAL=<step>:<KILL|TERM|INT>`` (``SignalAtStep``, for fault-injection tests)."""
+    callbacks: list[Any] = []
+    if os.environ.get(RECORD_BLOCKS_ENV, "") not in ("", "0"):
+        callbacks.append(BlockRecorder(run_dir))
+    if os.environ.get(SIGNAL_ENV):
+        callbacks.append(SignalAtStep.from_env(os.environ[SIGNAL_ENV]))
+    return callbacks
 
 
 def _block_hash(row: torch.Tensor) -> str:
@@ -196,22 +203,49 @@ def _block_hash(row: torch.Tensor) -> str:
 
 
 class BlockRecorder(pl.Callback):
-    """Writes a hash of every training block this rank consumed to ``<run dir>/rank<k>_blocks.txt``.
+    """Appends ``<step> <hash>`` for every training block this rank consumes to ``<run dir>/rank<k>_blocks.txt``.
 
     Batches arrive masked; the original block is rebuilt from the labels (which hold the original id
-    at every masked position), so the hash identifies the block, not its random masking.
+    at every masked position), so the hash identifies the block, not its random masking. Lines are
+    written as each batch starts, so a killed run leaves its record; a resumed run appends to it.
     """
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
         self.hashes: list[str] = []
 
+    def _path(self, trainer: Any) -> Path:
+        return self.run_dir / f"rank{trainer.global_rank}_blocks.txt"
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if trainer.global_step == 0:  # a new run (not a resumed one) starts a new record
+            self._path(trainer).write_text("")
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         ids, labels = batch["input_ids"], batch.get("labels")
         original = ids if labels is None else torch.where(labels >= 0, labels, ids)
-        self.hashes.extend(_block_hash(row) for row in original)
+        hashes = [_block_hash(row) for row in original]
+        self.hashes.extend(hashes)
+        with self._path(trainer).open("a") as f:
+            f.write("".join(f"{trainer.global_step} {h}\n" for h in hashes))
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / f"rank{trainer.global_rank}_blocks.txt"
-        path.write_text("".join(f"{h}\n" for h in self.hashes))
+
+class SignalAtStep(pl.Callback):
+    """Sends this process a signal at the end of optimizer step ``step`` (fault-injection tests:
+    a real SIGKILL/SIGTERM/SIGINT through the real handlers, at a reproducible point)."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step = step
+        self.signum = signum
+
+    @classmethod
+    def from_env(cls, value: str) -> "SignalAtStep":
+        import signal
+
+        step, _, name = value.partition(":")
+        return cls(int(step), int(getattr(signal, f"SIG{name.upper() or 'KILL'}")))
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)

@@ -53,8 +53,12 @@ def wandb_mode(cfg: WandbConfig) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
-def build_loggers(cfg: LoggerConfig, run_dir: Path, *, run_name: str, group: str, tags: list[str], config: dict[str, Any]) -> list[Any]:
-    """Lightning loggers for this run; W&B gets the full resolved config, group and tags."""
+def build_loggers(cfg: LoggerConfig, run_dir: Path, *, run_name: str, group: str, tags: list[str], config: dict[str, Any],
+                  run_id: str | None = None) -> list[Any]:
+    """Lightning loggers for this run; W&B gets the full resolved config, group and tags.
+
+    ``run_id``: the W&B run id (kept in the run directory, so a resumed run continues the same W&B
+    run with ``resume="allow"`` instead of starting a second one)."""
     from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
     loggers: list[Any] = []
@@ -84,6 +88,7 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, *, run_name: str, group: str
                 mode=wandb_mode(cfg.wandb),
                 config=config,
                 reinit="finish_previous",
+                **({"id": run_id, "resume": "allow"} if run_id else {}),
             )
         )
     return loggers

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,8 +93,8 @@ def override_tags(overrides: Iterable[str], max_len: int = WANDB_TAG_MAX) -> lis
     return list(dict.fromkeys(tags))
 
 
-def record_failure(run_dir: Path, exc: BaseException, job: JobInfo | None = None) -> Path:
-    """Write ``<run_dir>/failure.json`` (error, message, traceback, overrides) and return its path."""
+def record_failure(run_dir: Path, exc: BaseException, job: JobInfo | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``<run_dir>/failure.json`` (error, message, traceback, overrides, ``extra``) and return its path."""
     from dapt.io import atomic_write_json
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -104,8 +105,42 @@ def record_failure(run_dir: Path, exc: BaseException, job: JobInfo | None = None
         "overrides": job.overrides if job else [],
         "job_num": job.num if job else None,
         "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        **(extra or {}),
     })
     return path
+
+
+# Failed jobs of the sweep that just ended (filled by ``SweepFailureReport``); ``dapt train -m``
+# prints them and exits 1.
+SWEEP_FAILURES: list[str] = []
+
+
+def sweep_failures(sweep_dir: Path) -> list[str]:
+    """One line per ``failure.json`` under a sweep folder: job, overrides, error and the file."""
+    lines = []
+    for path in sorted(Path(sweep_dir).glob("**/failure.json")):
+        try:
+            info = json.loads(path.read_text())
+            lines.append(f"job {info.get('job_num')} ({','.join(info.get('overrides') or []) or 'no overrides'}): "
+                         f"{info.get('error')}: {info.get('message')} [{path}]")
+        except (OSError, ValueError):
+            lines.append(f"{path} (unreadable)")
+    return lines
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - hydra is a dependency
+    _HydraCallback = object  # type: ignore[misc,assignment]
+
+
+class SweepFailureReport(_HydraCallback):  # type: ignore[misc,valid-type]
+    """Hydra callback (conf/hydra/default.yaml): after a sweep has run all its jobs, collect the
+    ``failure.json`` files its jobs wrote, in this process or in launcher processes (joblib,
+    submitit), so that the sweep ends with exit status 1 and a list of what failed."""
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        SWEEP_FAILURES[:] = sweep_failures(Path(str(config.hydra.sweep.dir)))
 
 
 # ----------------------------------------------------------------------------- override checking

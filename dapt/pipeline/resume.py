@@ -1,0 +1,268 @@
+"""Runs that survive: checkpoints, exact resume, and stopping cleanly on SIGTERM/SIGINT.
+
+Pre-empted and time-limited cluster jobs are the normal case for DAPT, so a run (1) writes a Lightning
+checkpoint at an interval, atomically (``checkpoint`` config group); (2) on SIGTERM or SIGINT stops at
+the end of the current step, writes a checkpoint, and exits non-zero (143/130) with one line saying
+how to resume; (3) with ``resume=auto`` continues the latest interrupted run of the same config in
+its own directory: weights, optimizer, scheduler, loop counters (Lightning), the data stream position
+and masking generators (``PackedCorpusDataModule.state_dict``), the dropout RNG
+(``RngStateCheckpoint``), the W&B run id and the CSV history.
+
+"The same config" is the resolved config without the keys that only say where to write, whether
+to resume, how often to checkpoint and how to log (``VOLATILE_KEYS``); it is stored in each run
+directory as ``run_config.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import OmegaConf
+
+from dapt.errors import ConfigError, RunInterrupted
+from dapt.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG = "run_config.json"
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+WANDB_ID_FILE = "wandb_run_id.txt"
+# Config keys that do not change what a run computes: a run resumed with other values is the same run.
+VOLATILE_KEYS = ("resume", "paths", "hydra", "checkpoint", "logger")
+SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+
+
+@dataclass
+class CheckpointConfig:
+    """The ``checkpoint`` config group.
+
+    Attributes:
+        enabled: write ``<run dir>/checkpoints/last.ckpt`` during training (atomically).
+        every_n_steps: interval in optimizer steps; when null, ``every_minutes`` is used.
+        every_minutes: interval in minutes of training time (used when ``every_n_steps`` is null).
+        keep: keep the checkpoint after the run finished (it holds the optimizer state: ~3x the
+            model's size); by default it is deleted once results.json is written.
+    """
+
+    enabled: bool = True
+    every_n_steps: int | None = None
+    every_minutes: float | None = 10.0
+    keep: bool = False
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps is not None and self.every_n_steps < 1:
+            raise ConfigError(f"checkpoint.every_n_steps={self.every_n_steps}: must be >= 1 (or null to use every_minutes)")
+        if self.every_n_steps is None and (self.every_minutes is None or self.every_minutes <= 0):
+            raise ConfigError("checkpoint: set every_n_steps >= 1 or every_minutes > 0 (or checkpoint.enabled=false)")
+
+
+@dataclass
+class ResumePoint:
+    run_dir: Path
+    checkpoint: Path
+    step: int
+
+
+def run_signature(cfg: Any) -> dict[str, Any]:
+    """The resolved config minus ``VOLATILE_KEYS``: what must match for a run to be resumed."""
+    container = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    return json.loads(json.dumps({k: v for k, v in container.items() if k not in VOLATILE_KEYS}, sort_keys=True, default=str))
+
+
+def write_run_config(run_dir: Path, cfg: Any) -> None:
+    atomic_write_json(run_dir / RUN_CONFIG, run_signature(cfg))
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a Lightning checkpoint was written at."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return int(state["global_step"])
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
+        raise ConfigError(f"resume: checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def _candidates(run_dir: Path) -> list[Path]:
+    """Run directories a ``resume=auto`` run may continue: this one, its siblings
+    (``outputs/<experiment>/<time>``) and, for a sweep job ``<sweep>/<num>``, the same job folders
+    of other sweeps of the experiment."""
+    found = {run_dir}
+    found.update(p.parent for p in run_dir.parent.glob(f"*/{RUN_CONFIG}"))
+    if run_dir.name.isdigit():
+        found.update(p.parent for p in run_dir.parent.parent.glob(f"*/*/{RUN_CONFIG}"))
+    return sorted(found)
+
+
+def find_resume_point(cfg: Any, run_dir: Path) -> ResumePoint | None:
+    """Where ``cfg.resume`` says to continue from (None: start a new run).
+
+    ``resume=auto``: the most recent checkpoint of an unfinished run (no results.json) whose
+    ``run_config.json`` equals this config's signature; none found is not an error (a new run starts,
+    so a requeued job can always pass ``resume=auto``). ``resume=<run dir or .ckpt>``: that run,
+    which must exist and hold a checkpoint (its config is not compared: the user named it).
+    """
+    mode = cfg.get("resume")
+    if mode in (None, False, "", "never", "none"):
+        return None
+    if mode != "auto":
+        target = Path(str(mode))
+        ckpt = target / CHECKPOINT_DIR / LAST_CHECKPOINT if target.is_dir() else target
+        if not ckpt.is_file():
+            raise ConfigError(f"resume={mode}: no checkpoint at {ckpt} (expected a run directory or a .ckpt file)")
+        return ResumePoint(run_dir=ckpt.parent.parent, checkpoint=ckpt, step=checkpoint_step(ckpt))
+    signature = run_signature(cfg)
+    best: tuple[float, Path] | None = None
+    for candidate in _candidates(run_dir):
+        ckpt = candidate / CHECKPOINT_DIR / LAST_CHECKPOINT
+        if not ckpt.is_file() or (candidate / "results.json").exists():
+            continue
+        try:
+            same = json.loads((candidate / RUN_CONFIG).read_text()) == signature
+        except (OSError, ValueError):
+            same = False
+        if same and (best is None or ckpt.stat().st_mtime > best[0]):
+            best = (ckpt.stat().st_mtime, candidate)
+    if best is None:
+        log.info("resume=auto: no interrupted run of this config next to %s; starting a new run", run_dir)
+        return None
+    ckpt = best[1] / CHECKPOINT_DIR / LAST_CHECKPOINT
+    return ResumePoint(run_dir=best[1], checkpoint=ckpt, step=checkpoint_step(ckpt))
+
+
+def checkpoint_callback(cfg: CheckpointConfig, run_dir: Path) -> pl.Callback:
+    """Lightning's ModelCheckpoint writing only ``last.ckpt`` (through ``AtomicCheckpointIO``)."""
+    from datetime import timedelta
+
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    interval: dict[str, Any] = (
+        {"every_n_train_steps": cfg.every_n_steps} if cfg.every_n_steps else {"train_time_interval": timedelta(minutes=float(cfg.every_minutes or 0))}
+    )
+    return ModelCheckpoint(dirpath=str(run_dir / CHECKPOINT_DIR), save_last=True, save_top_k=0, **interval)
+
+
+def keep_csv_history(run_dir: Path, up_to_step: int) -> list[dict[str, str]]:
+    """Rows of the interrupted run's ``csv/metrics.csv`` logged at steps < ``up_to_step`` (the rest
+    are logged again by the resumed steps); Lightning's CSV logger deletes the file when it starts."""
+    path = run_dir / "csv" / "metrics.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [r for r in rows if r.get("step") not in (None, "") and int(float(r["step"])) < up_to_step]
+
+
+def restore_csv_history(loggers: list[Any], rows: list[dict[str, str]]) -> None:
+    """Write ``rows`` back under the CSV logger (after it has started) so the history is whole."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    if not rows:
+        return
+    for lg in loggers:
+        if isinstance(lg, CSVLogger):
+            writer = lg.experiment  # creating it deletes the old file
+            keys = sorted({k for r in rows for k in r})
+            lines = [",".join(keys)] + [",".join(_csv_cell(r.get(k, "")) for k in keys) for r in rows]
+            atomic_write_text(writer.metrics_file_path, "\n".join(lines) + "\n")
+            writer.metrics_keys = keys
+
+
+def _csv_cell(value: str) -> str:
+    return f'"{value}"' if any(c in value for c in ',"\n') else value
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of this run directory, created once: a resumed run logs into the same W&B run."""
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    import secrets
+
+    run_id = secrets.token_hex(4)
+    atomic_write_text(path, run_id + "\n")
+    return run_id
+
+
+class StopOnSignal(pl.Callback):
+    """SIGTERM/SIGINT during the run: stop at the end of the current step, checkpoint, exit non-zero.
+
+    While the DAPT trainer runs, the first signal only asks Lightning to stop (its SIGTERM flag, which
+    its loops check after each training step and evaluation batch, so the checkpoint holds a complete
+    step); the checkpoint is written in ``on_exception`` and ``train`` turns Lightning's
+    ``SIGTERMException`` (a ``SystemExit`` with status 0) into ``RunInterrupted``. Outside that
+    trainer (base preparation, control arm, downstream tasks, whose caches are written atomically
+    at their end) and on a second signal, it raises ``RunInterrupted`` at once.
+    """
+
+    def __init__(self, checkpoint_path: Path | None) -> None:
+        self.checkpoint_path = checkpoint_path
+        self.signum: int | None = None
+        self.saved: Path | None = None
+        self.step = 0
+        self._trainer: pl.Trainer | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> "StopOnSignal":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for signum in SIGNAL_NAMES:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        first = self.signum is None
+        self.signum = signum
+        name = SIGNAL_NAMES.get(signum, str(signum))
+        if first and self._trainer is not None:
+            self._trainer._signal_connector.received_sigterm = True  # Lightning stops after this step
+            log.warning("received %s: stopping after the current step and writing a checkpoint (send it again to stop now)", name)
+            return
+        raise RunInterrupted(f"interrupted by {name}", signum=signum)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+        if self.signum is not None:  # a signal arrived between two trainer calls
+            trainer._signal_connector.received_sigterm = True
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        self.step = trainer.global_step
+        if isinstance(exception, SIGTERMException) and self.checkpoint_path is not None and trainer.state.fn == "fit":
+            trainer.save_checkpoint(str(self.checkpoint_path))
+            self.saved = self.checkpoint_path
+
+    def interrupted(self, *, resume_hint: str) -> RunInterrupted:
+        """The error ``train`` raises after Lightning stopped on this callback's request."""
+        signum = self.signum or signal.SIGTERM
+        name = SIGNAL_NAMES.get(signum, str(signum))
+        if self.saved is not None:
+            message = f"interrupted by {name} at step {self.step}; checkpoint {self.saved}; resume with: {resume_hint}"
+        else:
+            message = f"interrupted by {name} (step {self.step}); no checkpoint written (not training, or checkpoint.enabled=false)"
+        return RunInterrupted(message, signum=signum, step=self.step, checkpoint=str(self.saved) if self.saved else None)
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that resumes this run: the same arguments with ``resume=auto``."""
+    args = [a for a in argv[1:] if not a.startswith(("resume=", "+resume="))]
+    return " ".join(["dapt train", *args, "resume=auto"])

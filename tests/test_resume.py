@@ -1,0 +1,166 @@
+"""Runs that survive: a killed run resumed with ``resume=auto`` ends exactly where an uninterrupted run
+ends (loss curve, weights, data blocks, reported numbers); SIGTERM/SIGINT stop at a step boundary with
+a checkpoint, failure.json and exit status 128+signal; concurrent runs get their own folders; a sweep
+with a failed job exits non-zero.
+
+Every run here is a real ``dapt train`` subprocess on a tiny model, one CPU thread (bitwise
+reproducible), with the fault injected by ``DAPT_DEBUG_SIGNAL=<step>:<KILL|TERM|INT>``: the process
+sends itself a real signal at the end of that step.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import TINY_OVERRIDES
+from tests.helpers import fail_message, run_dapt
+
+STEPS = 12
+COMMON = [*[o for o in TINY_OVERRIDES if not o.startswith("trainer.max_steps")], f"trainer.max_steps={STEPS}",
+          "trainer.val_check_interval=5", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=4", "control.enabled=false"]
+ENV = {"DAPT_RECORD_BLOCKS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _train(out: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return run_dapt(["train", *COMMON, f"paths.output_dir={out}", *extra], cwd=out.parent, env={**ENV, **(env or {})})
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def _losses(run_dir: Path) -> dict[int, str]:
+    """step -> train/loss as written in the CSV history (strings: compared exactly)."""
+    with (run_dir / "csv" / "metrics.csv").open(newline="") as f:
+        return {int(float(r["step"])): r["train/loss"] for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def _trained_blocks(run_dir: Path) -> list[str]:
+    """Blocks that reached the final model, in order: each attempt's blocks up to where the next
+    attempt resumed (a resumed attempt starts again at its checkpoint's step)."""
+    lines = [line.split() for line in (run_dir / "rank0_blocks.txt").read_text().splitlines()]
+    attempts: list[list[tuple[int, str]]] = [[]]
+    for step, block in ((int(s), b) for s, b in lines):
+        if attempts[-1] and step < attempts[-1][-1][0]:
+            attempts.append([])
+        attempts[-1].append((step, block))
+    kept: list[str] = []
+    for i, attempt in enumerate(attempts):
+        limit = attempts[i + 1][0][0] if i + 1 < len(attempts) else None
+        kept += [b for s, b in attempt if limit is None or s < limit]
+    return kept
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    proc = _train(out)
+    assert proc.returncode == 0, fail_message(proc)
+    return out
+
+
+def _assert_same_run(resumed: Path, reference: Path) -> None:
+    ref_w, got_w = _weights(reference), _weights(resumed)
+    assert ref_w.keys() == got_w.keys()
+    different = [k for k in ref_w if not torch.equal(ref_w[k], got_w[k])]
+    assert not different, f"weights differ from the uninterrupted run: {different[:5]}"
+    assert _losses(resumed) == _losses(reference)
+    assert len(_losses(reference)) == STEPS
+    assert _trained_blocks(resumed) == _trained_blocks(reference)
+    ref, got = (json.loads((d / "results.json").read_text()) for d in (reference, resumed))
+    for key in ("steps", "train_tokens", "train_sources", "domain_ppl_after", "general_ppl_after", "domain_dev_ppl_after",
+                "domain_ppl_after_ci"):
+        assert got[key] == ref[key], key
+    assert not (resumed / "checkpoints").exists(), "the checkpoint of a finished run is deleted (checkpoint.keep=false)"
+
+
+def test_sigkill_mid_run_then_resume_auto_equals_the_uninterrupted_run(uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    killed = _train(out, env={"DAPT_DEBUG_SIGNAL": "6:KILL"})
+    assert killed.returncode == -9, fail_message(killed)
+    assert (out / "checkpoints" / "last.ckpt").is_file() and not (out / "results.json").exists()
+    # killed after 6 steps (blocks of steps 0-5 recorded), checkpoint after 4: steps 4-5 are trained again
+    assert {int(line.split()[0]) for line in (out / "rank0_blocks.txt").read_text().splitlines()} == set(range(6))
+    resumed = _train(out, "resume=auto")
+    assert resumed.returncode == 0, fail_message(resumed)
+    results = json.loads((out / "results.json").read_text())
+    assert results["resumed_from_step"] == 4 and results["steps"] == STEPS
+    _assert_same_run(out, uninterrupted)
+
+
+@pytest.mark.parametrize("name,code", [("TERM", 143), ("INT", 130)])
+def test_signal_checkpoints_writes_failure_and_exits_nonzero_then_resumes_exactly(uninterrupted, tmp_path, name, code):
+    out = tmp_path / "run"
+    stopped = _train(out, env={"DAPT_DEBUG_SIGNAL": f"7:{name}"})
+    assert stopped.returncode == code, fail_message(stopped)
+    errors = [line for line in stopped.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"interrupted by SIG{name} at step 7" in errors[0], fail_message(stopped)
+    assert "resume with: dapt train" in errors[0] and errors[0].endswith("resume=auto")
+    assert "Traceback" not in stopped.stderr
+    failure = json.loads((out / "failure.json").read_text())
+    assert failure["error"] == "RunInterrupted" and failure["step"] == 7 and failure["signal"] == code - 128
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 7  # the signal's step, not the last periodic checkpoint (4)
+    assert not (out / "results.json").exists()
+    resumed = _train(out, "resume=auto")
+    assert resumed.returncode == 0, fail_message(resumed)
+    assert json.loads((out / "results.json").read_text())["resumed_from_step"] == 7
+    _assert_same_run(out, uninterrupted)
+
+
+def test_resume_auto_finds_the_interrupted_run_of_the_same_config_only(tmp_path, compose):
+    from dapt.pipeline.resume import CHECKPOINT_DIR, LAST_CHECKPOINT, find_resume_point, write_run_config
+
+    cfg = compose([*COMMON, "resume=auto"])
+    root = tmp_path / "outputs"
+    old, other, finished, new = (root / name for name in ("a_old", "b_other_config", "c_finished", "d_new"))
+    for run_dir, run_cfg in ((old, cfg), (other, compose([*COMMON, "resume=auto", "seed=7"])), (finished, cfg)):
+        write_run_config(run_dir, run_cfg)
+        (run_dir / CHECKPOINT_DIR).mkdir(parents=True)
+        torch.save({"global_step": 3}, run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT)
+    (finished / "results.json").write_text("{}")
+    new.mkdir()
+    point = find_resume_point(cfg, new)
+    assert point is not None and point.run_dir == old and point.step == 3
+    # settings that do not change the computation (logging, checkpoint interval, output dir) do not matter
+    assert find_resume_point(compose([*COMMON, "resume=auto", "checkpoint.every_n_steps=9", "logger.csv.enabled=false"]), new).run_dir == old
+    assert find_resume_point(compose([*COMMON]), new) is None  # resume not asked for
+    assert find_resume_point(compose([*COMMON, "resume=auto", "optimizer.lr=1e-3"]), new) is None  # no run of that config
+
+
+def test_resume_from_a_missing_checkpoint_is_a_one_line_error(tmp_path):
+    out = tmp_path / "run"
+    proc = _train(out, f"resume={tmp_path / 'nowhere'}")
+    assert proc.returncode == 2, fail_message(proc)
+    assert "error: resume=" in proc.stderr and "no checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
+    args = [sys.executable, "-m", "dapt.cli", "train", *COMMON, "trainer.max_steps=2", "experiment_name=twins"]
+    env = {**__import__("os").environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=400) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    runs = sorted((tmp_path / "outputs" / "twins").iterdir())
+    assert len(runs) == 2 and all((r / "results.json").is_file() for r in runs), runs
+
+
+def test_a_sweep_with_a_failed_job_runs_the_rest_and_exits_nonzero_naming_it(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_dapt(["train", "-m", *COMMON, "trainer.max_steps=2", "masking.rate=0.15,7.0,0.2", f"hydra.sweep.dir={sweep}"],
+                    cwd=tmp_path, env=ENV)
+    assert proc.returncode == 1, fail_message(proc)
+    assert (sweep / "0" / "results.json").is_file() and (sweep / "2" / "results.json").is_file()  # the rest ran
+    assert (sweep / "1" / "failure.json").is_file()
+    assert "error: 1 sweep job(s) failed" in proc.stderr, fail_message(proc)
+    (listed,) = [line for line in proc.stderr.splitlines() if line.strip().startswith("job ")]
+    assert listed.strip().startswith("job 1 (") and "masking.rate=7.0" in listed and "failure.json" in listed
