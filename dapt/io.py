@@ -14,11 +14,25 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def readable_by_umask(path: str | os.PathLike[str], *, directory: bool = False) -> None:
+    """Give a file/folder made by ``tempfile`` (always 0600/0700) the permissions the user's umask
+    asks for, as ``open``/``mkdir`` would have: results and models must be readable by the group
+    when the umask says so."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        readable_by_umask(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -53,6 +67,7 @@ def atomic_save_dir(target: str | os.PathLike[str], write: Any) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        readable_by_umask(tmp, directory=True)
         write(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old")

@@ -164,3 +164,18 @@ def test_a_sweep_with_a_failed_job_runs_the_rest_and_exits_nonzero_naming_it(tmp
     assert "error: 1 sweep job(s) failed" in proc.stderr, fail_message(proc)
     (listed,) = [line for line in proc.stderr.splitlines() if line.strip().startswith("job ")]
     assert listed.strip().startswith("job 1 (") and "masking.rate=7.0" in listed and "failure.json" in listed
+
+
+def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path, monkeypatch):
+    from pytorch_lightning.loggers import WandbLogger
+
+    from dapt.pipeline.resume import wandb_run_id
+    from dapt.tracking.loggers import LoggerConfig, build_loggers
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    first = wandb_run_id(tmp_path)
+    assert wandb_run_id(tmp_path) == first  # the id is kept in the run folder, not drawn again
+    assert wandb_run_id(tmp_path / "other") != first
+    loggers = build_loggers(LoggerConfig(), tmp_path, run_name="r", group="g", tags=[], config={}, run_id=first)
+    (wandb_logger,) = [lg for lg in loggers if isinstance(lg, WandbLogger)]
+    assert wandb_logger._wandb_init["id"] == first and wandb_logger._wandb_init["resume"] == "allow"

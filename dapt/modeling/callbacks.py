@@ -12,6 +12,8 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from dapt.io import readable_by_umask
+
 
 class ThroughputMonitor(pl.Callback):
     """Logs ``train/tokens_per_s`` (and ``train/mfu`` when FLOPs/token and peak are known).
@@ -148,6 +150,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
+            readable_by_umask(tmp)
             torch.save(checkpoint, tmp)
             os.replace(tmp, path)
         except BaseException:
