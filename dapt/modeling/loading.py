@@ -202,6 +202,12 @@ def load_mlm_model(
         model, info = AutoModelForMaskedLM.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:
         raise _hub_error(source, exc) from exc
+    except Exception as exc:  # noqa: BLE001 - safetensors/torch deserialisation errors have no common base
+        if not Path(path).is_dir():
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"cannot load the weights in {path} ({type(exc).__name__}: {first}): the file is truncated or "
+                        "corrupt; re-save or re-download it") from exc
     missing = [k for k in info.get("missing_keys", ()) if any(m in k for m in _HEAD_KEY_MARKERS)]
     if missing:
         log.info("%s has no MLM head weights (%d missing); head initialised, decoder tied to embeddings", source, len(missing))
