@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import shutil
@@ -144,7 +145,8 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, ResumePoint | None]:
         return run_dir, None
     with open_dict(cfg):
         cfg.paths.output_dir = str(point.run_dir)
-    log.warning("resuming %s from step %d (%s)", point.run_dir, point.step, point.checkpoint)
+    if not point.finished:
+        log.warning("resuming %s from step %d (%s)", point.run_dir, point.step, point.checkpoint)
     return point.run_dir, point
 
 
@@ -159,6 +161,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     run = validate(cfg)
     checkpoint = checkpoint_config(cfg)
     run_dir, resume = resolve_run_dir(cfg)
+    if resume is not None and resume.finished:  # resume=auto and this config already ran to the end
+        results = json.loads((run_dir / "results.json").read_text())
+        print_summary(results)
+        print(f"resume=auto: this config already finished in {run_dir}; nothing recomputed. results: {run_dir / 'results.json'}", flush=True)
+        return flat_metrics(results), {"results": results, "run_dir": run_dir}
     write_run_config(run_dir, cfg)
     stopper = StopOnSignal(run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT if checkpoint.enabled else None).install()
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,11 @@ def test_sigkill_mid_run_then_resume_auto_equals_the_uninterrupted_run(uninterru
     results = json.loads((out / "results.json").read_text())
     assert results["resumed_from_step"] == 4 and results["steps"] == STEPS
     _assert_same_run(out, uninterrupted)
+    # once finished, resume=auto (a requeued job, a re-launched sweep) reuses the results
+    stamp = (out / "results.json").stat().st_mtime_ns
+    again = _train(out, "resume=auto")
+    assert again.returncode == 0 and "already finished" in again.stdout, fail_message(again)
+    assert (out / "results.json").stat().st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize("name,code", [("TERM", 143), ("INT", 130)])
@@ -129,12 +135,17 @@ def test_resume_auto_finds_the_interrupted_run_of_the_same_config_only(tmp_path,
         torch.save({"global_step": 3}, run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT)
     (finished / "results.json").write_text("{}")
     new.mkdir()
+    os.utime(finished / "results.json", (1, 1))  # finished long before the interrupted run's checkpoint
     point = find_resume_point(cfg, new)
-    assert point is not None and point.run_dir == old and point.step == 3
+    assert point is not None and point.run_dir == old and point.step == 3 and not point.finished
     # settings that do not change the computation (logging, checkpoint interval, output dir) do not matter
     assert find_resume_point(compose([*COMMON, "resume=auto", "checkpoint.every_n_steps=9", "logger.csv.enabled=false"]), new).run_dir == old
     assert find_resume_point(compose([*COMMON]), new) is None  # resume not asked for
     assert find_resume_point(compose([*COMMON, "resume=auto", "optimizer.lr=1e-3"]), new) is None  # no run of that config
+    # the newest run of the config finished: its results are reused, nothing is recomputed
+    os.utime(finished / "results.json")
+    point = find_resume_point(cfg, new)
+    assert point.run_dir == finished and point.finished and point.checkpoint is None
 
 
 def test_resume_from_a_missing_checkpoint_is_a_one_line_error(tmp_path):

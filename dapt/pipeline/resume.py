@@ -66,9 +66,12 @@ class CheckpointConfig:
 
 @dataclass
 class ResumePoint:
+    """A run to continue: its folder and checkpoint, or ``finished`` (its results.json is final)."""
+
     run_dir: Path
-    checkpoint: Path
+    checkpoint: Path | None
     step: int
+    finished: bool = False
 
 
 def run_signature(cfg: Any) -> dict[str, Any]:
@@ -106,10 +109,12 @@ def _candidates(run_dir: Path) -> list[Path]:
 def find_resume_point(cfg: Any, run_dir: Path) -> ResumePoint | None:
     """Where ``cfg.resume`` says to continue from (None: start a new run).
 
-    ``resume=auto``: the most recent checkpoint of an unfinished run (no results.json) whose
-    ``run_config.json`` equals this config's signature; none found is not an error (a new run starts,
-    so a requeued job can always pass ``resume=auto``). ``resume=<run dir or .ckpt>``: that run,
-    which must exist and hold a checkpoint (its config is not compared: the user named it).
+    ``resume=auto``: the most recent run whose ``run_config.json`` equals this config's signature:
+    unfinished with a checkpoint (continue it) or finished (``finished=True``: its results are
+    reused, so a requeued job or a re-launched sweep does not compute a finished run again). None
+    found is not an error: a new run starts, so a requeued job can always pass ``resume=auto``.
+    ``resume=<run dir or .ckpt>``: that run, which must hold a checkpoint (its config is not
+    compared: the user named it).
     """
     mode = cfg.get("resume")
     if mode in (None, False, "", "never", "none"):
@@ -121,22 +126,29 @@ def find_resume_point(cfg: Any, run_dir: Path) -> ResumePoint | None:
             raise ConfigError(f"resume={mode}: no checkpoint at {ckpt} (expected a run directory or a .ckpt file)")
         return ResumePoint(run_dir=ckpt.parent.parent, checkpoint=ckpt, step=checkpoint_step(ckpt))
     signature = run_signature(cfg)
-    best: tuple[float, Path] | None = None
+    best: tuple[float, Path, bool] | None = None
     for candidate in _candidates(run_dir):
-        ckpt = candidate / CHECKPOINT_DIR / LAST_CHECKPOINT
-        if not ckpt.is_file() or (candidate / "results.json").exists():
+        results, ckpt = candidate / "results.json", candidate / CHECKPOINT_DIR / LAST_CHECKPOINT
+        if results.is_file():
+            stamp, finished = results.stat().st_mtime, True
+        elif ckpt.is_file():
+            stamp, finished = ckpt.stat().st_mtime, False
+        else:
             continue
         try:
             same = json.loads((candidate / RUN_CONFIG).read_text()) == signature
         except (OSError, ValueError):
             same = False
-        if same and (best is None or ckpt.stat().st_mtime > best[0]):
-            best = (ckpt.stat().st_mtime, candidate)
+        if same and (best is None or stamp > best[0]):
+            best = (stamp, candidate, finished)
     if best is None:
-        log.info("resume=auto: no interrupted run of this config next to %s; starting a new run", run_dir)
+        log.info("resume=auto: no earlier run of this config next to %s; starting a new run", run_dir)
         return None
-    ckpt = best[1] / CHECKPOINT_DIR / LAST_CHECKPOINT
-    return ResumePoint(run_dir=best[1], checkpoint=ckpt, step=checkpoint_step(ckpt))
+    _, found, finished = best
+    if finished:
+        return ResumePoint(run_dir=found, checkpoint=None, step=-1, finished=True)
+    ckpt = found / CHECKPOINT_DIR / LAST_CHECKPOINT
+    return ResumePoint(run_dir=found, checkpoint=ckpt, step=checkpoint_step(ckpt))
 
 
 def checkpoint_callback(cfg: CheckpointConfig, run_dir: Path) -> pl.Callback:
@@ -237,8 +249,6 @@ class StopOnSignal(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
-        if self.signum is not None:  # a signal arrived between two trainer calls
-            trainer._signal_connector.received_sigterm = True
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = None
