@@ -22,3 +22,8 @@ class DataError(DaptError):
 
 class TrainingError(DaptError):
     """Training went wrong in a way the user must act on (e.g. a non-finite loss)."""
+
+
+class IncompleteRunError(DaptError):
+    """A stage after training (model save, downstream evaluation) failed; results.json was still
+    written with everything that finished plus an ``error`` block, and the message names it."""
