@@ -95,7 +95,6 @@ def test_unwritable_output_dir_is_a_one_line_error_naming_it(tmp_path, kind):
 
 
 def test_free_disk_below_the_model_size_names_path_needed_and_free(compose, tmp_path, monkeypatch):
-    import shutil
     from collections import namedtuple
 
     from dapt import preflight as pf
@@ -115,7 +114,6 @@ def test_free_disk_below_the_model_size_names_path_needed_and_free(compose, tmp_
     assert "\n" not in message
     monkeypatch.setattr(pf.shutil, "disk_usage", lambda path: usage(10**12, 0, needed))
     pf.preflight(run, tmp_path)  # exactly enough passes
-    assert shutil.disk_usage is not None
 
 
 # --- 1b. downstream task files parsed at start-up ---------------------------------------------------------
@@ -206,8 +204,7 @@ def _train_with_failure(tmp_path: Path, target: str, exc: str, overrides: list[s
 def test_downstream_failure_keeps_perplexities_control_and_model(tmp_path):
     proc = _train_with_failure(tmp_path, "_downstream", "RuntimeError('injected fine-tuning crash')", QUICK)
     results_path = tmp_path / "run" / "results.json"
-    line = _one_line_error(proc, "downstream failed (RuntimeError: injected fine-tuning crash)", str(results_path))
-    assert line.count("\n") == 0
+    _one_line_error(proc, "downstream failed (RuntimeError: injected fine-tuning crash)", str(results_path))
     results = json.loads(results_path.read_text())
     assert results["error"] == {"stage": "downstream", "type": "RuntimeError", "message": "injected fine-tuning crash"}
     for key in ("domain_ppl_before", "domain_ppl_after", "general_ppl_after", "domain_dev_ppl_after"):
@@ -291,6 +288,7 @@ def test_truncated_cached_base_is_detected_named_and_rebuilt(tmp_path, caplog, m
     assert third.cached, "the rebuilt base was not reused"
 
 
+@pytest.mark.slow  # two tiny DAPT runs with a control arm (minutes on a shared 2-core box)
 @needs_shared_data
 def test_truncated_cached_control_is_rebuilt_with_the_same_numbers(compose, caplog):
     from dapt.train import train
@@ -305,8 +303,12 @@ def test_truncated_cached_control_is_rebuilt_with_the_same_numbers(compose, capl
     assert not again["cached"] and again["cache_key"] == control["cache_key"]
     assert any("damaged" in r.getMessage() and control["path"] in r.getMessage() for r in caplog.records)
     assert again["domain_ppl_after"] == control["domain_ppl_after"]  # rebuilt by the same recipe
-    _, third = train(compose(overrides))
-    assert third["results"]["control"]["cached"]
+    # the rebuilt entry records its weights' hashes and passes the check the next run makes
+    from dapt.cached_weights import DIGEST_KEY, intact_marker, weights_digest
+    from dapt.pipeline.control import MARKER
+
+    info = intact_marker(again["path"], MARKER, "control arm")
+    assert info is not None and info[DIGEST_KEY] == weights_digest(again["path"])
 
 
 # --- 4. small ones ---------------------------------------------------------------------------------------------
