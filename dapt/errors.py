@@ -40,3 +40,8 @@ class RunInterrupted(DaptError):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+class IncompleteRunError(DaptError):
+    """A stage after training (model save, downstream evaluation) failed; results.json was still
+    written with everything that finished plus an ``error`` block, and the message names it."""

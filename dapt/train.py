@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from dapt.config import to_dataclass
 from dapt.data.datamodule import DataConfig, PackedCorpusDataModule
 from dapt.data.sources import as_source, describe, general_sources
-from dapt.errors import ConfigError
+from dapt.errors import ConfigError, IncompleteRunError, RunInterrupted
 from dapt.io import atomic_save_dir, atomic_write_json
 from dapt.masking import MaskingContext, build_eval_masker, build_masker
 from dapt.modeling.base_prep import BaseConfig, BaseInfo, base_stream, model_fingerprint, needs_preparation, prepare_base
@@ -37,6 +37,7 @@ from dapt.pipeline.resume import (
     keep_csv_history, restore_csv_history, resume_command, wandb_run_id, write_run_config,
 )
 from dapt.pipeline.fit import DOCUMENTS, cached_start_evaluation, evaluate_heldout, make_module, make_trainer, relative_change, stage_keys
+from dapt.preflight import check_writable, preflight
 from dapt.tracking.loggers import LoggerConfig, build_loggers, finish_wandb, wandb_run_of
 from dapt.tracking.ddp import debug_callbacks
 from dapt.tracking.progress import StepProgressBar
@@ -128,7 +129,7 @@ def run_dir_of(cfg: DictConfig) -> Path:
         except ValueError:
             out = "outputs/manual"
     path = Path(out)
-    path.mkdir(parents=True, exist_ok=True)
+    check_writable(path)  # created here; a read-only or impossible path is a one-line error
     return path
 
 
@@ -166,6 +167,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         print_summary(results)
         print(f"resume=auto: this config already finished in {run_dir}; nothing recomputed. results: {run_dir / 'results.json'}", flush=True)
         return flat_metrics(results), {"results": results, "run_dir": run_dir}
+    preflight(run, run_dir)  # positions, accelerator, free disk: seconds now instead of a late traceback
     write_run_config(run_dir, cfg)
     stopper = StopOnSignal(run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT if checkpoint.enabled else None).install()
     try:
@@ -259,11 +261,16 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
     train_sources = datamodule.all_ranks_tokens_per_source()  # a collective: every rank takes part
     if trainer.is_global_zero:
         model_dir = run_dir / "model"
+        failure: dict[str, Any] | None = None  # a stage after training that failed (results.json keeps the rest)
+        late: Exception | None = None
         if cfg.get("save_model", True):
-            atomic_save_dir(
-                model_dir,
-                lambda tmp: (module.model.save_pretrained(tmp, state_dict=full_state), tokenizer.save_pretrained(tmp)),
-            )
+            try:
+                atomic_save_dir(
+                    model_dir,
+                    lambda tmp: (module.model.save_pretrained(tmp, state_dict=full_state), tokenizer.save_pretrained(tmp)),
+                )
+            except Exception as exc:  # noqa: BLE001 - disk full: the perplexities are still written below
+                failure, late = stage_failure("save_model", exc), exc
         results = {"experiment": experiment}
         results.update(stage_keys(before, "before"))
         results["before_cached"] = before_cached
@@ -290,21 +297,39 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
             "data": {"name": run.data.name, "train": describe([as_source(s) for s in run.data.train], data_dir)},
             "config": resolved,
         })
-        downstream = _downstream(cfg, base, results.get("model_dir"), run_dir, loggers, control=control.path if control else None)
-        if downstream:
-            results["downstream"] = downstream
+        if failure is not None:
+            results["model_dir"] = None  # no adapted model to fine-tune: downstream is skipped
+        else:
+            try:
+                downstream = _downstream(cfg, base, results.get("model_dir"), run_dir, loggers, control=control.path if control else None)
+            except Exception as exc:  # noqa: BLE001 - hours of pretraining must not be lost to a late error
+                failure, late, downstream = stage_failure("downstream", exc), exc, {}
+            if downstream:
+                results["downstream"] = downstream
+        if failure is not None:
+            results["error"] = failure
         results["metrics"] = flat_metrics(results)
         atomic_write_json(run_dir / "results.json", results)
-        if checkpoint.enabled and not checkpoint.keep:  # finished: nothing left to resume
+        if checkpoint.enabled and not checkpoint.keep and failure is None:  # finished: nothing left to resume
             shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
         _log_summary(loggers, results["metrics"])
         print_summary(results)
         print(f"results: {run_dir / 'results.json'}", flush=True)
+        if isinstance(late, RunInterrupted):  # a signal during the downstream stage: its exit status, not 2
+            raise late
+        if failure is not None:
+            raise IncompleteRunError(f"{failure['stage']} failed ({failure['type']}: {failure['message'].splitlines()[0] if failure['message'] else ''}); "
+                                     f"what finished is in {run_dir / 'results.json'}")
     finish_wandb()
     metrics = flat_metrics(results) if results else {}
     objects["results"] = results
     objects["run_dir"] = run_dir
     return metrics, objects
+
+
+def stage_failure(stage: str, exc: BaseException) -> dict[str, str]:
+    """The ``error`` block of results.json for a stage that failed after training finished."""
+    return {"stage": stage, "type": type(exc).__name__, "message": str(exc)}
 
 
 def perplexity_changes(after: dict[str, Any], before: dict[str, Any], control: dict[str, Any] | None) -> dict[str, Any]:

@@ -30,6 +30,12 @@ def diagnose(overrides: list[str], max_documents: int = 2000) -> dict[str, Any]:
     domain_sources = [as_source(s) for s in cfg.data.train]
     domain = profile(iter_documents(domain_sources, data_dir), tokenizer, max_documents=max_documents)
     general = profile(iter_documents(general_sources(cfg), data_dir), tokenizer, max_documents=max_documents)
+    # An empty sample overlaps nothing: without this check it reads as "a real domain shift".
+    for what, key, sample, sources in (("domain", "data.train", domain, domain_sources), ("general", "base.data", general, general_sources(cfg))):
+        if sample.documents == 0 or sample.tokens == 0:
+            from dapt.errors import DataError
+
+            raise DataError(f"{key}: the {what} corpus is empty (no text in {', '.join(str(s.path) for s in sources) or 'no source'}); nothing to diagnose")
     terms = domain_terms(domain, general)
     report: dict[str, Any] = {
         "domain": domain.as_dict(),

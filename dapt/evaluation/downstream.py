@@ -247,11 +247,12 @@ def _task_list(cfg: Any) -> list[Any]:
 def check_downstream(cfg: DictConfig) -> None:
     """Fail at start-up, not after hours of pretraining: task names, the downstream group, data files.
 
-    Cheap (no file is read): resolves every name in ``cfg.tasks``, validates ``cfg.downstream`` and
-    checks that each local split file exists under ``paths.data_dir``.
+    Resolves every name in ``cfg.tasks``, validates ``cfg.downstream`` and reads each local task's
+    train/dev/test files with the same readers and checks the evaluation uses (``load_task``), so a
+    malformed CoNLL line or TSV row, a test split with nothing to score or all-empty texts stop the
+    run here with ``file:line`` or the task's name. Reading costs seconds (the task files are small);
+    hub tasks are left to evaluation time (reading them may need the network).
     """
-    from dapt.errors import DataError
-
     tasks = _task_list(cfg)
     if not tasks:
         return
@@ -259,15 +260,8 @@ def check_downstream(cfg: DictConfig) -> None:
     data_dir = Path(str((cfg.get("paths") or {}).get("data_dir") or "")).expanduser()
     for spec in tasks:
         task = resolve_task(spec)
-        if task.reader.format == "hub":
-            continue
-        for split, location in (("train", task.train), ("dev", task.dev), ("test", task.test)):
-            if location is None:
-                continue
-            path = Path(location).expanduser()
-            path = path if path.is_absolute() else data_dir / path
-            if not path.is_file():
-                raise DataError(f"task {task.name}: {split} file not found: {path} (is DAPT_DATA_DIR / paths.data_dir right?)")
+        if task.reader.format != "hub":
+            load_task(task, data_dir)
 
 
 def evaluate_downstream(

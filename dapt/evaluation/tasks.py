@@ -225,6 +225,24 @@ def _handle_unseen(task: TaskConfig, split: str, examples: list[Any], labels: li
     return [ex for ex in examples if ex.label in known_labels]
 
 
+def _check_scorable(task: TaskConfig, splits: dict[str, list[Any]]) -> None:
+    """Refuse splits that would be scored without measuring anything.
+
+    An NER test split without a single entity of a type train knows has F1 0 for every model (reported
+    as 0.000 +- 0.000, which reads like a result); a classification split whose texts are all empty
+    is scored on the label prior alone.
+    """
+    if task.type == "ner":
+        if not any(tag != "O" for ex in splits["test"] for tag in ex.tags):
+            raise DataError(f"task {task.name}: test split ({task.test}) has no entity of a type seen in train "
+                            "(only O tags): there is nothing to score")
+        return
+    for split, examples in splits.items():
+        if not any(ex.text.strip() for ex in examples):
+            location = getattr(task, split) or "carved from train"
+            raise DataError(f"task {task.name}: every text in the {split} split ({location}) is empty: wrong text_field?")
+
+
 def load_task(task: TaskConfig, data_dir: str | Path) -> TaskData:
     """Read train/dev/test, take the label set from train and reconcile dev/test with it."""
     data_dir = Path(data_dir).expanduser()
@@ -258,6 +276,7 @@ def load_task(task: TaskConfig, data_dir: str | Path) -> TaskData:
     for split, examples in (("dev", dev), ("test", test)):
         if not examples:
             raise DataError(f"task {task.name}: {split} split is empty after dropping labels unseen in train")
+    _check_scorable(task, {"train": train, "dev": dev, "test": test})
     if task.type == "classification":
         for split, examples in (("dev", dev), ("test", test)):
             missing = sorted(set(labels) - {ex.label for ex in examples})

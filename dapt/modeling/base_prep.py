@@ -197,6 +197,7 @@ def prepare_base(
     Concurrent single-process sweep jobs wait on a file lock, so the base is built once per machine;
     under DDP every rank trains it together and global rank 0 saves it (``cache_build_lock``).
     """
+    from dapt.cached_weights import DIGEST_KEY, intact_marker, weights_digest
     from dapt.data.sources import as_source, describe
     from dapt.io import cache_build_lock
 
@@ -207,9 +208,9 @@ def prepare_base(
     target = Path(cache_dir) / "bases" / key
     target.parent.mkdir(parents=True, exist_ok=True)
     with cache_build_lock(target):
-        if base_cfg.cache and (target / MARKER).exists():
+        info = intact_marker(target, MARKER, "general-MLM base") if base_cfg.cache else None
+        if info is not None:
             log.info("using cached general-MLM base %s", target)
-            info = json.loads((target / MARKER).read_text())
             return BaseInfo(source=info["source"], path=str(target), steps=info["steps"], cache_key=key, cached=True, seconds=info.get("seconds", 0.0))
         log.info("preparing general-MLM base (%d steps, trainable=%s); cached at %s", base_cfg.steps, base_cfg.trainable, target)
         t0 = time.time()
@@ -221,7 +222,8 @@ def prepare_base(
         def write(tmp: Path) -> None:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            atomic_write_json(tmp / MARKER, {"source": model_cfg.source, "steps": base_cfg.steps, "seconds": seconds, "cache_key": key, "recipe": asdict(base_cfg)})
+            atomic_write_json(tmp / MARKER, {"source": model_cfg.source, "steps": base_cfg.steps, "seconds": seconds, "cache_key": key,
+                                             "recipe": asdict(base_cfg), DIGEST_KEY: weights_digest(tmp)})
 
         if is_global_zero:
             atomic_save_dir(target, write)

@@ -16,7 +16,6 @@ perplexities are cached beside it under a key of the held-out sets, so a cached 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -26,6 +25,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from dapt.cached_weights import DIGEST_KEY, intact_marker, weights_digest
 from dapt.config import to_dataclass
 from dapt.data.datamodule import PackedCorpusDataModule
 from dapt.data.sources import as_source, describe, general_sources
@@ -179,8 +179,9 @@ def run_control(
     eval_key = content_key({**heldout_eval_payload(run, datamodule), "version": CONTROL_VERSION})
     with cache_build_lock(target):  # one build per machine for concurrent sweep jobs; none under DDP
         marker = target / MARKER
-        cached = control.cache and marker.exists()
-        info = json.loads(marker.read_text()) if cached else {}
+        found = intact_marker(target, MARKER, "control arm") if control.cache else None  # damaged: rebuilt
+        cached = found is not None
+        info = found or {}
         if cached:
             log.info("using cached control arm %s", target)
             model = load_mlm_model(str(target), attn_implementation=run.model.attn_implementation).model
@@ -204,6 +205,7 @@ def run_control(
                 def write(tmp: Path) -> None:
                     model.save_pretrained(tmp)
                     tokenizer.save_pretrained(tmp)
+                    info[DIGEST_KEY] = weights_digest(tmp)
                     atomic_write_json(tmp / MARKER, info)
 
                 atomic_save_dir(target, write)

@@ -106,11 +106,20 @@ def _candidates(run_dir: Path) -> list[Path]:
     return sorted(found)
 
 
+def _complete(results: Path) -> bool:
+    """A results.json without an ``error`` block (a late stage that failed is run again on resume)."""
+    try:
+        return "error" not in json.loads(results.read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def find_resume_point(cfg: Any, run_dir: Path) -> ResumePoint | None:
     """Where ``cfg.resume`` says to continue from (None: start a new run).
 
     ``resume=auto``: the most recent run whose ``run_config.json`` equals this config's signature:
-    unfinished with a checkpoint (continue it) or finished (``finished=True``: its results are
+    unfinished with a checkpoint (continue it; also a run whose results.json records a failed late
+    stage, which keeps its checkpoint) or finished (``finished=True``: its results are
     reused, so a requeued job or a re-launched sweep does not compute a finished run again). None
     found is not an error: a new run starts, so a requeued job can always pass ``resume=auto``.
     ``resume=<run dir or .ckpt>``: that run, which must hold a checkpoint (its config is not
@@ -129,7 +138,7 @@ def find_resume_point(cfg: Any, run_dir: Path) -> ResumePoint | None:
     best: tuple[float, Path, bool] | None = None
     for candidate in _candidates(run_dir):
         results, ckpt = candidate / "results.json", candidate / CHECKPOINT_DIR / LAST_CHECKPOINT
-        if results.is_file():
+        if results.is_file() and _complete(results):
             stamp, finished = results.stat().st_mtime, True
         elif ckpt.is_file():
             stamp, finished = ckpt.stat().st_mtime, False

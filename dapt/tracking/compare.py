@@ -109,10 +109,14 @@ def _natural_key(path: Path) -> list[Any]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A run file's object ({} when absent or unparseable); any other JSON value is the user's to fix."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    if not isinstance(data, dict):
+        raise DaptError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def _hydra_config(run_dir: Path) -> dict[str, Any]:
@@ -195,7 +199,10 @@ def load_run(run_dir: Path, name: str | None = None) -> Run:
     results = _read_json(run_dir / "results.json")
     failure = _read_json(run_dir / "failure.json")
     config = results["config"] if isinstance(results.get("config"), dict) else _hydra_config(run_dir)
-    if results:
+    late = results.get("error") if isinstance(results.get("error"), dict) else None  # a stage after training failed
+    if late:
+        status, failure = "failed", {"error": f"{late.get('stage')}: {late.get('type', 'Error')}", "message": late.get("message", "")}
+    elif results:
         status = "ok"
     elif failure:
         status = "failed"

@@ -7,12 +7,15 @@ uploaded later with ``wandb sync``. The CSV logger keeps a plain metrics history
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dapt.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,7 +62,7 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, *, run_name: str, group: str
 
     ``run_id``: the W&B run id (kept in the run directory, so a resumed run continues the same W&B
     run with ``resume="allow"`` instead of starting a second one)."""
-    from pytorch_lightning.loggers import CSVLogger, WandbLogger
+    from pytorch_lightning.loggers import CSVLogger
 
     loggers: list[Any] = []
     if cfg.csv.enabled:
@@ -76,22 +79,42 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, *, run_name: str, group: str
             job_tags += override_tags([f"sweep:{job.sweep_name}"])
             run_name = f"{job.num}-{job.override_dirname}"[:128] if job.override_dirname else f"{job.sweep_name}/{job.num}"
             config = {**config, "hydra_job": {"num": job.num, "sweep_dir": job.sweep_dir, "overrides": job.overrides}}
-        loggers.append(
-            WandbLogger(
-                project=cfg.wandb.project,
-                entity=cfg.wandb.entity,
-                name=cfg.wandb.name or run_name,
-                group=cfg.wandb.group or group,
-                job_type=cfg.wandb.job_type,
-                tags=override_tags([*cfg.wandb.tags, *tags, *job_tags])[:64],
-                save_dir=str(run_dir),
-                mode=wandb_mode(cfg.wandb),
-                config=config,
-                reinit="finish_previous",
-                **({"id": run_id, "resume": "allow"} if run_id else {}),
-            )
-        )
+        loggers.append(wandb_logger(
+            project=cfg.wandb.project,
+            entity=cfg.wandb.entity,
+            name=cfg.wandb.name or run_name,
+            group=cfg.wandb.group or group,
+            job_type=cfg.wandb.job_type,
+            tags=override_tags([*cfg.wandb.tags, *tags, *job_tags])[:64],
+            save_dir=str(run_dir),
+            mode=wandb_mode(cfg.wandb),
+            config=config,
+            reinit="finish_previous",
+            **({"id": run_id, "resume": "allow"} if run_id else {}),
+        ))
     return loggers
+
+
+def wandb_logger(*, mode: str, **kwargs: Any) -> Any:
+    """A ``WandbLogger``; online mode starts the run now and falls back to offline if that fails.
+
+    ``wandb.init`` runs lazily on the logger's first use, so without this a network or login failure
+    would surface as a traceback after the model was loaded (or, with a long timeout, never). Offline
+    runs keep everything and can be uploaded later with ``wandb sync``.
+    """
+    from pytorch_lightning.loggers import WandbLogger
+
+    logger = WandbLogger(mode=mode, **kwargs)
+    if mode != "online":
+        return logger
+    try:
+        logger.experiment  # noqa: B018 - property access calls wandb.init
+        return logger
+    except Exception as exc:  # noqa: BLE001 - CommError, UsageError, timeouts: all mean "cannot reach W&B now"
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        log.warning("W&B online failed (%s: %s); logging offline under %s (upload later with wandb sync)",
+                    type(exc).__name__, first, kwargs.get("save_dir"))
+        return WandbLogger(mode="offline", **kwargs)
 
 
 def wandb_run_of(loggers: list[Any]) -> Any:
