@@ -114,9 +114,11 @@ def _train_task(cfg: Any) -> float | None:
     _quiet_libraries()
     job = current_job()
     strict = sweeper_tracks_failures(job)
+    job_dir = None
     try:
+        job_dir = run_dir_of(cfg)  # resume=auto may move the run to an earlier folder: failures are recorded in both
         trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True) if "trainer" in cfg else {}
-        with local_ranks(trainer_cfg, run_dir_of(cfg), job.overrides if job else [], cwd=job.cwd if job else None):
+        with local_ranks(trainer_cfg, job_dir, job.overrides if job else [], cwd=job.cwd if job else None):
             metrics, _ = train(cfg)
         return _objective(cfg, metrics, strict=strict)
     except RunInterrupted as exc:
@@ -124,7 +126,8 @@ def _train_task(cfg: Any) -> float | None:
         # process with 128 + signal, in a sweep too (the remaining jobs were pre-empted with it).
         # SystemExit, not an exception: Hydra would print a traceback and exit 1.
         finish_wandb(exit_code=1)
-        record_failure(run_dir_of(cfg), exc, job, extra={"signal": exc.signum, "step": exc.step, "checkpoint": exc.checkpoint})
+        for folder in _failure_folders(cfg, job_dir):
+            record_failure(folder, exc, job, extra={"signal": exc.signum, "step": exc.step, "checkpoint": exc.checkpoint})
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(exc.exit_code) from None
     except Exception as exc:
@@ -135,11 +138,24 @@ def _train_task(cfg: Any) -> float | None:
             raise SystemExit(2) from None
         if not (job and job.multirun):
             raise
-        path = record_failure(run_dir_of(cfg), exc, job)
+        paths = [record_failure(folder, exc, job) for folder in _failure_folders(cfg, job_dir)]
+        path = paths[0] if paths else "nowhere: the output folder is unusable"
         logging.getLogger("dapt").error("job %s failed (recorded in %s): %s: %s", job.num, path, type(exc).__name__, exc)
         if strict:
             raise
         return math.nan
+
+
+def _failure_folders(cfg: Any, job_dir: Any) -> list[Any]:
+    """Where a failure is recorded: the run's folder and, when ``resume=auto`` continued an earlier
+    run elsewhere, also this job's own folder (so that its sweep sees the failure)."""
+    from dapt.train import run_dir_of
+
+    try:
+        run_dir = run_dir_of(cfg)
+    except Exception:  # noqa: BLE001 - an unusable output dir: record where we can
+        run_dir = None
+    return list(dict.fromkeys(f for f in (run_dir, job_dir) if f is not None))
 
 
 def train_main() -> None:

@@ -247,9 +247,13 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
         cache_dir, start_fingerprint, run, datamodule, lambda: evaluate_heldout(trainer, module, datamodule),
         write=trainer.is_global_zero,
     )
+    hint = resume_command(sys.argv)
+    stopper.raise_if_signalled(trainer, resume_hint=hint)
     pl.seed_everything(seed, workers=True, verbose=False)  # the same RNG state as the control arm's fit
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.checkpoint) if resume else None)
+    stopper.raise_if_signalled(trainer, resume_hint=hint, training_done=True)
     after = evaluate_heldout(trainer, module, datamodule)
+    stopper.raise_if_signalled(trainer, resume_hint=hint)
     train_seconds = time.time() - t0
 
     results: dict[str, Any] = {}
@@ -310,8 +314,10 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
             results["error"] = failure
         results["metrics"] = flat_metrics(results)
         atomic_write_json(run_dir / "results.json", results)
-        if checkpoint.enabled and not checkpoint.keep and failure is None:  # finished: nothing left to resume
-            shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+        if failure is None:  # finished: nothing left to resume, and an earlier attempt's failure is history
+            if checkpoint.enabled and not checkpoint.keep:
+                shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+            (run_dir / "failure.json").unlink(missing_ok=True)
         _log_summary(loggers, results["metrics"])
         print_summary(results)
         print(f"results: {run_dir / 'results.json'}", flush=True)

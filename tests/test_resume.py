@@ -103,27 +103,30 @@ def test_sigkill_mid_run_then_resume_auto_equals_the_uninterrupted_run(uninterru
     assert (out / "results.json").stat().st_mtime_ns == stamp
 
 
-@pytest.mark.parametrize("name,code", [("TERM", 143), ("INT", 130)])
-def test_signal_checkpoints_writes_failure_and_exits_nonzero_then_resumes_exactly(uninterrupted, tmp_path, name, code):
+@pytest.mark.parametrize("name,code,step", [("TERM", 143, 7), ("INT", 130, 7), ("TERM", 143, STEPS)])
+def test_signal_checkpoints_writes_failure_and_exits_nonzero_then_resumes_exactly(uninterrupted, tmp_path, name, code, step):
+    """Mid-run, and on the last step (Lightning itself ignores a SIGTERM once training is done)."""
     out = tmp_path / "run"
-    stopped = _train(out, env={"DAPT_DEBUG_SIGNAL": f"7:{name}"})
+    stopped = _train(out, env={"DAPT_DEBUG_SIGNAL": f"{step}:{name}"})
     assert stopped.returncode == code, fail_message(stopped)
     errors = [line for line in stopped.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and f"interrupted by SIG{name} at step 7" in errors[0], fail_message(stopped)
+    assert len(errors) == 1 and f"interrupted by SIG{name} at step {step}" in errors[0], fail_message(stopped)
     assert "resume with: dapt train" in errors[0] and errors[0].endswith("resume=auto")
     assert "Traceback" not in stopped.stderr
     failure = json.loads((out / "failure.json").read_text())
-    assert failure["error"] == "RunInterrupted" and failure["step"] == 7 and failure["signal"] == code - 128
+    assert failure["error"] == "RunInterrupted" and failure["step"] == step and failure["signal"] == code - 128
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 7  # the signal's step, not the last periodic checkpoint (4)
+    assert ckpt["global_step"] == step  # the signal's step, not the last periodic checkpoint
     assert not (out / "results.json").exists()
     resumed = _train(out, "resume=auto")
     assert resumed.returncode == 0, fail_message(resumed)
-    assert json.loads((out / "results.json").read_text())["resumed_from_step"] == 7
+    assert json.loads((out / "results.json").read_text())["resumed_from_step"] == step
+    assert not (out / "failure.json").exists(), "a run that finished after its interruption is not reported failed"
     _assert_same_run(out, uninterrupted)
 
 
 def test_resume_auto_finds_the_interrupted_run_of_the_same_config_only(tmp_path, compose):
+    from dapt.errors import ConfigError
     from dapt.pipeline.resume import CHECKPOINT_DIR, LAST_CHECKPOINT, find_resume_point, write_run_config
 
     cfg = compose([*COMMON, "resume=auto"])
@@ -142,10 +145,34 @@ def test_resume_auto_finds_the_interrupted_run_of_the_same_config_only(tmp_path,
     assert find_resume_point(compose([*COMMON, "resume=auto", "checkpoint.every_n_steps=9", "logger.csv.enabled=false"]), new).run_dir == old
     assert find_resume_point(compose([*COMMON]), new) is None  # resume not asked for
     assert find_resume_point(compose([*COMMON, "resume=auto", "optimizer.lr=1e-3"]), new) is None  # no run of that config
+    # another data folder is another run
+    assert find_resume_point(compose([*COMMON, "resume=auto", f"paths.data_dir={tmp_path}"]), new) is None
     # the newest run of the config finished: its results are reused, nothing is recomputed
     os.utime(finished / "results.json")
     point = find_resume_point(cfg, new)
     assert point.run_dir == finished and point.finished and point.checkpoint is None
+    # ...unless a stage after training failed (it keeps its checkpoint and is resumed)
+    (finished / "results.json").write_text('{"error": {"stage": "downstream"}}')
+    point = find_resume_point(cfg, new)
+    assert point.run_dir == finished and not point.finished and point.checkpoint == finished / CHECKPOINT_DIR / LAST_CHECKPOINT
+    # a damaged checkpoint is not fatal for resume=auto: a new run starts
+    (old / CHECKPOINT_DIR / LAST_CHECKPOINT).write_bytes(b"not a checkpoint")
+    (finished / CHECKPOINT_DIR / LAST_CHECKPOINT).unlink()
+    assert find_resume_point(cfg, new) is None
+    # an explicit checkpoint must be a run folder's checkpoints/last.ckpt
+    stray = tmp_path / "stray.ckpt"
+    torch.save({"global_step": 1}, stray)
+    with pytest.raises(ConfigError, match="run folder"):
+        find_resume_point(compose([*COMMON, f"resume={stray}"]), new)
+
+
+def test_the_resume_signature_holds_the_code_and_ignores_where_and_how_a_run_logs(compose):
+    from dapt.pipeline.resume import code_digest, run_signature
+
+    base = run_signature(compose(COMMON))
+    assert base["code"] == code_digest() and len(base["code"]) == 16
+    assert run_signature(compose([*COMMON, "tags=[x]", "optimized_metric=general_dev_ppl_after", "paths.output_dir=/tmp/x"])) == base
+    assert run_signature(compose([*COMMON, "seed=3"])) != base
 
 
 def test_resume_from_a_missing_checkpoint_is_a_one_line_error(tmp_path):

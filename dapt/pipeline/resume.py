@@ -36,7 +36,7 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 WANDB_ID_FILE = "wandb_run_id.txt"
 # Config keys that do not change what a run computes: a run resumed with other values is the same run.
-VOLATILE_KEYS = ("resume", "paths", "hydra", "checkpoint", "logger")
+VOLATILE_KEYS = ("resume", "paths", "hydra", "checkpoint", "logger", "tags", "optimized_metric")
 SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 
 
@@ -75,9 +75,28 @@ class ResumePoint:
 
 
 def run_signature(cfg: Any) -> dict[str, Any]:
-    """The resolved config minus ``VOLATILE_KEYS``: what must match for a run to be resumed."""
+    """What must match for a run to be resumed (or its results reused): the resolved config minus
+    ``VOLATILE_KEYS``, plus the data folder and a digest of dapt's source code, so that a run made
+    by other code (a bug fixed since) or read from another data folder is never continued or reused.
+    (A changed corpus under the same path is not detected; ``resume=<run dir>`` overrides all this.)"""
     container = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    return json.loads(json.dumps({k: v for k, v in container.items() if k not in VOLATILE_KEYS}, sort_keys=True, default=str))
+    signature = {k: v for k, v in container.items() if k not in VOLATILE_KEYS}
+    signature["data_dir"] = str((container.get("paths") or {}).get("data_dir"))
+    signature["code"] = code_digest()
+    return json.loads(json.dumps(signature, sort_keys=True, default=str))
+
+
+def code_digest() -> str:
+    """SHA-256 (16 hex) of every ``dapt/**/*.py`` file."""
+    import hashlib
+
+    import dapt
+
+    digest = hashlib.sha256()
+    root = Path(dapt.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def write_run_config(run_dir: Path, cfg: Any) -> None:
@@ -133,7 +152,16 @@ def find_resume_point(cfg: Any, run_dir: Path) -> ResumePoint | None:
         ckpt = target / CHECKPOINT_DIR / LAST_CHECKPOINT if target.is_dir() else target
         if not ckpt.is_file():
             raise ConfigError(f"resume={mode}: no checkpoint at {ckpt} (expected a run directory or a .ckpt file)")
-        return ResumePoint(run_dir=ckpt.parent.parent, checkpoint=ckpt, step=checkpoint_step(ckpt))
+        if ckpt.parent.name != CHECKPOINT_DIR:
+            raise ConfigError(f"resume={mode}: a checkpoint must lie in a run folder's {CHECKPOINT_DIR}/ (the run continues in that folder)")
+        point = ResumePoint(run_dir=ckpt.parent.parent, checkpoint=ckpt, step=checkpoint_step(ckpt))
+        try:
+            if json.loads((point.run_dir / RUN_CONFIG).read_text()) != run_signature(cfg):
+                log.warning("resume=%s: that run's config (%s) differs from this one; continuing it with this config",
+                            mode, point.run_dir / RUN_CONFIG)
+        except (OSError, ValueError):
+            pass
+        return point
     signature = run_signature(cfg)
     best: tuple[float, Path, bool] | None = None
     for candidate in _candidates(run_dir):
@@ -157,19 +185,35 @@ def find_resume_point(cfg: Any, run_dir: Path) -> ResumePoint | None:
     if finished:
         return ResumePoint(run_dir=found, checkpoint=None, step=-1, finished=True)
     ckpt = found / CHECKPOINT_DIR / LAST_CHECKPOINT
-    return ResumePoint(run_dir=found, checkpoint=ckpt, step=checkpoint_step(ckpt))
+    try:
+        return ResumePoint(run_dir=found, checkpoint=ckpt, step=checkpoint_step(ckpt))
+    except ConfigError as exc:  # a requeued job must not fail forever on a damaged checkpoint
+        log.warning("resume=auto: %s; starting a new run", exc)
+        return None
 
 
 def checkpoint_callback(cfg: CheckpointConfig, run_dir: Path) -> pl.Callback:
-    """Lightning's ModelCheckpoint writing only ``last.ckpt`` (through ``AtomicCheckpointIO``)."""
+    """Lightning's ModelCheckpoint writing only ``last.ckpt`` (through ``AtomicCheckpointIO``), and
+    only at the end of a batch that completed an optimizer step: a time-based save inside a
+    gradient-accumulation group would lose the group's partial gradients on resume."""
     from datetime import timedelta
 
     from pytorch_lightning.callbacks import ModelCheckpoint
 
+    class StepBoundaryCheckpoint(ModelCheckpoint):
+        _step_at_batch_start = 0
+
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+            self._step_at_batch_start = trainer.global_step
+
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+            if trainer.global_step != self._step_at_batch_start:
+                super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
     interval: dict[str, Any] = (
         {"every_n_train_steps": cfg.every_n_steps} if cfg.every_n_steps else {"train_time_interval": timedelta(minutes=float(cfg.every_minutes or 0))}
     )
-    return ModelCheckpoint(dirpath=str(run_dir / CHECKPOINT_DIR), save_last=True, save_top_k=0, **interval)
+    return StepBoundaryCheckpoint(dirpath=str(run_dir / CHECKPOINT_DIR), save_last=True, save_top_k=0, **interval)
 
 
 def keep_csv_history(run_dir: Path, up_to_step: int) -> list[dict[str, str]]:
@@ -215,14 +259,22 @@ def wandb_run_id(run_dir: Path) -> str:
 
 
 class StopOnSignal(pl.Callback):
-    """SIGTERM/SIGINT during the run: stop at the end of the current step, checkpoint, exit non-zero.
+    """SIGTERM/SIGINT during the run: stop at the next optimizer-step boundary, checkpoint, exit non-zero.
 
-    While the DAPT trainer runs, the first signal only asks Lightning to stop (its SIGTERM flag, which
-    its loops check after each training step and evaluation batch, so the checkpoint holds a complete
-    step); the checkpoint is written in ``on_exception`` and ``train`` turns Lightning's
-    ``SIGTERMException`` (a ``SystemExit`` with status 0) into ``RunInterrupted``. Outside that
-    trainer (base preparation, control arm, downstream tasks, whose caches are written atomically
-    at their end) and on a second signal, it raises ``RunInterrupted`` at once.
+    While the DAPT trainer runs, the first signal only asks Lightning to stop (its SIGTERM flag,
+    which its loops check after each training batch and evaluation batch): during a training batch
+    the flag is raised at the end of the batch that completes an optimizer step (never inside a
+    gradient-accumulation group, whose partial gradients a checkpoint does not hold); during an
+    evaluation at once. Lightning clears the flag when a trainer call starts, so it is raised again
+    at each train/validation/test start, and ``raise_if_signalled`` after every trainer call catches
+    a signal that arrived on a last batch (which Lightning does not check). The checkpoint is written
+    in ``on_exception``; ``train`` turns Lightning's ``SIGTERMException`` (a ``SystemExit`` with
+    status 0) into ``RunInterrupted``. Outside that trainer (base preparation, control arm, downstream
+    tasks, whose caches are written atomically at their end) and on a second signal, the handler
+    raises ``RunInterrupted`` at once.
+
+    Under SLURM with submitit, a time limit is announced with SIGUSR2, which submitit handles itself
+    (requeue, then exit): the requeued job continues from the last periodic checkpoint.
     """
 
     def __init__(self, checkpoint_path: Path | None) -> None:
@@ -231,6 +283,8 @@ class StopOnSignal(pl.Callback):
         self.saved: Path | None = None
         self.step = 0
         self._trainer: pl.Trainer | None = None
+        self._in_train_batch = False
+        self._step_at_batch_start = 0
         self._previous: dict[int, Any] = {}
 
     def install(self) -> "StopOnSignal":
@@ -251,16 +305,52 @@ class StopOnSignal(pl.Callback):
         self.signum = signum
         name = SIGNAL_NAMES.get(signum, str(signum))
         if first and self._trainer is not None:
-            self._trainer._signal_connector.received_sigterm = True  # Lightning stops after this step
+            if not self._in_train_batch:
+                self._request_stop(self._trainer)
             log.warning("received %s: stopping after the current step and writing a checkpoint (send it again to stop now)", name)
             return
         raise RunInterrupted(f"interrupted by {name}", signum=signum)
+
+    def _request_stop(self, trainer: pl.Trainer) -> None:
+        trainer._signal_connector.received_sigterm = True
+
+    # Lightning resets its flag when a trainer call starts: raise it again once the loops run.
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.signum is not None:
+            self._request_stop(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.signum is not None:
+            self._request_stop(trainer)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.signum is not None:
+            self._request_stop(trainer)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._in_train_batch = True
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._in_train_batch = False
+        if self.signum is not None and trainer.global_step != self._step_at_batch_start:  # an optimizer step just finished
+            self._request_stop(trainer)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Flush the CSV history with every checkpoint: Lightning writes it every 100 steps, and a
+        run killed after its checkpoint must not leave a gap in the history it resumes."""
+        from pytorch_lightning.loggers import CSVLogger
+
+        for lg in trainer.loggers:
+            if isinstance(lg, CSVLogger):
+                lg.save()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = None
+        self._in_train_batch = False
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -270,15 +360,29 @@ class StopOnSignal(pl.Callback):
             trainer.save_checkpoint(str(self.checkpoint_path))
             self.saved = self.checkpoint_path
 
+    def raise_if_signalled(self, trainer: pl.Trainer, *, resume_hint: str, training_done: bool = False) -> None:
+        """After a trainer call: a signal that Lightning did not act on (it arrived on a last batch)
+        stops the run here; after a finished fit, the final state is checkpointed first."""
+        if self.signum is None:
+            return
+        self.step = trainer.global_step
+        if training_done and self.checkpoint_path is not None and self.saved is None:
+            trainer.save_checkpoint(str(self.checkpoint_path))
+            self.saved = self.checkpoint_path
+        raise self.interrupted(resume_hint=resume_hint)
+
     def interrupted(self, *, resume_hint: str) -> RunInterrupted:
         """The error ``train`` raises after Lightning stopped on this callback's request."""
         signum = self.signum or signal.SIGTERM
         name = SIGNAL_NAMES.get(signum, str(signum))
-        if self.saved is not None:
-            message = f"interrupted by {name} at step {self.step}; checkpoint {self.saved}; resume with: {resume_hint}"
+        checkpoint = self.saved
+        if checkpoint is None and self.checkpoint_path is not None and self.checkpoint_path.is_file():
+            checkpoint = self.checkpoint_path  # no stop checkpoint, but the last periodic one
+        if checkpoint is not None:
+            message = f"interrupted by {name} at step {self.step}; checkpoint {checkpoint}; resume with: {resume_hint}"
         else:
-            message = f"interrupted by {name} (step {self.step}); no checkpoint written (not training, or checkpoint.enabled=false)"
-        return RunInterrupted(message, signum=signum, step=self.step, checkpoint=str(self.saved) if self.saved else None)
+            message = f"interrupted by {name} (step {self.step}); no checkpoint to resume from (not training yet, or checkpoint.enabled=false)"
+        return RunInterrupted(message, signum=signum, step=self.step, checkpoint=str(checkpoint) if checkpoint else None)
 
 
 def resume_command(argv: list[str]) -> str:
