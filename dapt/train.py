@@ -23,7 +23,7 @@ from dapt.config import to_dataclass
 from dapt.data.datamodule import DataConfig, PackedCorpusDataModule
 from dapt.data.sources import as_source, describe, general_sources
 from dapt.errors import ConfigError
-from dapt.io import atomic_save_dir, atomic_write_json
+from dapt.io import atomic_save_dir, atomic_write_json, non_finite_keys
 from dapt.masking import MaskingContext, build_eval_masker, build_masker
 from dapt.modeling.base_prep import BaseConfig, BaseInfo, base_stream, model_fingerprint, needs_preparation, prepare_base
 from dapt.modeling.callbacks import ThroughputMonitor
@@ -147,7 +147,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     masker = build_masker(cfg.masking, tokenizer, default_schedule_steps=max_steps, context=context)
     eval_masker = build_eval_masker(cfg.masking, tokenizer, context=context)
     datamodule = PackedCorpusDataModule(run.data, tokenizer, masker, data_dir=data_dir, seed=seed, eval_masker=eval_masker)
-    datamodule.check_inputs()  # missing/empty corpora fail here, before any model work
+    datamodule.check_inputs()  # missing/empty/binary/malformed corpora fail here, before any model work
+    datamodule.plan_batches(max_steps * int(run.trainer.get("accumulate_grad_batches") or 1))  # repetition warning
 
     loaded = load_mlm_model(
         run.model.source,
@@ -234,6 +235,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "mfu": throughput.mfu,
             "train_tokens": throughput.tokens,
             "train_sources": train_sources,
+            "data_quality": datamodule.data_quality(),
             "steps": trainer.global_step,
             "train_seconds": train_seconds,
             "heldout_sets": datamodule.eval_info,
@@ -246,6 +248,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if downstream:
             results["downstream"] = downstream
         results["metrics"] = flat_metrics(results)
+        results["non_finite"] = non_finite_keys(results)  # written as null: results.json stays strict JSON
         atomic_write_json(run_dir / "results.json", results)
         _log_summary(loggers, results["metrics"])
         print_summary(results)
