@@ -2,11 +2,15 @@
 
 Everything a run persists goes to a temporary sibling first and is moved into place with
 ``os.replace`` (atomic on POSIX), so a crash or a kill mid-write leaves the previous file intact.
+JSON is written strict: a non-finite float (a diverged run's ``inf`` perplexity) becomes ``null``,
+because ``Infinity``/``NaN`` are not JSON and most readers (jq, JavaScript, pandas' strict modes)
+reject the whole file; ``non_finite_keys`` lists where that happened so writers can flag it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -54,8 +58,35 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def _finite_copy(data: Any, where: str, found: list[str]) -> Any:
+    if isinstance(data, dict):
+        return {k: _finite_copy(v, f"{where}.{k}" if where else str(k), found) for k, v in data.items()}
+    if isinstance(data, (list, tuple, set)):
+        return [_finite_copy(v, f"{where}[{i}]", found) for i, v in enumerate(data)]
+    if hasattr(data, "item") and hasattr(data, "dtype") and getattr(data, "ndim", 0) == 0:
+        data = data.item()  # numpy / torch scalar
+    if isinstance(data, float) and not math.isfinite(data):
+        found.append(where)
+        return None
+    return data
+
+
+def json_safe(data: Any) -> tuple[Any, list[str]]:
+    """``data`` with every non-finite float replaced by None, and the paths where that happened
+    (``a.b[2].c``; dict keys joined by dots, list indices in brackets)."""
+    found: list[str] = []
+    return _finite_copy(data, "", found), found
+
+
+def non_finite_keys(data: Any) -> list[str]:
+    """Paths in ``data`` whose value is inf or NaN (what ``atomic_write_json`` will write as null)."""
+    return json_safe(data)[1]
+
+
 def atomic_write_json(path: str | os.PathLike[str], data: Any) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default, allow_nan=True) + "\n")
+    """Write ``data`` as strict JSON (non-finite floats as ``null``), atomically."""
+    safe, _ = json_safe(data)
+    return atomic_write_text(path, json.dumps(safe, indent=2, sort_keys=False, default=_json_default, allow_nan=False) + "\n")
 
 
 def atomic_save_dir(target: str | os.PathLike[str], write: Any) -> Path:

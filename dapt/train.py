@@ -25,7 +25,7 @@ from dapt.config import to_dataclass
 from dapt.data.datamodule import DataConfig, PackedCorpusDataModule
 from dapt.data.sources import as_source, describe, general_sources
 from dapt.errors import ConfigError, IncompleteRunError, RunInterrupted
-from dapt.io import atomic_save_dir, atomic_write_json
+from dapt.io import atomic_save_dir, atomic_write_json, non_finite_keys
 from dapt.masking import MaskingContext, build_eval_masker, build_masker
 from dapt.modeling.base_prep import BaseConfig, BaseInfo, base_stream, model_fingerprint, needs_preparation, prepare_base
 from dapt.modeling.callbacks import RngStateCheckpoint, ThroughputMonitor
@@ -197,7 +197,8 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
     masker = build_masker(cfg.masking, tokenizer, default_schedule_steps=max_steps, context=context)
     eval_masker = build_eval_masker(cfg.masking, tokenizer, context=context)
     datamodule = PackedCorpusDataModule(run.data, tokenizer, masker, data_dir=data_dir, seed=seed, eval_masker=eval_masker)
-    datamodule.check_inputs()  # missing/empty corpora fail here, before any model work
+    datamodule.check_inputs()  # missing/empty/binary/malformed corpora fail here, before any model work
+    datamodule.plan_batches(max_steps * int(run.trainer.get("accumulate_grad_batches") or 1))  # repetition warning
 
     loaded = load_mlm_model(
         run.model.source,
@@ -292,6 +293,7 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
             "mfu": throughput.mfu,
             "train_tokens": throughput.tokens,
             "train_sources": train_sources,
+            "data_quality": datamodule.data_quality(),
             "steps": trainer.global_step,
             "resumed_from_step": resume.step if resume else None,
             "train_seconds": train_seconds,
@@ -313,6 +315,7 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
         if failure is not None:
             results["error"] = failure
         results["metrics"] = flat_metrics(results)
+        results["non_finite"] = non_finite_keys(results)  # written as null: results.json stays strict JSON
         atomic_write_json(run_dir / "results.json", results)
         if failure is None:  # finished: nothing left to resume, and an earlier attempt's failure is history
             if checkpoint.enabled and not checkpoint.keep:

@@ -41,7 +41,8 @@ from dapt.data.mixing import (
     source_names,
 )
 from dapt.data.packing import BlockPacker
-from dapt.data.sources import SourceConfig, as_source, check_nonempty, describe
+from dapt.data.quality import QualityPolicy, ReadStats
+from dapt.data.sources import SourceConfig, as_source, check_nonempty, describe, scan_prefix
 from dapt.errors import ConfigError
 from dapt.masking import Masker
 
@@ -82,6 +83,14 @@ class DataConfig:
         replay / replay_fraction: general-text sources mixed into training so that a fraction of the
             blocks is general text (a standard remedy against forgetting; 0 disables it). Replay
             sources are weighted among themselves like training sources (``weight`` or size).
+        max_bad_fraction / min_bad_records: a source whose bad records (malformed JSON, missing,
+            null, non-string or empty text, undecodable bytes) exceed this fraction of its records,
+            once there are at least ``min_bad_records`` of them, stops the run with a ``DataError``
+            (``dapt.data.quality``); fewer are skipped, counted and the first few warned about.
+        check_records: records of each source read by ``check_inputs`` before any model work (a
+            bounded prefix: bad data is caught in seconds; the rest is checked while streaming).
+        warn_passes: warn once when the training stream starts reading a source for the
+            (warn_passes+1)-th time (null: never): a corpus repeated many times is memorised.
     """
 
     name: str = "corpus"
@@ -104,6 +113,14 @@ class DataConfig:
     max_passes: int | None = None
     replay: list[Any] = field(default_factory=list)
     replay_fraction: float = 0.0
+    max_bad_fraction: float = 0.01
+    min_bad_records: int = 10
+    check_records: int = 5000
+    warn_passes: int | None = 3
+
+    @property
+    def quality_policy(self) -> QualityPolicy:
+        return QualityPolicy(self.max_bad_fraction, self.min_bad_records)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.replay_fraction < 1.0:
@@ -125,6 +142,11 @@ class DataConfig:
             raise ConfigError("data.shuffle_buffer, data.doc_shuffle_buffer and data.num_workers must be >= 0")
         if self.max_passes is not None and self.max_passes < 1:
             raise ConfigError(f"data.max_passes={self.max_passes} must be >= 1 (or null)")
+        if self.warn_passes is not None and self.warn_passes < 1:
+            raise ConfigError(f"data.warn_passes={self.warn_passes} must be >= 1 (or null)")
+        if self.check_records < 1:
+            raise ConfigError(f"data.check_records={self.check_records} must be >= 1")
+        QualityPolicy(self.max_bad_fraction, self.min_bad_records)  # raises ConfigError on bad values
 
 
 def shard_of(rank: int, world_size: int, rotate: int = 0) -> tuple[int, int]:
@@ -181,6 +203,8 @@ class PackedBlockStream(IterableDataset):
         replay_fraction: float = 0.0,
         doc_shuffle_buffer: int = 1024,
         start_block: int = 0,
+        policy: QualityPolicy | None = None,
+        warn_passes: int | None = None,
     ) -> None:
         self.sources = list(sources)
         self.replay = list(replay)
@@ -194,6 +218,11 @@ class PackedBlockStream(IterableDataset):
         self.docs_per_batch = docs_per_batch
         self.max_passes = max_passes
         self.start_block = start_block
+        self.policy = policy or QualityPolicy()
+        self.warn_passes = warn_passes
+        self.planned_batches: int | None = None  # a rank's batches in the run (the repetition estimate)
+        # Each shard's per-source read counts, from the latest iteration in this process.
+        self.read_stats: dict[int, list[ReadStats]] = {}
         self.start_batch = 0
         self.batch_size = 1
         self.rank = 0
@@ -212,6 +241,10 @@ class PackedBlockStream(IterableDataset):
         """Source ``index``'s own stream on one shard (its documents per pass and its blocks)."""
         comp = (comps if comps is not None else self.components())[index]
         packer = BlockPacker(self.tokenizer, self.block_size, docs_per_batch=self.docs_per_batch)
+        planned = None
+        if self.planned_batches is not None:
+            shards_per_rank = max(num_shards // max(self.world_size, 1), 1)
+            planned = self.planned_batches * self.batch_size // shards_per_rank
         return SourceStream(
             comp,
             self.data_dir,
@@ -221,12 +254,17 @@ class PackedBlockStream(IterableDataset):
             num_shards=num_shards,
             doc_shuffle_buffer=self.doc_shuffle_buffer,
             max_passes=None if comp.replay else self.max_passes,
+            policy=self.policy,
+            warn_passes=self.warn_passes,
+            planned_blocks=planned,
         )
 
     def blocks(self, shard: int, num_shards: int) -> Iterator[dict[str, Any]]:
         """The full stream of one shard, from its first block."""
         comps = self.components()
-        streams = [self.source_stream(c.index, shard, num_shards, comps).blocks() for c in comps]
+        sources = [self.source_stream(c.index, shard, num_shards, comps) for c in comps]
+        self.read_stats[shard] = [s.stats for s in sources]
+        streams = [s.blocks() for s in sources]
         # Take each source's first block now: a source too small for this shard fails at the start,
         # naming itself, not whenever the draw first picks it (maybe never, for a tiny weight).
         streams = [itertools.chain([next(s)], s) for s in streams]
@@ -297,8 +335,11 @@ class PackedCorpusDataModule(pl.LightningDataModule):
             max_passes=config.max_passes,
             replay=[as_source(s, f"data.replay[{i}]") for i, s in enumerate(config.replay)],
             replay_fraction=config.replay_fraction,
+            policy=config.quality_policy,
+            warn_passes=config.warn_passes,
         )
         self.train_stream.batch_size = config.batch_size
+        self._prefix_stats: dict[str, ReadStats] = {}
         self.eval_sets: dict[str, dict[str, TensorDataset]] = {}
         self.eval_info: dict[str, dict[str, dict[str, int]]] = {}
         self._generators: dict[str, torch.Generator] = {}
@@ -365,16 +406,25 @@ class PackedCorpusDataModule(pl.LightningDataModule):
         self.train_stream.start_batch = batches
         self.train_stream.batch_size = self.config.batch_size
 
+    def plan_batches(self, batches: int) -> None:
+        """Tell the stream how many batches a rank will take (optimizer steps × accumulation), so
+        that the repetition warning can say how many times a small corpus will be repeated."""
+        self.train_stream.planned_batches = batches
+
     def check_inputs(self) -> None:
-        """Fail fast, before any model work, on a missing or empty corpus or unusable weights."""
-        check_nonempty(self.train_sources, self.data_dir, "training")
+        """Fail fast, before any model work, on a missing or empty corpus, unusable weights, binary
+        files or a bad-record fraction over ``data.max_bad_fraction`` in the first
+        ``data.check_records`` records of each training/replay source."""
+        policy = self.config.quality_policy
+        check_nonempty(self.train_sources, self.data_dir, "training", policy)
         if self.train_stream.replay_fraction > 0:
-            check_nonempty(self.train_stream.replay, self.data_dir, "replay")
+            check_nonempty(self.train_stream.replay, self.data_dir, "replay", policy)
         for comp in self.train_stream.components():
             log.info("training mix: %s p=%.4f", comp.name, comp.probability)
+            self._prefix_stats[comp.name] = scan_prefix(comp.source, self.data_dir, policy, self.config.check_records)
         for split, sources in self.eval_sources.items():
             for name, source in sources.items():
-                check_nonempty([source], self.data_dir, f"{name} {split}")
+                check_nonempty([source], self.data_dir, f"{name} {split}", policy)
 
     def setup(self, stage: str | None = None) -> None:
         if self.trainer is not None:
@@ -395,6 +445,7 @@ class PackedCorpusDataModule(pl.LightningDataModule):
                         sample_seed=self.config.eval_sample_seed,
                         mask_seed=cfg.eval_seed,
                         max_doc_tokens=self.config.eval_max_doc_tokens,
+                        policy=self.config.quality_policy,
                     )
                     self.eval_sets[split][name], self.eval_info[split][name] = dataset, info
                     log.info("%s %s set: %d of %d documents, %d blocks, %d masked tokens", name, split,
@@ -463,6 +514,23 @@ class PackedCorpusDataModule(pl.LightningDataModule):
             for i, n in enumerate(counts.tolist()):
                 total[i] += int(n)
         return dict(zip(names, total))
+
+    def data_quality(self) -> dict[str, dict[str, Any]]:
+        """Per training/replay source name: records read, documents yielded, skipped records by
+        reason, undecodable records, passes started, first bad record, and ``scope``.
+
+        ``scope`` is ``stream`` when the counts are what this process's training stream read (every
+        pass so far; a shard reads all of a source's records, so shard 0's counts describe it), or
+        ``prefix`` when only ``check_inputs``'s bounded scan ran here (dataloader workers > 0 read
+        in their own processes, whose counts do not come back).
+        """
+        out: dict[str, dict[str, Any]] = {}
+        streamed = self.train_stream.read_stats[min(self.train_stream.read_stats)] if self.train_stream.read_stats else []
+        for stats in streamed:
+            out[stats.name] = {**stats.as_dict(), "scope": "stream"}
+        for name, stats in self._prefix_stats.items():
+            out.setdefault(name, {**stats.as_dict(), "scope": "prefix"})
+        return out
 
     def all_ranks_tokens_per_source(self) -> dict[str, int]:
         """``tokens_per_source`` summed over DDP ranks (a collective: call it on every rank)."""

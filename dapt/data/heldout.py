@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from dapt.data.packing import BlockPacker
+from dapt.data.quality import QualityPolicy
 from dapt.data.sources import SourceConfig, iter_documents, resolve_path
 from dapt.errors import DataError
 from dapt.masking import IGNORE_INDEX
@@ -50,6 +51,7 @@ def sample_documents(
     seed: int,
     max_doc_tokens: int | None = None,
     batch_docs: int = 256,
+    policy: QualityPolicy | None = None,
 ) -> HeldoutSample:
     """Documents drawn uniformly at random (seeded) from the whole split until ``max_tokens``.
 
@@ -63,7 +65,7 @@ def sample_documents(
     heap: list[tuple[float, int, np.ndarray, np.ndarray]] = []  # (-key, index, ids, starts): max-key on top
     total = 0
     seen = 0
-    docs = iter_documents(source, data_dir)
+    docs = iter_documents(source, data_dir, policy=policy)
     while batch := list(itertools.islice(docs, batch_docs)):
         for ids, starts in packer.encode_each(batch):
             if max_doc_tokens is not None and len(ids) > max_doc_tokens:
@@ -118,10 +120,12 @@ def build_heldout_set(
     sample_seed: int,
     mask_seed: int,
     max_doc_tokens: int | None = None,
+    policy: QualityPolicy | None = None,
 ) -> tuple[TensorDataset, dict[str, int]]:
     """A fixed-mask ``TensorDataset(input_ids, labels, doc_ids)`` plus its size (documents, tokens)."""
     packer = BlockPacker(tokenizer, block_size)
-    sample = sample_documents(source, data_dir, packer, max_tokens=max_tokens, seed=sample_seed, max_doc_tokens=max_doc_tokens)
+    sample = sample_documents(source, data_dir, packer, max_tokens=max_tokens, seed=sample_seed, max_doc_tokens=max_doc_tokens,
+                              policy=policy)
     blocks = pack_with_documents(sample, packer)
     generator = torch.Generator().manual_seed(mask_seed)
     masked = masker(blocks["input_ids"], blocks["word_starts"], generator)

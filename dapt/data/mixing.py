@@ -33,16 +33,19 @@ Design (each choice serves a property the experiments rely on):
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence, TypeVar
 
 import numpy as np
 
 from dapt.data.packing import BlockPacker
+from dapt.data.quality import QualityPolicy, ReadStats
 from dapt.data.sources import SourceConfig, iter_pass_documents, permutes_files, source_files, source_size
 from dapt.errors import ConfigError, DataError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Purposes: distinct integer keys so that no two random streams share a seed sequence.
 FILE_ORDER, DOC_SHUFFLE, SOURCE_DRAW, BLOCK_SHUFFLE = 1, 2, 3, 4
@@ -181,6 +184,9 @@ class SourceStream:
         num_shards: int,
         doc_shuffle_buffer: int,
         max_passes: int | None,
+        policy: QualityPolicy | None = None,
+        warn_passes: int | None = None,
+        planned_blocks: int | None = None,
     ) -> None:
         self.component = component
         self.data_dir = data_dir
@@ -190,6 +196,10 @@ class SourceStream:
         self.num_shards = num_shards
         self.doc_shuffle_buffer = doc_shuffle_buffer
         self.max_passes = max_passes
+        self.warn_passes = warn_passes
+        self.planned_blocks = planned_blocks  # blocks this shard will deliver in the run, when known
+        # Counts every record this stream reads, over all its passes (results.json data_quality).
+        self.stats = ReadStats(component.name, policy or QualityPolicy())
 
     def file_order(self, pass_index: int) -> list[int] | None:
         """This pass's permutation of the source's files (the same on every shard), or None."""
@@ -207,6 +217,7 @@ class SourceStream:
             shard_index=self.shard,
             num_shards=self.num_shards,
             file_order=self.file_order(pass_index),
+            stats=self.stats,
         )
         gen = rng(self.seed, DOC_SHUFFLE, self.component.index, pass_index, self.shard)
         return buffer_shuffle(docs, self.doc_shuffle_buffer, gen)
@@ -214,7 +225,11 @@ class SourceStream:
     def blocks(self) -> Iterator[dict[str, Any]]:
         """Blocks tagged with ``source``; ends after ``max_passes`` passes (None: never)."""
         passes = range(self.max_passes) if self.max_passes else itertools.count()
+        first_pass_blocks = 0
         for pass_index in passes:
+            if pass_index == self.warn_passes and self.shard == 0:
+                self._warn_repeated(first_pass_blocks)
+            self.stats.passes = pass_index + 1
             n = 0
             for block in self.packer.pack(self.documents(pass_index)):
                 block["source"] = self.component.index
@@ -226,6 +241,26 @@ class SourceStream:
                     f"{what} source {self.component.name} produced no full block of {self.packer.block_size} tokens "
                     f"on shard {self.shard}/{self.num_shards}: it is empty or too small for this many ranks × workers"
                 )
+            if pass_index == 0:
+                first_pass_blocks = n
+
+    def _warn_repeated(self, pass_blocks: int) -> None:
+        """One warning (shard 0 only) when the stream starts reading the source a (warn_passes+1)-th time.
+
+        Why: a tiny corpus cycled for many passes trains a model that memorises it; the run
+        "succeeds" and its perplexities mean little. The estimate of total passes needs the planned
+        length of the run (``planned_blocks``), which the data module gets from the trainer.
+        """
+        tokens = pass_blocks * self.packer.block_size * self.num_shards
+        planned = ""
+        if self.planned_blocks is not None and pass_blocks > 0:
+            repeats = self.planned_blocks * self.component.probability / pass_blocks
+            planned = f", ~{repeats:.0f} times in the requested steps"
+        log.warning(
+            "the corpus of %s (~%d tokens) is being repeated: pass %d starts%s; use a bigger corpus or fewer "
+            "steps (data.warn_passes=%d sets when this warns)",
+            self.component.name, tokens, (self.warn_passes or 0) + 1, planned, self.warn_passes or 0,
+        )
 
 
 def interleave(streams: Sequence[Iterator[T]], comps: Sequence[Component], gen: np.random.Generator) -> Iterator[T]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from dapt.data.quality import QualityPolicy, ReadStats, check_text_file
 from dapt.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -170,90 +171,130 @@ def _files(source: SourceConfig, data_dir: str | None) -> list[Path]:
     return [path]
 
 
-class _DecodeCounter:
-    """Decodes bytes as UTF-8, replacing and counting undecodable bytes instead of crashing."""
-
-    def __init__(self) -> None:
-        self.bad_lines = 0
-
-    def decode(self, raw: bytes) -> str:
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            self.bad_lines += 1
-            return raw.decode("utf-8", errors="replace")
-
-    def report(self, path: Path) -> None:
-        if self.bad_lines:
-            log.warning("%s: %d line(s) had undecodable bytes, replaced with U+FFFD", path, self.bad_lines)
-
-
-def _raw_documents(source: SourceConfig, data_dir: str | None, files: Sequence[Path] | None = None) -> Iterator[str]:
+def _raw_documents(
+    source: SourceConfig, data_dir: str | None, files: Sequence[Path] | None = None, stats: ReadStats | None = None
+) -> Iterator[str]:
     """Every document of the source in order (before holdout, sharding and limits).
 
     ``files`` overrides the source's canonical file list (a permutation of it, for a training pass).
+    ``stats`` counts the records read and skipped (a fresh default-policy one when None, so that a
+    mostly-broken source fails in every reader, not only in the training stream).
     """
+    if stats is None:
+        stats = ReadStats(str(resolve_path(source.path, data_dir)))
+
+    def keep(text: Any, where: str, decoded: bool = True) -> bool:
+        """Count the record's outcome (one per record) and whether it yields a document."""
+        if text is None:
+            stats.skip("no_text", where, f"'{source.text_field}' is null")
+        elif not isinstance(text, str):
+            stats.skip("not_string", where, f"'{source.text_field}' is a {type(text).__name__}, not a string")
+        elif not text.strip():
+            stats.skip("empty", where, "empty or whitespace-only text")
+        else:
+            stats.document()
+            if not decoded:
+                stats.kept_undecodable(where)
+            return True
+        return False
+
     if source.type == "hf":
-        yield from _hf_documents(source)
+        for i, record in enumerate(_hf_records(source)):
+            stats.record()
+            if keep(record[source.text_field], f"dataset '{source.path}' row {i}"):
+                yield record[source.text_field]
+        stats.finish()
         return
     for path in files if files is not None else _files(source, data_dir):
-        counter = _DecodeCounter()
         if source.type == "parquet":
-            yield from _parquet_documents(path, source.text_field)
-        elif source.type == "jsonl":
+            for i, text in enumerate(_parquet_texts(path, source.text_field)):
+                stats.record()
+                if keep(text, f"{path} row {i}"):
+                    yield text
+            continue
+        check_text_file(path)
+        if source.type == "jsonl":
             with path.open("rb") as fh:
                 for lineno, raw in enumerate(fh, start=1):
                     if not raw.strip():
                         continue
+                    stats.record()
+                    where = f"{path}:{lineno}"
+                    line, decoded = stats.decode(raw)
                     try:
-                        record = json.loads(counter.decode(raw))
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
-                    if not isinstance(record, dict) or source.text_field not in record:
-                        raise DataError(f"{path}:{lineno}: no field '{source.text_field}' (set text_field)")
-                    text = record[source.text_field]
-                    if isinstance(text, str) and text.strip():
-                        yield text
+                        record = json.loads(line)
+                    except ValueError as exc:  # JSONDecodeError, or e.g. an integer over Python's digit limit
+                        detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc).splitlines()[0]
+                        stats.skip("malformed_json", where, f"malformed JSON ({detail})")
+                        continue
+                    except RecursionError:  # json's recursion limit on absurdly nested arrays
+                        stats.skip("malformed_json", where, "malformed JSON (nested too deeply)")
+                        continue
+                    if not isinstance(record, dict):
+                        stats.skip("malformed_json", where, f"a JSON {type(record).__name__}, not an object")
+                    elif source.text_field not in record:
+                        stats.skip("no_text", where, f"no field '{source.text_field}' (set text_field)")
+                    elif keep(record[source.text_field], where, decoded):
+                        yield record[source.text_field]
         elif source.split_by == "file":
-            text = counter.decode(path.read_bytes())
-            if text.strip():
+            stats.record()
+            text, decoded = stats.decode(path.read_bytes())
+            if keep(text, str(path), decoded):
                 yield text
         else:
-            with path.open("rb") as fh:
-                para: list[str] = []
-                for raw in fh:
-                    line = counter.decode(raw).rstrip("\n")
-                    if source.split_by == "line":
-                        if line.strip():
-                            yield line
-                    elif source.split_by == "wikitext":
-                        if _WIKITEXT_TITLE.match(line) and any(p.strip() for p in para):
-                            yield "\n".join(p for p in para if p.strip())
-                            para = []
-                        para.append(line)
-                    elif line.strip():
-                        para.append(line)
-                    elif para:
-                        yield "\n".join(para)
-                        para = []
-                if any(p.strip() for p in para):
-                    yield "\n".join(p for p in para if p.strip())
-        counter.report(path)
+            yield from _text_units(path, source.split_by, stats, keep)
+    stats.finish()
 
 
-def _parquet_documents(path: Path, field: str) -> Iterator[str]:
+def _text_units(path: Path, split_by: str, stats: ReadStats, keep: Any) -> Iterator[str]:
+    """The lines, blank-line paragraphs or WikiText articles of one text file (each one record)."""
+    with path.open("rb") as fh:
+        para: list[str] = []
+        para_start = 1
+        para_decoded = True  # every line of the current paragraph/article was valid UTF-8
+
+        def emit() -> Iterator[str]:
+            body = "\n".join(p for p in para if p.strip())
+            if body:
+                stats.record()
+                if keep(body, f"{path}:{para_start}", para_decoded):
+                    yield body
+
+        for lineno, raw in enumerate(fh, start=1):
+            line, decoded = stats.decode(raw)
+            line = line.rstrip("\n")
+            if split_by == "line":
+                if line.strip():
+                    stats.record()
+                    if keep(line, f"{path}:{lineno}", decoded):
+                        yield line
+                continue
+            starts_article = split_by == "wikitext" and _WIKITEXT_TITLE.match(line) and any(p.strip() for p in para)
+            ends_paragraph = split_by == "blank_line" and not line.strip()
+            if starts_article or ends_paragraph:
+                yield from emit()
+                para, para_start, para_decoded = [], lineno, True
+            if split_by == "wikitext" or line.strip():
+                if not para:
+                    para_start = lineno
+                para.append(line)
+                para_decoded = para_decoded and decoded
+        yield from emit()
+
+
+def _parquet_texts(path: Path, field: str) -> Iterator[Any]:
+    """Every value of column ``field`` (None, non-strings and blanks included: the caller counts them)."""
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
     if field not in pf.schema_arrow.names:
         raise DataError(f"{path}: no column '{field}' (columns: {', '.join(pf.schema_arrow.names)})")
     for batch in pf.iter_batches(columns=[field], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            if isinstance(text, str) and text.strip():
-                yield text
+        yield from batch.column(0).to_pylist()
 
 
-def _hf_documents(source: SourceConfig) -> Iterator[str]:
+def _hf_records(source: SourceConfig) -> Iterator[dict[str, Any]]:
+    """Every record of an HF dataset; a missing text column is a config error, raised at once."""
     import datasets
 
     try:
@@ -272,9 +313,7 @@ def _hf_documents(source: SourceConfig) -> Iterator[str]:
     for record in ds:
         if source.text_field not in record:
             raise DataError(f"dataset '{source.path}': no column '{source.text_field}' (columns: {', '.join(record)})")
-        text = record[source.text_field]
-        if isinstance(text, str) and text.strip():
-            yield text
+        yield record
 
 
 def iter_documents(
@@ -283,10 +322,13 @@ def iter_documents(
     *,
     shard_index: int = 0,
     num_shards: int = 1,
+    policy: QualityPolicy | None = None,
 ) -> Iterator[str]:
     """Stream the documents of ``sources`` that belong to shard ``shard_index`` of ``num_shards``.
 
     Sharding counts documents across all sources, so shards stay balanced whatever the files.
+    ``policy`` sets when bad records stop the read (``data.max_bad_fraction``; default thresholds
+    when None).
     """
     if isinstance(sources, SourceConfig):
         sources = [sources]
@@ -294,7 +336,8 @@ def iter_documents(
         raise ValueError(f"shard {shard_index} of {num_shards}")
     global_index = 0
     for source in sources:
-        for doc in _kept_documents(source, _raw_documents(source, data_dir)):
+        stats = ReadStats(str(resolve_path(source.path, data_dir)), policy or QualityPolicy())
+        for doc in _kept_documents(source, _raw_documents(source, data_dir, stats=stats)):
             if global_index % num_shards == shard_index:
                 yield doc
             global_index += 1
@@ -331,6 +374,7 @@ def iter_pass_documents(
     shard_index: int = 0,
     num_shards: int = 1,
     file_order: Sequence[int] | None = None,
+    stats: ReadStats | None = None,
 ) -> Iterator[str]:
     """One source's documents for shard ``shard_index`` of ``num_shards``, files in ``file_order``.
 
@@ -345,7 +389,7 @@ def iter_pass_documents(
         if sorted(file_order) != list(range(len(canonical))):
             raise ValueError(f"file_order is not a permutation of the {len(canonical)} files of {source.path}")
         files = [canonical[i] for i in file_order]
-    for i, doc in enumerate(_kept_documents(source, _raw_documents(source, data_dir, files))):
+    for i, doc in enumerate(_kept_documents(source, _raw_documents(source, data_dir, files, stats))):
         if i % num_shards == shard_index:
             yield doc
 
@@ -365,11 +409,27 @@ def source_size(source: SourceConfig, data_dir: str | None) -> float | None:
     return size
 
 
-def check_nonempty(sources: Iterable[SourceConfig], data_dir: str | None, what: str) -> None:
+def check_nonempty(sources: Iterable[SourceConfig], data_dir: str | None, what: str, policy: QualityPolicy | None = None) -> None:
     """Fail before training when a source is missing or yields no document."""
     for source in sources:
-        if next(iter_documents(source, data_dir), None) is None:
+        if next(iter_documents(source, data_dir, policy=policy), None) is None:
             raise DataError(f"{what} corpus is empty (no non-blank documents): {resolve_path(source.path, data_dir)}")
+
+
+def scan_prefix(source: SourceConfig, data_dir: str | None, policy: QualityPolicy, max_records: int = 5000) -> ReadStats:
+    """Read the first ``max_records`` records of ``source`` and return their counts.
+
+    Raises ``DataError`` (binary file, bad-record fraction over ``policy``, no usable record) before
+    any model work: a malformed corpus is caught in seconds, not after hours of training. Bounded, so
+    it costs the same for a 1 GB corpus as for a 1 MB one; bad records later in the corpus are
+    caught by the training stream's own counts.
+    """
+    stats = ReadStats(str(resolve_path(source.path, data_dir)), policy)
+    for _ in _raw_documents(source, data_dir, stats=stats):
+        if stats.records >= max_records:
+            break
+    stats.check()
+    return stats
 
 
 def describe(sources: Iterable[SourceConfig], data_dir: str | None) -> list[dict[str, Any]]:

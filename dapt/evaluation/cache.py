@@ -120,6 +120,11 @@ class ResultCache:
             return None
 
     def put(self, key: str, result: dict[str, Any], *, meta: dict[str, Any]) -> None:
+        from dapt.io import non_finite_keys
+
+        if non_finite_keys(result):  # JSON would bring NaN back as null: recompute such a result instead
+            log.warning("not caching downstream result %s: non-finite values at %s", key, ", ".join(non_finite_keys(result)))
+            return
         try:
             atomic_write_json(self.path(key), {"meta": meta, "result": result})
         except OSError as exc:  # a read-only cache must not cost the scores just computed

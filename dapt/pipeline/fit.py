@@ -139,7 +139,7 @@ def cached_start_evaluation(cache_dir: str | Path, start_fingerprint: Any, run: 
     content fingerprint, the held-out sets and numerics, the evaluation code and library versions;
     an unreadable entry is a miss and is rewritten. Returns (numbers, whether they came from the cache).
     """
-    from dapt.io import atomic_write_json
+    from dapt.io import atomic_write_json, non_finite_keys
     from dapt.versioning import library_versions
 
     key = content_key({"start": start_fingerprint, "eval": heldout_eval_payload(run, datamodule),
@@ -156,6 +156,7 @@ def cached_start_evaluation(cache_dir: str | Path, start_fingerprint: Any, run: 
     except (OSError, ValueError) as err:
         log.warning("cached evaluation %s is unreadable (%s); recomputing it", path, err)
     heldout = compute()
-    if write:
+    # Strict JSON brings inf/NaN back as null, a different value: such numbers are recomputed, not cached.
+    if write and not non_finite_keys(heldout):
         atomic_write_json(path, {"start": start_fingerprint, "heldout": heldout})
     return heldout, False
