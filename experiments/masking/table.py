@@ -1,0 +1,113 @@
+"""The masking ablation's results table, from the finished jobs of one or more sweep folders.
+
+    python -m experiments.masking.table multirun/masking_ablation/<time> [more sweep folders]
+
+One row per job (masking, rate): test perplexities with their 95% CIs (every job is scored on the
+same documents and the same fixed random masks), then each strategy against the reference job
+(``random`` at 0.15, BERT's recipe): the relative change in domain and general test perplexity
+with a *paired* document-bootstrap CI (``heldout_documents.json``), and the NCBI-disease F1 change
+paired over fine-tuning seeds (t CI, p, minimum detectable effect), Holm-adjusted across the table.
+Jobs without results.json (unfinished, failed) are listed as missing, never filled in.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dapt.evaluation.stats import apply_holm, paired_comparison
+from dapt.modeling.perplexity import paired_change_ci
+
+REFERENCE = ("random", 0.15)
+TASK = "ncbi_disease"
+
+
+def _job(folder: Path) -> dict[str, Any] | None:
+    path = folder / "results.json"
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    masking = results["config"]["masking"]
+    docs = json.loads((folder / "heldout_documents.json").read_text())["after"]
+    return {"folder": folder, "results": results, "docs": docs, "key": (masking["name"], float(masking["rate"]))}
+
+
+def _pct(change: tuple[float, float, float] | None) -> str:
+    if change is None:
+        return "—"
+    value, low, high = change
+    return f"{100 * value:+.1f}% [{100 * low:+.1f}, {100 * high:+.1f}]"
+
+
+def _ppl(results: dict[str, Any], key: str) -> str:
+    low, high = results.get(f"{key}_ci") or (None, None)
+    value = results.get(key)
+    return f"{value:.1f} [{low:.1f}, {high:.1f}]" if value is not None and low is not None else f"{value}"
+
+
+def _paired_ppl(job: dict[str, Any], ref: dict[str, Any], key: str) -> tuple[float, float, float] | None:
+    a, b = job["docs"].get(key), ref["docs"].get(key)
+    if not a or not b or a["ids"] != b["ids"] or a["counts"] != b["counts"]:
+        return None
+    return paired_change_ci(np.asarray(a["sums"]), np.asarray(b["sums"]), np.asarray(a["counts"]))
+
+
+def table(sweeps: list[Path]) -> str:
+    jobs, missing = [], []
+    for sweep in sweeps:
+        for folder in sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
+            job = _job(folder)
+            (jobs.append(job) if job else missing.append(folder))
+    by_key = {job["key"]: job for job in jobs}
+    ref = by_key.get(REFERENCE)
+    comparisons = []
+    for job in jobs:
+        f1 = job["results"].get("downstream", {}).get(TASK, {})
+        job["f1"] = f1.get("after", {}).get("test_f1", {})
+        if ref is not None and job is not ref:
+            ref_f1 = ref["results"]["downstream"][TASK]["after"]["test_f1"]["values"]
+            job["vs_ref"] = paired_comparison(ref_f1, job["f1"]["values"])
+            comparisons.append(job["vs_ref"])
+    apply_holm(comparisons)
+    lines = [
+        "| masking | rate | domain test ppl [95% CI] | general test ppl [95% CI] | domain ppl vs random@0.15 | general ppl vs random@0.15 "
+        "| NCBI F1 after (seeds 0/1/2) | F1 vs random@0.15 [95% CI], Holm p, MDE |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for job in sorted(jobs, key=lambda j: (j["key"] != REFERENCE, j["key"])):
+        r = job["results"]
+        name, rate = job["key"]
+        f1 = job["f1"]
+        values = " / ".join(f"{v:.3f}" for v in f1.get("values", []))
+        f1_cell = f"{f1['mean']:.3f} ± {f1['std']:.3f} ({values})" if f1 else "—"
+        if job is ref:
+            dom = gen = cmp_cell = "reference"
+        else:
+            dom = _pct(_paired_ppl(job, ref, "domain_ppl")) if ref else "—"
+            gen = _pct(_paired_ppl(job, ref, "general_ppl")) if ref else "—"
+            c = job.get("vs_ref")
+            cmp_cell = (f"{c['delta']:+.3f} [{c['delta_ci'][0]:+.3f}, {c['delta_ci'][1]:+.3f}], p={c['p_holm']:.2f}, MDE {c['mde']:.3f}"
+                        if c and c.get("delta_ci") else "—")
+        lines.append(f"| {name} | {rate:.2f} | {_ppl(r, 'domain_ppl_after')} | {_ppl(r, 'general_ppl_after')} | {dom} | {gen} "
+                     f"| {f1_cell} | {cmp_cell} |")
+    if missing:
+        lines.append("")
+        lines.append("Not finished (no results.json): " + ", ".join(str(m) for m in missing))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print(__doc__)
+        return 2
+    print(table([Path(a) for a in args]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
