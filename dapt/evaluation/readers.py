@@ -10,9 +10,10 @@ a format quirk.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from dapt.errors import DataError
 
@@ -35,6 +36,33 @@ class TextExample:
     label: str
 
 
+# Bytes that are not UTF-8, as ``errors="surrogateescape"`` decodes them (valid UTF-8 never yields these).
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
+def _shown(value: str) -> str:
+    """``value`` as is when printable, else escaped (``repr``): a message stays one line, printable."""
+    return value if value.isprintable() else repr(value)[1:-1]
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a UTF-8 text file; a non-UTF-8 byte or a read error is a ``DataError``.
+
+    Lines are split exactly as ``open(path, encoding="utf-8")`` splits them (universal newlines).
+    """
+    try:
+        with path.open(encoding="utf-8", errors="surrogateescape") as handle:
+            for lineno, raw in enumerate(handle, start=1):
+                bad = _UNDECODABLE.search(raw)
+                if bad is not None:
+                    byte = ord(bad.group()) - 0xDC00
+                    raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{byte:02x} at column {bad.start() + 1}); "
+                                    "re-encode the file as UTF-8")
+                yield lineno, raw
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror or type(exc).__name__})") from None
+
+
 def _split_columns(line: str, separator: str) -> list[str]:
     if separator == "tab":
         return line.split("\t")
@@ -45,7 +73,7 @@ def _split_columns(line: str, separator: str) -> list[str]:
 
 def _check_tag(tag: str, where: str) -> None:
     if tag != "O" and not (len(tag) > 2 and tag[:2] in ("B-", "I-")):
-        raise DataError(f"{where}: tag '{tag}' is not O, B-TYPE or I-TYPE (wrong label_column?)")
+        raise DataError(f"{where}: tag '{_shown(tag[:60])}' is not O, B-TYPE or I-TYPE (wrong label_column?)")
 
 
 def iob1_to_iob2(tags: Sequence[str]) -> list[str]:
@@ -97,32 +125,31 @@ def read_conll(
             tokens.clear()
             tags.clear()
 
-    with path.open(encoding="utf-8") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            line = raw.rstrip("\r\n")
-            if not line.strip():
-                flush()
-                continue
-            if line.startswith(DOCSTART):
-                flush()
-                continue
-            cols = _split_columns(line, separator)
-            where = f"{path}:{lineno}"
-            if ncols is None:
-                ncols = len(cols)
-                for name, index in (("token_column", token_column), ("label_column", label_column)):
-                    if not -ncols <= index < ncols:
-                        raise DataError(
-                            f"{where}: {name}={index} does not exist, lines have {ncols} {separator}-separated columns"
-                        )
-            elif len(cols) != ncols:
-                raise DataError(f"{where}: malformed CoNLL line, expected {ncols} {separator}-separated columns, found {len(cols)}: {line[:60]!r}")
-            token, tag = cols[token_column], cols[label_column]
-            if not token:
-                raise DataError(f"{where}: empty token column")
-            _check_tag(tag, where)
-            tokens.append(token)
-            tags.append(tag)
+    for lineno, raw in _lines(path):
+        line = raw.rstrip("\r\n")
+        if not line.strip():
+            flush()
+            continue
+        if line.startswith(DOCSTART):
+            flush()
+            continue
+        cols = _split_columns(line, separator)
+        where = f"{path}:{lineno}"
+        if ncols is None:
+            ncols = len(cols)
+            for name, index in (("token_column", token_column), ("label_column", label_column)):
+                if not -ncols <= index < ncols:
+                    raise DataError(
+                        f"{where}: {name}={index} does not exist, lines have {ncols} {separator}-separated columns"
+                    )
+        elif len(cols) != ncols:
+            raise DataError(f"{where}: malformed CoNLL line, expected {ncols} {separator}-separated columns, found {len(cols)}: {line[:60]!r}")
+        token, tag = cols[token_column], cols[label_column]
+        if not token:
+            raise DataError(f"{where}: empty token column")
+        _check_tag(tag, where)
+        tokens.append(token)
+        tags.append(tag)
     flush()
     return sentences
 
@@ -131,8 +158,8 @@ def _get_field(record: dict[str, Any], field: str, where: str) -> Any:
     value: Any = record
     for part in field.split("."):
         if not isinstance(value, dict) or part not in value:
-            keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
-            raise DataError(f"{where}: field '{field}' does not exist (fields: {keys})")
+            keys = ", ".join(_shown(k) for k in sorted(record)) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{where}: field '{_shown(field)}' does not exist (fields: {keys})")
         value = value[part]
     return value
 
@@ -143,22 +170,27 @@ def read_jsonl(path: str | Path, *, text_field: str = "text", label_field: str =
     if not path.is_file():
         raise DataError(f"task file not found: {path}")
     examples: list[TextExample] = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, found {type(record).__name__}")
-            text = _get_field(record, text_field, where)
-            label = _get_field(record, label_field, where)
-            if not isinstance(text, str):
-                raise DataError(f"{where}: field '{text_field}' is not a string")
-            examples.append(TextExample(text=text, label=str(label)))
+    for lineno, raw in _lines(path):
+        if not raw.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(raw)
+        except ValueError as exc:  # JSONDecodeError, or e.g. an integer over Python's digit limit
+            detail = exc.msg if isinstance(exc, json.JSONDecodeError) else _shown(str(exc).splitlines()[0])
+            raise DataError(f"{where}: invalid JSON ({detail})") from None
+        except RecursionError:  # json's recursion limit on absurdly nested arrays/objects
+            raise DataError(f"{where}: invalid JSON (nested too deeply)") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, found {type(record).__name__}")
+        text = _get_field(record, text_field, where)
+        label = _get_field(record, label_field, where)
+        if not isinstance(text, str):
+            raise DataError(f"{where}: field '{_shown(text_field)}' is not a string")
+        if label is None or isinstance(label, (list, dict)):
+            found = "null" if label is None else type(label).__name__
+            raise DataError(f"{where}: field '{_shown(label_field)}' is {found}, not a label (string or number)")
+        examples.append(TextExample(text=text, label=str(label)))
     return examples
 
 
@@ -168,15 +200,14 @@ def read_label_tsv(path: str | Path) -> list[TextExample]:
     if not path.is_file():
         raise DataError(f"task file not found: {path}")
     examples: list[TextExample] = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            line = raw.rstrip("\r\n")
-            if not line.strip():
-                continue
-            label, sep, text = line.partition("\t")
-            if not sep or not label.strip():
-                raise DataError(f"{path}:{lineno}: malformed line, expected label<TAB>text: {line[:60]!r}")
-            examples.append(TextExample(text=text, label=label.strip()))
+    for lineno, raw in _lines(path):
+        line = raw.rstrip("\r\n")
+        if not line.strip():
+            continue
+        label, sep, text = line.partition("\t")
+        if not sep or not label.strip():
+            raise DataError(f"{path}:{lineno}: malformed line, expected label<TAB>text: {line[:60]!r}")
+        examples.append(TextExample(text=text, label=label.strip()))
     return examples
 
 

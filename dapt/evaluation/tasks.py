@@ -19,7 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from dapt.config import REPO_ROOT, to_dataclass
 from dapt.errors import ConfigError, DataError
-from dapt.evaluation.readers import NerExample, TextExample, read_conll, read_hub, read_jsonl, read_label_tsv
+from dapt.evaluation.readers import NerExample, TextExample, _shown, read_conll, read_hub, read_jsonl, read_label_tsv
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def _report_unseen(task: TaskConfig, split: str, unseen: dict[str, int], what: s
     """Warn about (by name, with counts) or refuse labels of ``split`` that train lacks. True if any."""
     if not unseen:
         return False
-    listed = ", ".join(f"{k} ({v} {unit})" for k, v in sorted(unseen.items()))
+    listed = ", ".join(f"{_shown(k)} ({v} {unit})" for k, v in sorted(unseen.items()))
     if task.unseen_labels == "error":
         raise DataError(f"task {task.name}: {split} has {what} unseen in train: {listed}")
     msg = f"task {task.name}: {split} has {what} unseen in train, {action}: {listed}"
