@@ -21,9 +21,10 @@ test: ## the whole test suite, as CI runs it (a run with no tests fails: pytest 
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test-fast: ## the suite without tests marked slow
-	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -m "not slow and not bench" $(PYTEST_ARGS)
 
-bench: ## throughput benchmarks: dapt vs the HF Trainer recipe, data pipeline, masking, memory
+bench: ## throughput benchmarks: dapt vs the HF Trainer recipe, data pipeline, masking, memory; memory-bound checks
+	$(PYTHON) -m pytest -m bench $(PYTEST_ARGS)
 	$(PYTHON) -m experiments.throughput.bench
 
 clean: ## remove run outputs (not the cached bases)
