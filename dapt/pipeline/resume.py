@@ -16,6 +16,7 @@ directory as ``run_config.json``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import signal
@@ -88,15 +89,10 @@ def run_signature(cfg: Any) -> dict[str, Any]:
 
 def code_digest() -> str:
     """SHA-256 (16 hex) of every ``dapt/**/*.py`` file."""
-    import hashlib
-
     import dapt
+    from dapt.versioning import files_digest
 
-    digest = hashlib.sha256()
-    root = Path(dapt.__file__).parent
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
+    return files_digest(sorted(Path(dapt.__file__).parent.rglob("*.py")))[:16]
 
 
 def write_run_config(run_dir: Path, cfg: Any) -> None:
@@ -237,13 +233,12 @@ def restore_csv_history(loggers: list[Any], rows: list[dict[str, str]]) -> None:
         if isinstance(lg, CSVLogger):
             writer = lg.experiment  # creating it deletes the old file
             keys = sorted({k for r in rows for k in r})
-            lines = [",".join(keys)] + [",".join(_csv_cell(r.get(k, "")) for k in keys) for r in rows]
-            atomic_write_text(writer.metrics_file_path, "\n".join(lines) + "\n")
+            text = io.StringIO()
+            table = csv.DictWriter(text, fieldnames=keys)
+            table.writeheader()
+            table.writerows(rows)
+            atomic_write_text(writer.metrics_file_path, text.getvalue())
             writer.metrics_keys = keys
-
-
-def _csv_cell(value: str) -> str:
-    return f'"{value}"' if any(c in value for c in ',"\n') else value
 
 
 def wandb_run_id(run_dir: Path) -> str:
