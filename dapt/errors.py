@@ -24,6 +24,11 @@ class TrainingError(DaptError):
     """Training went wrong in a way the user must act on (e.g. a non-finite loss)."""
 
 
+class RunInUseError(DaptError):
+    """Another live process holds the run directory (``dapt.pipeline.resume.RunLock``): two
+    processes continuing one run would overwrite each other's checkpoints and results."""
+
+
 class RunInterrupted(DaptError):
     """The run was stopped by a signal (SIGTERM from a scheduler/``timeout``/``docker stop``, or SIGINT).
 

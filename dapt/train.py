@@ -33,7 +33,7 @@ from dapt.modeling.loading import load_mlm_model, load_tokenizer
 from dapt.modeling.optim import OptimizerConfig, SchedulerConfig
 from dapt.pipeline.control import control_config, run_control
 from dapt.pipeline.resume import (
-    CHECKPOINT_DIR, LAST_CHECKPOINT, CheckpointConfig, ResumePoint, StopOnSignal, checkpoint_callback, find_resume_point,
+    CHECKPOINT_DIR, LAST_CHECKPOINT, CheckpointConfig, ResumePoint, RunClock, RunLock, StopOnSignal, checkpoint_callback, find_resume_point,
     keep_csv_history, restore_csv_history, resume_command, wandb_run_id, write_run_config,
 )
 from dapt.pipeline.fit import DOCUMENTS, cached_start_evaluation, evaluate_heldout, make_module, make_trainer, relative_change, stage_keys
@@ -137,18 +137,28 @@ def checkpoint_config(cfg: DictConfig) -> CheckpointConfig:
     return to_dataclass(CheckpointConfig, cfg.get("checkpoint") or {}, prefix="checkpoint")
 
 
-def resolve_run_dir(cfg: DictConfig) -> tuple[Path, ResumePoint | None]:
+def resolve_run_dir(cfg: DictConfig) -> tuple[Path, ResumePoint | None, RunLock | None]:
     """This run's directory: a new one, or with ``resume`` the interrupted run's own (then also set
-    as ``paths.output_dir``, so everything that asks ``run_dir_of`` later writes there)."""
+    as ``paths.output_dir``, so everything that asks ``run_dir_of`` later writes there), and the
+    lock that this process (global rank 0) now holds on it (None for a finished run, which is only
+    read, and on other ranks). The lock is taken before ``paths.output_dir`` moves, so a run held by
+    another live process is left untouched (its failure is recorded in this job's own folder)."""
+    from dapt.tracking.ddp import secondary_rank_process
+
     run_dir = run_dir_of(cfg)
     point = find_resume_point(cfg, run_dir)
+    if point is not None and point.finished:
+        target, lock = point.run_dir, None
+    else:
+        target = run_dir if point is None else point.run_dir
+        lock = None if secondary_rank_process() else RunLock(target).acquire()
     if point is None:
-        return run_dir, None
+        return run_dir, None, lock
     with open_dict(cfg):
         cfg.paths.output_dir = str(point.run_dir)
     if not point.finished:
         log.warning("resuming %s from step %d (%s)", point.run_dir, point.step, point.checkpoint)
-    return point.run_dir, point
+    return point.run_dir, point, lock
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -161,21 +171,24 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     run = validate(cfg)
     checkpoint = checkpoint_config(cfg)
-    run_dir, resume = resolve_run_dir(cfg)
+    run_dir, resume, lock = resolve_run_dir(cfg)
     if resume is not None and resume.finished:  # resume=auto and this config already ran to the end
         results = json.loads((run_dir / "results.json").read_text())
         print_summary(results)
         print(f"resume=auto: this config already finished in {run_dir}; nothing recomputed. results: {run_dir / 'results.json'}", flush=True)
         return flat_metrics(results), {"results": results, "run_dir": run_dir}
-    preflight(run, run_dir)  # positions, accelerator, free disk: seconds now instead of a late traceback
-    write_run_config(run_dir, cfg)
-    stopper = StopOnSignal(run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT if checkpoint.enabled else None).install()
+    stopper = StopOnSignal(run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT if checkpoint.enabled else None)
     try:
+        preflight(run, run_dir)  # positions, accelerator, free disk: seconds now instead of a late traceback
+        write_run_config(run_dir, cfg)
+        stopper.install()
         return _train(cfg, run, run_dir, checkpoint, resume, stopper)
     except SIGTERMException:  # Lightning's stop (a SystemExit with status 0) after our signal handler asked for it
         raise stopper.interrupted(resume_hint=resume_command(sys.argv)) from None
     finally:
         stopper.uninstall()
+        if lock is not None:
+            lock.release()
 
 
 def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: CheckpointConfig, resume: ResumePoint | None,
@@ -237,13 +250,14 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
                             run_id=wandb_run_id(run_dir))
     restore_csv_history(loggers, csv_history)
     throughput = _throughput_monitor(model, run, masker.config.rate)
-    callbacks: list[Any] = [throughput, StepProgressBar(description=f"dapt {run.data.name}"), stopper, RngStateCheckpoint()]
+    clock = RunClock()  # wall time over all attempts of this run (a resumed attempt adds its own)
+    callbacks: list[Any] = [throughput, StepProgressBar(description=f"dapt {run.data.name}"), stopper, RngStateCheckpoint(), clock]
     callbacks += debug_callbacks(run_dir)  # DAPT_RECORD_BLOCKS=1: each rank lists the blocks it trained on
     if checkpoint.enabled:
         callbacks.append(checkpoint_callback(checkpoint, run_dir))
     trainer = make_trainer(run.trainer, callbacks=callbacks, loggers=loggers, root_dir=str(run_dir), checkpointing=checkpoint.enabled)
 
-    t0 = time.time()
+    clock.start()  # the start model's evaluation, training and the final evaluation are timed
     before, before_cached = cached_start_evaluation(
         cache_dir, start_fingerprint, run, datamodule, lambda: evaluate_heldout(trainer, module, datamodule),
         write=trainer.is_global_zero,
@@ -255,7 +269,7 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
     stopper.raise_if_signalled(trainer, resume_hint=hint, training_done=True)
     after = evaluate_heldout(trainer, module, datamodule)
     stopper.raise_if_signalled(trainer, resume_hint=hint)
-    train_seconds = time.time() - t0
+    train_seconds = clock.seconds()
 
     results: dict[str, Any] = {}
     objects: dict[str, Any] = {"trainer": trainer, "module": module, "datamodule": datamodule, "tokenizer": tokenizer}
@@ -297,6 +311,7 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
             "steps": trainer.global_step,
             "resumed_from_step": resume.step if resume else None,
             "train_seconds": train_seconds,
+            "attempts": clock.attempts,
             "heldout_sets": datamodule.eval_info,
             "base": base.as_dict(),
             "model_dir": str(model_dir) if cfg.get("save_model", True) else None,

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,10 +92,17 @@ def test_sigkill_mid_run_then_resume_auto_equals_the_uninterrupted_run(uninterru
     assert (out / "checkpoints" / "last.ckpt").is_file() and not (out / "results.json").exists()
     # killed after 6 steps (blocks of steps 0-5 recorded), checkpoint after 4: steps 4-5 are trained again
     assert {int(line.split()[0]) for line in (out / "rank0_blocks.txt").read_text().splitlines()} == set(range(6))
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    first_leg = ckpt["callbacks"]["RunClock"]["seconds"]
+    started = time.time()
     resumed = _train(out, "resume=auto")
+    second_leg = time.time() - started
     assert resumed.returncode == 0, fail_message(resumed)
     results = json.loads((out / "results.json").read_text())
     assert results["resumed_from_step"] == 4 and results["steps"] == STEPS
+    # train_seconds spans both attempts: the first up to its checkpoint, then the whole second one
+    assert results["attempts"] == 2 and first_leg > 0
+    assert first_leg < results["train_seconds"] < first_leg + second_leg
     _assert_same_run(out, uninterrupted)
     # once finished, resume=auto (a requeued job, a re-launched sweep) reuses the results
     stamp = (out / "results.json").stat().st_mtime_ns
@@ -180,6 +188,40 @@ def test_resume_from_a_missing_checkpoint_is_a_one_line_error(tmp_path):
     proc = _train(out, f"resume={tmp_path / 'nowhere'}")
     assert proc.returncode == 2, fail_message(proc)
     assert "error: resume=" in proc.stderr and "no checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_run_held_by_a_live_process_is_not_continued_by_a_second_one(tmp_path):
+    """Two copies of one run (a requeued job whose first copy still runs, a sweep launched twice)
+    would overwrite each other's checkpoint and results: the second stops with a one-line error,
+    leaving the run untouched; once the holder is gone (however it died), the run can be continued."""
+    from dapt.errors import RunInUseError
+    from dapt.pipeline.resume import CHECKPOINT_DIR, LAST_CHECKPOINT, RunLock
+
+    out = tmp_path / "run"
+    (out / CHECKPOINT_DIR).mkdir(parents=True)
+    torch.save({"global_step": 3}, out / CHECKPOINT_DIR / LAST_CHECKPOINT)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from dapt.pipeline.resume import RunLock; RunLock(sys.argv[1]).acquire(); "
+         "print('locked', flush=True); time.sleep(600)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = sorted(p.name for p in out.rglob("*"))
+        second = _train(out, f"resume={out}")
+        assert second.returncode == 2, fail_message(second)
+        assert f"is in use by another process (pid {holder.pid} on host" in second.stderr and "Traceback" not in second.stderr
+        assert sorted(p.name for p in out.rglob("*")) == before, "the second copy wrote into the run it may not continue"
+        with pytest.raises(RunInUseError, match=f"pid {holder.pid}"):
+            RunLock(out).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = RunLock(out).acquire()  # the kernel dropped the dead holder's lock
+    assert f"pid {os.getpid()} " in lock.holder()
+    with pytest.raises(RunInUseError):  # a second claim, even from this process, is refused
+        RunLock(out).acquire()
+    lock.release()
+    RunLock(out).acquire().release()
 
 
 def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path):

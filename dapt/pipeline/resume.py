@@ -6,7 +6,11 @@ the end of the current step, writes a checkpoint, and exits non-zero (143/130) w
 how to resume; (3) with ``resume=auto`` continues the latest interrupted run of the same config in
 its own directory: weights, optimizer, scheduler, loop counters (Lightning), the data stream position
 and masking generators (``PackedCorpusDataModule.state_dict``), the dropout RNG
-(``RngStateCheckpoint``), the W&B run id and the CSV history.
+(``RngStateCheckpoint``), the W&B run id and the CSV history; (4) holds an exclusive lock on its
+run directory while it works in it (``RunLock``), so a second ``resume=auto`` of the same run (a
+requeued job whose first copy is still alive, a sweep launched twice) stops with a one-line error
+instead of both writing the same checkpoint and results; and (5) counts its wall time over all its
+attempts (``RunClock``).
 
 "The same config" is the resolved config without the keys that only say where to write, whether
 to resume, how often to checkpoint and how to log (``VOLATILE_KEYS``); it is stored in each run
@@ -19,7 +23,10 @@ import csv
 import io
 import json
 import logging
+import os
 import signal
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +34,7 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import OmegaConf
 
-from dapt.errors import ConfigError, RunInterrupted
+from dapt.errors import ConfigError, RunInterrupted, RunInUseError
 from dapt.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -36,6 +43,7 @@ RUN_CONFIG = "run_config.json"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 WANDB_ID_FILE = "wandb_run_id.txt"
+LOCK_FILE = ".run.lock"
 # Config keys that do not change what a run computes: a run resumed with other values is the same run.
 VOLATILE_KEYS = ("resume", "paths", "hydra", "checkpoint", "logger", "tags", "optimized_metric")
 SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
@@ -186,6 +194,82 @@ def find_resume_point(cfg: Any, run_dir: Path) -> ResumePoint | None:
     except ConfigError as exc:  # a requeued job must not fail forever on a damaged checkpoint
         log.warning("resume=auto: %s; starting a new run", exc)
         return None
+
+
+class RunLock:
+    """An exclusive claim on a run directory for as long as one process works in it.
+
+    ``flock`` on ``<run dir>/.run.lock``: the kernel drops the lock when its process ends, however it
+    ends (SIGKILL, OOM kill, a node's job killed by the scheduler), so a requeued job can always
+    take over an interrupted run, and a run that is still alive cannot be taken over. The file holds
+    the owner's pid and host for the error message; it is never deleted (deleting a lock file races
+    with a process about to lock it). Network file systems: Linux NFSv4 supports ``flock``; on a
+    file system without locks, ``acquire`` warns and goes on unlocked rather than refusing to run.
+    Only global rank 0 of a data-parallel job takes it (its ranks share the folder).
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def holder(self) -> str:
+        """Who holds the lock, as written by its holder ("pid N on host H since T"), or "unknown"."""
+        try:
+            return self.path.read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunInUseError(
+                f"run {self.path.parent} is in use by another process ({self.holder()}): wait for it to end, "
+                "or start a separate run with resume=never"
+            ) from None
+        except OSError as exc:  # no lock support on this file system
+            log.warning("could not lock %s (%s); going on without protection against a second copy of this run", self.path, exc)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+class RunClock(pl.Callback):
+    """Wall time of a run over all its attempts (``results.json`` ``train_seconds`` and ``attempts``).
+
+    Each checkpoint stores the time spent up to it; a resumed attempt adds its own time to that.
+    Time an interrupted attempt spent after its last checkpoint is not counted (those steps are
+    trained, and timed, again by the next attempt), nor is the time between attempts.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.before = 0.0
+        self.attempts = 1
+
+    def start(self) -> None:
+        self.started = time.time()
+
+    def seconds(self) -> float:
+        return self.before + time.time() - self.started
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds(), "attempts": self.attempts}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.before = float(state_dict.get("seconds", 0.0))
+        self.attempts = int(state_dict.get("attempts", 1)) + 1
 
 
 def checkpoint_callback(cfg: CheckpointConfig, run_dir: Path) -> pl.Callback:

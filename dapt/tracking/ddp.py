@@ -78,6 +78,18 @@ def ranks_started_externally() -> bool:
         return False
 
 
+def secondary_rank_process() -> bool:
+    """True in a process that is not global rank 0 of a data-parallel job, read from the environment
+    that every launcher sets before the process starts (dapt's own local ranks: ``LOCAL_RANK``;
+    torchrun: ``RANK``; other nodes: ``NODE_RANK``; SLURM tasks: ``SLURM_PROCID``), so it is known
+    before Lightning has initialised anything."""
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        value = os.environ.get(key, "0").strip() or "0"
+        if value.isdigit() and int(value) != 0:
+            return True
+    return False
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
