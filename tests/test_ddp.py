@@ -3,29 +3,42 @@
 Checks that rank 1 runs in the job's own folder (no second output folder), that the two ranks
 trained on disjoint blocks (``DAPT_RECORD_BLOCKS=1`` makes each rank list its blocks), that only
 rank 0 wrote results, W&B and the model, and that the token count is steps × batch × length × 2.
+Then the same job, stopped by a SIGTERM to rank 0 only and resumed, and killed (rank 0 SIGKILLed,
+rank 1 must not outlive it) and resumed, ends bitwise where the uninterrupted job ended: every rank
+resumes its own data position, masking generator and dropout RNG.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from dapt.tracking.ddp import local_process_count, rank_command, starts_script_ranks
 from tests.helpers import fail_message, run_dapt as dapt
 
-STEPS, BATCH, LENGTH, WORLD = 4, 4, 64, 2
+STEPS, BATCH, LENGTH, WORLD = 6, 4, 64, 2
+JOB = ["trainer=ddp", "optimizer.lr=3e-4", "model=tiny", "base=none", "tasks=[]", f"trainer.max_steps={STEPS}",
+       "trainer.val_check_interval=3", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=2", "data.eval_tokens=256",
+       f"data.batch_size={BATCH}", f"data.max_seq_length={LENGTH}", "data.shuffle_buffer=16", "experiment_name=ddp_test"]
+ENV = {"DAPT_RECORD_BLOCKS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def ddp_job(tmp_path_factory: pytest.TempPathFactory):
+    """One uninterrupted DDP job, run as a sweep job (the case where rank 1 must find the job folder)."""
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    sweep_dir = tmp_path / "multirun" / "ddp"
+    proc = dapt(["train", "-m", *JOB, f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, env=ENV, timeout=400)
+    return tmp_path, sweep_dir, proc
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_ranks_share_the_job_folder_and_see_disjoint_data(tmp_path):
-    sweep_dir = tmp_path / "multirun" / "ddp"
-    args = ["train", "-m", "trainer=ddp", "optimizer.lr=3e-4", "model=tiny", "base=none", "tasks=[]",
-            f"trainer.max_steps={STEPS}", "trainer.val_check_interval=2", "data.eval_tokens=256",
-            f"data.batch_size={BATCH}", f"data.max_seq_length={LENGTH}", "data.shuffle_buffer=16",
-            "experiment_name=ddp_test", f"hydra.sweep.dir={sweep_dir}"]
-    proc = dapt(args, cwd=tmp_path, env={"DAPT_RECORD_BLOCKS": "1"}, timeout=400)
+def test_ddp_two_cpu_ranks_share_the_job_folder_and_see_disjoint_data(ddp_job):
+    tmp_path, sweep_dir, proc = ddp_job
     assert proc.returncode == 0, fail_message(proc)
 
     job = sweep_dir / "0"
@@ -59,6 +72,60 @@ def test_ddp_two_cpu_ranks_share_the_job_folder_and_see_disjoint_data(tmp_path):
 
     run = read_offline_run(offline_runs(job)[0])
     assert run.group == "ddp_test" and run.summary["train_tokens"] == STEPS * BATCH * LENGTH * WORLD
+
+
+@pytest.mark.slow
+def test_ddp_stopped_or_killed_then_resumed_ends_where_the_uninterrupted_job_ends(ddp_job, tmp_path):
+    import time
+
+    import psutil
+
+    from tests.test_resume import _losses, _trained_blocks, _weights
+
+    ref_root, sweep_dir, proc = ddp_job
+    assert proc.returncode == 0, fail_message(proc)
+    reference = sweep_dir / "0"
+
+    def same_as_reference(run: Path) -> None:
+        ref_w, got_w = _weights(reference), _weights(run)
+        assert [k for k in ref_w if not torch.equal(ref_w[k], got_w[k])] == [], "weights differ from the uninterrupted job"
+        assert _losses(run) == _losses(reference) and len(_losses(reference)) == STEPS
+        for rank in range(WORLD):
+            assert _trained_blocks(run, rank) == _trained_blocks(reference, rank), f"rank {rank} trained other blocks"
+        ref, got = (json.loads((d / "results.json").read_text()) for d in (reference, run))
+        for key in ("train_tokens", "train_sources", "domain_ppl_after", "domain_ppl_after_ci", "general_dev_ppl_after"):
+            assert got[key] == ref[key], key
+
+    # SIGTERM to rank 0 only, at the end of step 3: both ranks agree at the next step boundary and stop after step 4
+    out = tmp_path / "stopped"
+    stopped = dapt(["train", *JOB, f"paths.output_dir={out}"], cwd=tmp_path, env={**ENV, "DAPT_DEBUG_SIGNAL": "3:TERM:0"}, timeout=400)
+    assert stopped.returncode == 143, fail_message(stopped)
+    assert "interrupted by SIGTERM at step 4" in stopped.stderr, stopped.stderr[-2000:]
+    failure = json.loads((out / "failure.json").read_text())
+    assert failure["step"] == 4 and torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    resumed = dapt(["train", *JOB, f"paths.output_dir={out}", "resume=auto"], cwd=tmp_path, env=ENV, timeout=400)
+    assert resumed.returncode == 0, fail_message(resumed)
+    assert json.loads((out / "results.json").read_text())["resumed_from_step"] == 4
+    same_as_reference(out)
+
+    # SIGKILL to rank 0 at the end of step 5: rank 1 dies with it (no orphan waiting in a collective); resumed from step 4
+    out = tmp_path / "killed"
+    started = time.time()
+    killed = dapt(["train", *JOB, f"paths.output_dir={out}"], cwd=tmp_path, env={**ENV, "DAPT_DEBUG_SIGNAL": "5:KILL:0"}, timeout=400)
+    assert killed.returncode == -9, fail_message(killed)
+    def orphans() -> list[int]:
+        return [p.pid for p in psutil.process_iter(["cmdline", "create_time", "status"])
+                if p.info["create_time"] >= started - 1 and p.info["status"] != psutil.STATUS_ZOMBIE
+                and str(out) in " ".join(p.info["cmdline"] or [])]
+
+    deadline = time.time() + 15
+    while orphans() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not orphans(), "rank processes outlived rank 0"
+    resumed = dapt(["train", *JOB, f"paths.output_dir={out}", "resume=auto"], cwd=tmp_path, env=ENV, timeout=400)
+    assert resumed.returncode == 0, fail_message(resumed)
+    assert json.loads((out / "results.json").read_text())["resumed_from_step"] == 4
+    same_as_reference(out)
 
 
 def test_rank_command_reruns_this_job_in_its_folder(tmp_path):

@@ -46,19 +46,20 @@ def _losses(run_dir: Path) -> dict[int, str]:
         return {int(float(r["step"])): r["train/loss"] for r in csv.DictReader(f) if r.get("train/loss")}
 
 
-def _trained_blocks(run_dir: Path) -> list[str]:
+def _trained_blocks(run_dir: Path, rank: int = 0) -> list[str]:
     """Blocks that reached the final model, in order: each attempt's blocks up to where the next
     attempt resumed (a resumed attempt starts again at its checkpoint's step)."""
-    lines = [line.split() for line in (run_dir / "rank0_blocks.txt").read_text().splitlines()]
-    attempts: list[list[tuple[int, str]]] = [[]]
-    for step, block in ((int(s), b) for s, b in lines):
-        if attempts[-1] and step < attempts[-1][-1][0]:
-            attempts.append([])
-        attempts[-1].append((step, block))
+    attempts: list[tuple[int, list[tuple[int, str]]]] = [(0, [])]  # (the step it started at, its blocks)
+    for line in (run_dir / f"rank{rank}_blocks.txt").read_text().splitlines():
+        if line.startswith("# resumed at step "):
+            attempts.append((int(line.rsplit(" ", 1)[1]), []))
+        else:
+            step, block = line.split()
+            attempts[-1][1].append((int(step), block))
     kept: list[str] = []
-    for i, attempt in enumerate(attempts):
-        limit = attempts[i + 1][0][0] if i + 1 < len(attempts) else None
-        kept += [b for s, b in attempt if limit is None or s < limit]
+    for i, (_, blocks) in enumerate(attempts):
+        limit = attempts[i + 1][0] if i + 1 < len(attempts) else None
+        kept += [b for s, b in blocks if limit is None or s < limit]
     return kept
 
 

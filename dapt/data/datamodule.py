@@ -547,15 +547,20 @@ class PackedCorpusDataModule(pl.LightningDataModule):
         """What a checkpoint needs to continue the data exactly: the number of training batches
         consumed (the stream is a pure function of its seed, so this is its position, mixing and
         replay included), the masking generators' states, and the tokens counted per source."""
-        return {
+        from dapt.distributed import with_all_ranks
+
+        return with_all_ranks({  # under DDP, every rank's own (a collective: Lightning calls this on every rank)
             "tokens_per_source": self.tokens_per_source(),
             "batches": self._batches,
             "mask_generators": {key: gen.get_state() for key, gen in self._generators.items()},
-        }
+        })
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume: the next training batch is the one after the checkpoint's last, masked as it would
-        have been. (Under DDP the checkpoint holds rank 0's counts and generator states.)"""
+        have been. Under DDP each rank takes its own counts and generator states."""
+        from dapt.distributed import own_rank_state
+
+        state_dict = own_rank_state(state_dict, "data stream and masking generators")
         self._restored_counts = dict(state_dict.get("tokens_per_source", {}))
         self._token_counts = {}
         self._batches = int(state_dict.get("batches", 0))

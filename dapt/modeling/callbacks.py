@@ -168,8 +168,8 @@ class RngStateCheckpoint(pl.Callback):
     in between (a DataLoader iterator takes its base seed from it), and nothing draws from it
     between a step's end and the next step's start in an uninterrupted run (evaluation loaders own
     their generators and masks come from the datamodule's generator), so the resumed steps see
-    exactly the states the uninterrupted ones did. Under DDP the checkpoint holds rank 0's states:
-    other ranks resume with rank 0's dropout stream (statistically equivalent, not bitwise).
+    exactly the states the uninterrupted ones did. Under DDP the checkpoint holds every rank's
+    states and each rank resumes with its own.
     """
 
     def __init__(self) -> None:
@@ -190,10 +190,14 @@ class RngStateCheckpoint(pl.Callback):
         }
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
+        from dapt.distributed import with_all_ranks
+
+        return with_all_ranks(state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = dict(state_dict)
+        from dapt.distributed import own_rank_state
+
+        self._pending = dict(own_rank_state(state_dict, "dropout RNG"))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._pending is None:

@@ -311,7 +311,9 @@ def restore_csv_history(loggers: list[Any], rows: list[dict[str, str]]) -> None:
     """Write ``rows`` back under the CSV logger (after it has started) so the history is whole."""
     from pytorch_lightning.loggers import CSVLogger
 
-    if not rows:
+    from dapt.tracking.ddp import secondary_rank_process
+
+    if not rows or secondary_rank_process():  # rank 0 writes the history (other ranks' loggers are dummies)
         return
     for lg in loggers:
         if isinstance(lg, CSVLogger):
@@ -340,17 +342,21 @@ def wandb_run_id(run_dir: Path) -> str:
 class StopOnSignal(pl.Callback):
     """SIGTERM/SIGINT during the run: stop at the next optimizer-step boundary, checkpoint, exit non-zero.
 
-    While the DAPT trainer runs, the first signal only asks Lightning to stop (its SIGTERM flag,
-    which its loops check after each training batch and evaluation batch): during a training batch
-    the flag is raised at the end of the batch that completes an optimizer step (never inside a
-    gradient-accumulation group, whose partial gradients a checkpoint does not hold); during an
-    evaluation at once. Lightning clears the flag when a trainer call starts, so it is raised again
-    at each train/validation/test start, and ``raise_if_signalled`` after every trainer call catches
-    a signal that arrived on a last batch (which Lightning does not check). The checkpoint is written
-    in ``on_exception``; ``train`` turns Lightning's ``SIGTERMException`` (a ``SystemExit`` with
-    status 0) into ``RunInterrupted``. Outside that trainer (base preparation, control arm, downstream
-    tasks, whose caches are written atomically at their end) and on a second signal, the handler
-    raises ``RunInterrupted`` at once.
+    While the DAPT trainer runs, this callback owns SIGTERM and SIGINT (it re-installs its handler
+    when each trainer call starts, replacing the one Lightning adds, which would raise the stop flag
+    at once: inside a gradient-accumulation group, and under DDP on one rank only, with a collective
+    run from a signal handler). The first signal only records the stop; the flag that Lightning's
+    loops act on is raised at the end of the batch that completes an optimizer step (never inside an
+    accumulation group, whose partial gradients a checkpoint does not hold), or at once between
+    steps (an evaluation). **Under DDP** no rank acts alone: at each optimizer-step boundary the
+    ranks agree (one all-reduce of the signal number) and all stop after the same step, so they
+    write the checkpoint together (its per-rank state is gathered); a signal during an evaluation
+    waits for the next step boundary or the end of the call. ``raise_if_signalled`` after every
+    trainer call catches a signal that arrived on a last batch (which Lightning does not check),
+    with the same agreement under DDP. The checkpoint is written in ``on_exception``; ``train``
+    turns Lightning's ``SIGTERMException`` (a ``SystemExit`` with status 0) into ``RunInterrupted``.
+    Outside that trainer (base preparation, control arm, downstream tasks, whose caches are written
+    atomically at their end) and on a second signal, the handler raises ``RunInterrupted`` at once.
 
     Under SLURM with submitit, a time limit is announced with SIGUSR2, which submitit handles itself
     (requeue, then exit): the requeued job continues from the last periodic checkpoint.
@@ -362,7 +368,7 @@ class StopOnSignal(pl.Callback):
         self.saved: Path | None = None
         self.step = 0
         self._trainer: pl.Trainer | None = None
-        self._in_train_batch = False
+        self._in_step = False  # between the first batch of an optimizer step and the end of its last
         self._step_at_batch_start = 0
         self._previous: dict[int, Any] = {}
 
@@ -371,7 +377,8 @@ class StopOnSignal(pl.Callback):
 
         if threading.current_thread() is threading.main_thread():
             for signum in SIGNAL_NAMES:
-                self._previous[signum] = signal.signal(signum, self._handle)
+                previous = signal.signal(signum, self._handle)
+                self._previous.setdefault(signum, previous)
         return self
 
     def uninstall(self) -> None:
@@ -379,13 +386,18 @@ class StopOnSignal(pl.Callback):
             signal.signal(signum, handler)
         self._previous = {}
 
+    @staticmethod
+    def _distributed(trainer: pl.Trainer) -> bool:
+        return trainer.world_size > 1
+
     def _handle(self, signum: int, frame: Any) -> None:
         first = self.signum is None
         self.signum = signum
         name = SIGNAL_NAMES.get(signum, str(signum))
-        if first and self._trainer is not None:
-            if not self._in_train_batch:
-                self._request_stop(self._trainer)
+        trainer = self._trainer
+        if first and trainer is not None:
+            if not self._in_step and not self._distributed(trainer):
+                self._request_stop(trainer)
             log.warning("received %s: stopping after the current step and writing a checkpoint (send it again to stop now)", name)
             return
         raise RunInterrupted(f"interrupted by {name}", signum=signum)
@@ -393,26 +405,45 @@ class StopOnSignal(pl.Callback):
     def _request_stop(self, trainer: pl.Trainer) -> None:
         trainer._signal_connector.received_sigterm = True
 
-    # Lightning resets its flag when a trainer call starts: raise it again once the loops run.
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.signum is not None:
+    def _agreed_signal(self) -> int:
+        """The signal any rank received (0: none); a collective under DDP."""
+        from dapt.distributed import all_ranks_max
+
+        signum = all_ranks_max(int(self.signum or 0))
+        if signum and self.signum is None:
+            self.signum = signum  # another rank was signalled: this one stops with it
+        return signum
+
+    def _take_over(self, trainer: pl.Trainer) -> None:
+        """Lightning installed its SIGTERM handler for this trainer call: ours replaces it (Lightning
+        puts ours back when the call ends); a stop already asked for is raised again, since Lightning
+        clears its flag when a call starts."""
+        self.install()
+        if self.signum is not None and not self._distributed(trainer):
             self._request_stop(trainer)
+
+    # hooks that run after Lightning installed its handler for the call (on_fit_start runs before)
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_over(trainer)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.signum is not None:
-            self._request_stop(trainer)
+        self._take_over(trainer)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.signum is not None:
-            self._request_stop(trainer)
+        self._take_over(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._in_train_batch = True
+        self._in_step = True
         self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._in_train_batch = False
-        if self.signum is not None and trainer.global_step != self._step_at_batch_start:  # an optimizer step just finished
+        if trainer.global_step == self._step_at_batch_start:
+            return  # inside a gradient-accumulation group: never stop here
+        self._in_step = False
+        if self._distributed(trainer):
+            if self._agreed_signal():  # every rank calls this after every optimizer step
+                self._request_stop(trainer)
+        elif self.signum is not None:
             self._request_stop(trainer)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -429,7 +460,7 @@ class StopOnSignal(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = None
-        self._in_train_batch = False
+        self._in_step = False
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -442,7 +473,7 @@ class StopOnSignal(pl.Callback):
     def raise_if_signalled(self, trainer: pl.Trainer, *, resume_hint: str, training_done: bool = False) -> None:
         """After a trainer call: a signal that Lightning did not act on (it arrived on a last batch)
         stops the run here; after a finished fit, the final state is checkpointed first."""
-        if self.signum is None:
+        if not self._agreed_signal():  # every rank calls this after every trainer call
             return
         self.step = trainer.global_step
         if training_done and self.checkpoint_path is not None and self.saved is None:

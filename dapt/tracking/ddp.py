@@ -130,7 +130,8 @@ def local_ranks(trainer: dict[str, Any], run_dir: Path, overrides: list[str], cw
     for local_rank in range(1, n):
         env = {**os.environ, "LOCAL_RANK": str(local_rank)}
         env.pop("PL_GLOBAL_SEED", None)
-        procs.append(subprocess.Popen(rank_command(overrides, run_dir, local_rank), env=env, cwd=cwd))
+        procs.append(subprocess.Popen(rank_command(overrides, run_dir, local_rank), env=env, cwd=cwd,
+                                      preexec_fn=_die_with_parent))
     log.info("started local ranks 1..%d (pids %s) in %s", n - 1, [p.pid for p in procs], run_dir)
     watcher = _RankWatcher(procs, run_dir)
     watcher.start()
@@ -152,6 +153,20 @@ def local_ranks(trainer: dict[str, Any], run_dir: Path, overrides: list[str], cw
             from dapt.errors import TrainingError
 
             raise TrainingError(f"DDP rank(s) failed: {', '.join(failed)} (logs: {run_dir}/dapt_rank<k>.log)")
+
+
+def _die_with_parent() -> None:
+    """In a child rank, before it runs: the kernel kills it when rank 0 dies (Linux ``PR_SET_PDEATHSIG``).
+    Rank 0 killed by SIGKILL or the OOM killer cannot stop its children, which would otherwise wait
+    in a collective until the process-group timeout (30 min), holding the machine and the run."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _finish(procs: list[subprocess.Popen], *, wait: bool, timeout: float = 600.0) -> list[str]:
@@ -219,7 +234,8 @@ class BlockRecorder(pl.Callback):
 
     Batches arrive masked; the original block is rebuilt from the labels (which hold the original id
     at every masked position), so the hash identifies the block, not its random masking. Lines are
-    written as each batch starts, so a killed run leaves its record; a resumed run appends to it.
+    written as each batch starts, so a killed run leaves its record; a resumed run appends to it
+    after a line ``# resumed at step <n>``.
     """
 
     def __init__(self, run_dir: Path) -> None:
@@ -233,6 +249,9 @@ class BlockRecorder(pl.Callback):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if trainer.global_step == 0:  # a new run (not a resumed one) starts a new record
             self._path(trainer).write_text("")
+        else:  # a resumed attempt: the lines after this one replace those from this step on
+            with self._path(trainer).open("a") as f:
+                f.write(f"# resumed at step {trainer.global_step}\n")
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         ids, labels = batch["input_ids"], batch.get("labels")
@@ -245,19 +264,22 @@ class BlockRecorder(pl.Callback):
 
 class SignalAtStep(pl.Callback):
     """Sends this process a signal at the end of optimizer step ``step`` (fault-injection tests:
-    a real SIGKILL/SIGTERM/SIGINT through the real handlers, at a reproducible point)."""
+    a real SIGKILL/SIGTERM/SIGINT through the real handlers, at a reproducible point).
+    ``<step>:<KILL|TERM|INT>[:<rank>]``: with a rank, only that global rank signals itself (what a
+    scheduler that signals one process of a job does); without, every rank does."""
 
-    def __init__(self, step: int, signum: int) -> None:
+    def __init__(self, step: int, signum: int, rank: int | None = None) -> None:
         self.step = step
         self.signum = signum
+        self.rank = rank
+        self._sent = False
 
     @classmethod
     def from_env(cls, value: str) -> "SignalAtStep":
-        import signal
-
-        step, _, name = value.partition(":")
-        return cls(int(step), int(getattr(signal, f"SIG{name.upper() or 'KILL'}")))
+        step, name, rank = (value.split(":") + ["", ""])[:3]
+        return cls(int(step), int(getattr(signal, f"SIG{name.upper() or 'KILL'}")), int(rank) if rank else None)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and not self._sent and self.rank in (None, trainer.global_rank):
+            self._sent = True  # once, even if several batches (gradient accumulation) end at this step
             os.kill(os.getpid(), self.signum)
