@@ -210,7 +210,7 @@ def test_check_downstream_fails_fast(tmp_path, data_dir):
     from dapt.errors import DataError
     from dapt.evaluation.downstream import check_downstream
 
-    check_downstream(downstream_train_cfg(["ncbi_disease", "r8", "ncbi_disease_hub"], data_dir, tmp_path))
+    check_downstream(downstream_train_cfg(["ncbi_disease", "r8"], data_dir, tmp_path))
     check_downstream(OmegaConf.create({"tasks": []}))
     with pytest.raises(ConfigError, match="unknown task 'chemprott'.*available tasks"):
         check_downstream(downstream_train_cfg(["chemprott"], data_dir, tmp_path))
@@ -218,6 +218,39 @@ def test_check_downstream_fails_fast(tmp_path, data_dir):
         check_downstream(downstream_train_cfg(["ncbi_disease"], tmp_path, tmp_path))
     with pytest.raises(ConfigError, match="downstream.patience"):
         check_downstream(downstream_train_cfg(["ncbi_disease"], data_dir, tmp_path, patience=0))
+
+
+def test_hub_tasks_are_read_at_start_up(tmp_path, monkeypatch):
+    """A hub task is loaded and parsed by ``check_downstream`` (before pretraining), not first after it.
+    The "hub" dataset here is a local ``datasets`` folder (train/validation/test JSONL), so no network."""
+    import json as _json
+
+    import datasets
+
+    from dapt.errors import DataError
+    from dapt.evaluation.downstream import check_downstream
+
+    def folder(name: str, test_tag: str) -> Path:
+        root = tmp_path / name
+        root.mkdir()
+        for split in ("train", "validation", "test"):
+            tag = test_tag if split == "test" else "B-Disease"
+            rows = [{"tokens": ["aspirin", "and", "fever"], "ner_tags": ["B-Chem", "O", tag]}] * 3
+            (root / f"{split}.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+        return root
+
+    def task(root: Path) -> dict[str, Any]:
+        return {"name": root.name, "type": "ner", "metric": "f1", "train": "train", "dev": "validation", "test": "test",
+                "reader": {"format": "hub", "dataset": str(root), "tokens_field": "tokens", "label_field": "ner_tags"}}
+
+    loads = []
+    real_load = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    good, bad = folder("good", "B-Disease"), folder("bad", "Q-Disease")  # Q-: not an IOB tag
+    check_downstream(downstream_train_cfg([task(good)], tmp_path, tmp_path))
+    assert loads == [str(good)] * 3  # train, dev and test were loaded and parsed at start-up
+    with pytest.raises(DataError, match=r"bad\[test\]\[0\]"):
+        check_downstream(downstream_train_cfg([task(bad)], tmp_path, tmp_path))
 
 
 def test_table_shows_means_seeds_and_verdict():

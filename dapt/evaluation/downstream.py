@@ -250,8 +250,10 @@ def check_downstream(cfg: DictConfig) -> None:
     Resolves every name in ``cfg.tasks``, validates ``cfg.downstream`` and reads each local task's
     train/dev/test files with the same readers and checks the evaluation uses (``load_task``), so a
     malformed CoNLL line or TSV row, a test split with nothing to score or all-empty texts stop the
-    run here with ``file:line`` or the task's name. Reading costs seconds (the task files are small);
-    hub tasks are left to evaluation time (reading them may need the network).
+    run here with ``file:line`` or the task's name. Reading costs seconds (the task files are small).
+    Hub tasks are loaded here too (``datasets.load_dataset``, which downloads into its cache on first
+    use and reads from it afterwards): a dataset that cannot be reached, a missing split or field, or
+    labels that do not parse fail before pretraining rather than after it.
     """
     tasks = _task_list(cfg)
     if not tasks:
@@ -260,8 +262,9 @@ def check_downstream(cfg: DictConfig) -> None:
     data_dir = Path(str((cfg.get("paths") or {}).get("data_dir") or "")).expanduser()
     for spec in tasks:
         task = resolve_task(spec)
-        if task.reader.format != "hub":
-            load_task(task, data_dir)
+        if task.reader.format == "hub":
+            log.info("reading hub task %s (%s) at start-up", task.name, task.reader.dataset)
+        load_task(task, data_dir)
 
 
 def evaluate_downstream(
