@@ -41,6 +41,7 @@ from dapt.preflight import check_writable, preflight
 from dapt.tracking.loggers import LoggerConfig, build_loggers, finish_wandb, wandb_run_of
 from dapt.tracking.ddp import debug_callbacks
 from dapt.tracking.progress import StepProgressBar
+from dapt.versioning import provenance
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +313,7 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
             "resumed_from_step": resume.step if resume else None,
             "train_seconds": train_seconds,
             "attempts": clock.attempts,
+            "provenance": provenance(),  # git commit, code digest, libraries, CPU/GPU, host, time
             "heldout_sets": datamodule.eval_info,
             "base": base.as_dict(),
             "model_dir": str(model_dir) if cfg.get("save_model", True) else None,

@@ -78,3 +78,71 @@ def source_fingerprint(*objects: Any) -> str:
         digest.update(inspect.getsource(obj).encode())
         digest.update(b"\0")
     return digest.hexdigest()[:16]
+
+
+def code_digest() -> str:
+    """SHA-256 (16 hex) of every ``dapt/**/*.py`` file: which code computed a result (a run is
+    resumed or reused only by the same code)."""
+    import dapt
+
+    return files_digest(sorted(Path(dapt.__file__).parent.rglob("*.py")))[:16]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name
+
+
+def git_state(path: Path | None = None) -> dict[str, Any]:
+    """``{"commit": <HEAD>, "dirty": <uncommitted changes under dapt/ or conf/>}`` of the checkout
+    that holds dapt (None values outside a git checkout, e.g. an installed wheel)."""
+    import subprocess
+
+    import dapt
+
+    root = path or Path(dapt.__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None}
+    status = git("status", "--porcelain", "--", "dapt", "conf")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def provenance() -> dict[str, Any]:
+    """Where and with what a result was computed, written into results.json so that a table built
+    from several runs can say (and check) that its cells come from the same code: the git commit
+    (and whether dapt/ or conf/ had uncommitted changes), the digest of dapt's source, library
+    versions, the CPU/GPU, the host and the time."""
+    import platform
+    import socket
+    import time
+
+    import torch
+
+    return {
+        **{f"git_{k}": v for k, v in git_state().items()},
+        "code_digest": code_digest(),
+        "libraries": library_versions(),
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "host": socket.gethostname(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

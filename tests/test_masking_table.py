@@ -27,3 +27,23 @@ def test_table_rows_match_the_kept_results():
     b = ww["downstream"]["ncbi_disease"]["after"]["test_f1"]["values"]
     delta = sum(y - x for x, y in zip(a, b)) / len(a)
     assert rows["whole_word"][7].startswith(f"{delta:+.3f} [") and not math.isnan(delta)
+
+
+def test_table_says_which_code_made_the_cells_and_warns_when_it_differs(tmp_path):
+    import shutil
+
+    from experiments.masking.table import table
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(RESULTS, sweep)
+    assert "All cells: code not recorded" in table([sweep])
+    for job, digest in (("0", "aaaa"), ("1", "aaaa")):
+        path = sweep / job / "results.json"
+        results = json.loads(path.read_text())
+        results["provenance"] = {"git_commit": "0123456789abcdef", "git_dirty": False, "code_digest": digest}
+        path.write_text(json.dumps(results))
+    assert "All cells: commit 0123456, code digest aaaa." in table([sweep])
+    results = json.loads((sweep / "1" / "results.json").read_text())
+    results["provenance"]["code_digest"] = "bbbb"
+    (sweep / "1" / "results.json").write_text(json.dumps(results))
+    assert "WARNING: cells made by different code" in table([sweep])

@@ -36,6 +36,13 @@ def test_tiny_run_writes_results_model_and_history(compose):
         assert math.isfinite(results[key]) and results[key] > 1
     assert metrics["domain_ppl_after"] == results["domain_ppl_after"]
     assert 0 < results["mfu"] < 1.5 and results["tokens_per_s"] > 0  # FLOPs formula / measured matmul peak
+    # provenance: the code that made these numbers (a table of several runs checks they share it)
+    from dapt.versioning import code_digest, cpu_model
+
+    prov = results["provenance"]
+    assert prov["code_digest"] == code_digest() and prov["cpu"] == cpu_model() and prov["libraries"]["torch"] == torch.__version__
+    head = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert prov["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
     model = AutoModelForMaskedLM.from_pretrained(run_dir / "model")
     assert model.config.num_hidden_layers == 2
     # the gathered-state path that sharded strategies (FSDP/DeepSpeed) save through

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -101,15 +100,9 @@ def _cache_dir() -> Path:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return name
+    from dapt.versioning import cpu_model
+
+    return cpu_model()
 
 
 def _cache_key(device: torch.device, dtype: torch.dtype) -> str:

@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 
 from dapt.errors import ConfigError, RunInterrupted, RunInUseError
 from dapt.io import atomic_write_json, atomic_write_text
+from dapt.versioning import code_digest
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +94,6 @@ def run_signature(cfg: Any) -> dict[str, Any]:
     signature["data_dir"] = str((container.get("paths") or {}).get("data_dir"))
     signature["code"] = code_digest()
     return json.loads(json.dumps(signature, sort_keys=True, default=str))
-
-
-def code_digest() -> str:
-    """SHA-256 (16 hex) of every ``dapt/**/*.py`` file."""
-    import dapt
-    from dapt.versioning import files_digest
-
-    return files_digest(sorted(Path(dapt.__file__).parent.rglob("*.py")))[:16]
 
 
 def write_run_config(run_dir: Path, cfg: Any) -> None:

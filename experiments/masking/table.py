@@ -94,10 +94,25 @@ def table(sweeps: list[Path]) -> str:
                         if c and c.get("delta_ci") else "—")
         lines.append(f"| {name} | {rate:.2f} | {_ppl(r, 'domain_ppl_after')} | {_ppl(r, 'general_ppl_after')} | {dom} | {gen} "
                      f"| {f1_cell} | {cmp_cell} |")
+    lines += ["", _code_line(jobs)]
     if missing:
         lines.append("")
         lines.append("Not finished (no results.json): " + ", ".join(str(m) for m in missing))
     return "\n".join(lines)
+
+
+def _code_line(jobs: list[dict[str, Any]]) -> str:
+    """Which code made the cells (results.json ``provenance``), and a warning when it differs: cells
+    computed by different code are not comparable unless the change between them altered no number."""
+    codes = {}
+    for job in jobs:
+        prov = job["results"].get("provenance") or {}
+        label = (f"commit {str(prov.get('git_commit'))[:7]}{' (uncommitted changes)' if prov.get('git_dirty') else ''}, "
+                 f"code digest {prov.get('code_digest')}") if prov else "code not recorded (results.json without provenance)"
+        codes.setdefault(label, []).append(f"{job['key'][0]}@{job['key'][1]:.2f}")
+    if len(codes) == 1:
+        return f"All cells: {next(iter(codes))}."
+    return "WARNING: cells made by different code: " + "; ".join(f"{label}: {', '.join(cells)}" for label, cells in codes.items())
 
 
 def main(argv: list[str] | None = None) -> int:
