@@ -102,12 +102,11 @@ def _train_task(cfg: Any) -> float | None:
     A failed sweep job writes ``failure.json`` into its folder and marks its W&B run failed; the basic
     sweeper then gets NaN and goes on, an optimising sweeper (Optuna) gets the exception and records
     the trial as failed (``hparams_search`` configs set ``max_failure_rate`` so the study goes on).
-    DDP ranks of script-launched strategies are started here so they share the job's folder.
+    DDP ranks of script-launched strategies are started by ``train`` so they share the run's folder.
+    Only global rank 0 records failures (the ranks share the folder).
     """
-    from omegaconf import OmegaConf
-
     from dapt.train import run_dir_of, train
-    from dapt.tracking.ddp import local_ranks
+    from dapt.tracking.ddp import secondary_rank_process
     from dapt.tracking.loggers import finish_wandb
     from dapt.tracking.sweeps import current_job, record_failure, sweeper_tracks_failures
 
@@ -117,16 +116,15 @@ def _train_task(cfg: Any) -> float | None:
     job_dir = None
     try:
         job_dir = run_dir_of(cfg)  # resume=auto may move the run to an earlier folder: failures are recorded in both
-        trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True) if "trainer" in cfg else {}
-        with local_ranks(trainer_cfg, job_dir, job.overrides if job else [], cwd=job.cwd if job else None):
-            metrics, _ = train(cfg)
+        # DDP ranks of script-launched strategies are started inside train(), once rank 0 has resolved the run
+        metrics, _ = train(cfg, rank_overrides=job.overrides if job else [], rank_cwd=job.cwd if job else None)
         return _objective(cfg, metrics, strict=strict)
     except RunInterrupted as exc:
         # Pre-empted (SIGTERM) or stopped (SIGINT): record it, say how to resume, and end the whole
         # process with 128 + signal, in a sweep too (the remaining jobs were pre-empted with it).
         # SystemExit, not an exception: Hydra would print a traceback and exit 1.
         finish_wandb(exit_code=1)
-        for folder in _failure_folders(cfg, job_dir):
+        for folder in ([] if secondary_rank_process() else _failure_folders(cfg, job_dir)):
             record_failure(folder, exc, job, extra={"signal": exc.signum, "step": exc.step, "checkpoint": exc.checkpoint})
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(exc.exit_code) from None
@@ -138,7 +136,7 @@ def _train_task(cfg: Any) -> float | None:
             raise SystemExit(2) from None
         if not (job and job.multirun):
             raise
-        paths = [record_failure(folder, exc, job) for folder in _failure_folders(cfg, job_dir)]
+        paths = [record_failure(folder, exc, job) for folder in ([] if secondary_rank_process() else _failure_folders(cfg, job_dir))]
         path = paths[0] if paths else "nowhere: the output folder is unusable"
         logging.getLogger("dapt").error("job %s failed (recorded in %s): %s: %s", job.num, path, type(exc).__name__, exc)
         if strict:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from dapt.config import to_dataclass
 from dapt.data.datamodule import DataConfig, PackedCorpusDataModule
 from dapt.data.sources import as_source, describe, general_sources
-from dapt.errors import ConfigError, IncompleteRunError, RunInterrupted
+from dapt.errors import ConfigError, IncompleteRunError, RunInterrupted, RunInUseError
 from dapt.io import atomic_save_dir, atomic_write_json, non_finite_keys
 from dapt.masking import MaskingContext, build_eval_masker, build_masker
 from dapt.modeling.base_prep import BaseConfig, BaseInfo, base_stream, model_fingerprint, needs_preparation, prepare_base
@@ -33,13 +33,14 @@ from dapt.modeling.loading import load_mlm_model, load_tokenizer
 from dapt.modeling.optim import OptimizerConfig, SchedulerConfig
 from dapt.pipeline.control import control_config, run_control
 from dapt.pipeline.resume import (
-    CHECKPOINT_DIR, LAST_CHECKPOINT, CheckpointConfig, ResumePoint, RunClock, RunLock, StopOnSignal, checkpoint_callback, find_resume_point,
+    CHECKPOINT_DIR, LAST_CHECKPOINT, LOCK_WAIT_SECONDS, CheckpointConfig, ResumePoint, RunClock, RunLock, StopOnSignal, checkpoint_callback, find_resume_point,
     keep_csv_history, restore_csv_history, resume_command, wandb_run_id, write_run_config,
 )
 from dapt.pipeline.fit import DOCUMENTS, cached_start_evaluation, evaluate_heldout, make_module, make_trainer, relative_change, stage_keys
 from dapt.preflight import check_writable, preflight
 from dapt.tracking.loggers import LoggerConfig, build_loggers, finish_wandb, wandb_run_of
-from dapt.tracking.ddp import debug_callbacks
+from dapt.tracking.ddp import debug_callbacks, local_ranks
+from dapt.tracking.ddp import rank_overrides as rank_overrides_for
 from dapt.tracking.progress import StepProgressBar
 from dapt.versioning import provenance
 
@@ -148,11 +149,23 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, ResumePoint | None, RunLock 
 
     run_dir = run_dir_of(cfg)
     point = find_resume_point(cfg, run_dir)
-    if point is not None and point.finished:
-        target, lock = point.run_dir, None
-    else:
-        target = run_dir if point is None else point.run_dir
-        lock = None if secondary_rank_process() else RunLock(target).acquire()
+    lock = None
+    if not secondary_rank_process():
+        for _ in range(3):  # the run may have moved on while we waited for its lock: look again once we hold it
+            if point is not None and point.finished:
+                break
+            target = run_dir if point is None else point.run_dir
+            lock = RunLock(target).acquire(wait=LOCK_WAIT_SECONDS)
+            if point is None:
+                break
+            again = find_resume_point(cfg, run_dir)
+            if again is not None and again.run_dir == point.run_dir and not again.finished:
+                point = again  # (its checkpoint may be newer than when we looked)
+                break
+            lock.release()
+            lock, point = None, again
+        else:
+            raise RunInUseError(f"resume: the run to continue kept changing while waiting for its lock (last: {target})")
     if point is None:
         return run_dir, None, lock
     with open_dict(cfg):
@@ -162,11 +175,14 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, ResumePoint | None, RunLock 
     return point.run_dir, point, lock
 
 
-def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+def train(cfg: DictConfig, *, rank_overrides: list[str] | None = None, rank_cwd: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run one domain-adaptive pretraining job; returns (flat metrics, objects).
 
     SIGTERM/SIGINT stop it at a step boundary with a checkpoint and raise ``RunInterrupted``
-    (see ``dapt.pipeline.resume``); ``resume=auto`` continues such a run.
+    (see ``dapt.pipeline.resume``); ``resume=auto`` continues such a run. For a script-launched DDP
+    trainer (``trainer=ddp`` on one machine) the other local ranks are started here, after this
+    process resolved (and locked) the run folder: they run the job's command line
+    (``rank_overrides``, from ``rank_cwd``) pointed at that folder and checkpoint.
     """
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -179,11 +195,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         print(f"resume=auto: this config already finished in {run_dir}; nothing recomputed. results: {run_dir / 'results.json'}", flush=True)
         return flat_metrics(results), {"results": results, "run_dir": run_dir}
     stopper = StopOnSignal(run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT if checkpoint.enabled else None)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True) if "trainer" in cfg else {}
+    children = rank_overrides_for(rank_overrides or [], run_dir, resume.checkpoint if resume else None)
     try:
         preflight(run, run_dir)  # positions, accelerator, free disk: seconds now instead of a late traceback
         write_run_config(run_dir, cfg)
-        stopper.install()
-        return _train(cfg, run, run_dir, checkpoint, resume, stopper)
+        with local_ranks(trainer_cfg, run_dir, children, cwd=rank_cwd):
+            stopper.install()
+            return _train(cfg, run, run_dir, checkpoint, resume, stopper)
     except SIGTERMException:  # Lightning's stop (a SystemExit with status 0) after our signal handler asked for it
         raise stopper.interrupted(resume_hint=resume_command(sys.argv)) from None
     finally:
@@ -261,7 +280,7 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
     clock.start()  # the start model's evaluation, training and the final evaluation are timed
     before, before_cached = cached_start_evaluation(
         cache_dir, start_fingerprint, run, datamodule, lambda: evaluate_heldout(trainer, module, datamodule),
-        write=trainer.is_global_zero,
+        write=trainer.is_global_zero, read=trainer.world_size == 1,
     )
     hint = resume_command(sys.argv)
     stopper.raise_if_signalled(trainer, resume_hint=hint)

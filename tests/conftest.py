@@ -18,7 +18,7 @@ from dapt.config import config_dir, default_data_dir, register_resolvers  # noqa
 from tests.helpers import MINILM  # noqa: E402
 
 TINY_OVERRIDES = ["model=tiny", "base=none", "tasks=[]", "trainer.max_steps=6", "trainer.val_check_interval=3",
-                  "data.eval_tokens=256", "data.batch_size=4", "data.max_seq_length=64", "data.shuffle_buffer=16",
+                  "data.eval_tokens=256", "data.dev_eval_tokens=256", "data.batch_size=4", "data.max_seq_length=64", "data.shuffle_buffer=16",
                   "logger.wandb.enabled=false"]
 
 

@@ -22,7 +22,7 @@ from tests.helpers import fail_message, run_dapt as dapt
 
 STEPS, BATCH, LENGTH, WORLD = 6, 4, 64, 2
 JOB = ["trainer=ddp", "optimizer.lr=3e-4", "model=tiny", "base=none", "tasks=[]", f"trainer.max_steps={STEPS}",
-       "trainer.val_check_interval=3", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=2", "data.eval_tokens=256",
+       "trainer.val_check_interval=3", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=2", "data.eval_tokens=256", "data.dev_eval_tokens=256",
        f"data.batch_size={BATCH}", f"data.max_seq_length={LENGTH}", "data.shuffle_buffer=16", "experiment_name=ddp_test"]
 ENV = {"DAPT_RECORD_BLOCKS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 

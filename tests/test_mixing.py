@@ -340,6 +340,10 @@ def test_tokens_per_source_counts_the_delivered_batches(tmp_path, tokenizer):
     restored = PackedCorpusDataModule(cfg, tokenizer, module.masker, data_dir=None)
     restored.load_state_dict(module.state_dict())
     assert restored.tokens_per_source() == counts
+    # a checkpoint of 2 DDP ranks resumed on 1 process keeps the run's total (both ranks' counts), once
+    state = module.state_dict()
+    restored.load_state_dict({**state, "ranks": [state, state]})
+    assert restored.tokens_per_source() == {name: 2 * n for name, n in counts.items()}
 
 
 def test_collate_carries_the_source_index():

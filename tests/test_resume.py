@@ -260,3 +260,72 @@ def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path, monkeypatch):
     loggers = build_loggers(LoggerConfig(), tmp_path, run_name="r", group="g", tags=[], config={}, run_id=first)
     (wandb_logger,) = [lg for lg in loggers if isinstance(lg, WandbLogger)]
     assert wandb_logger._wandb_init["id"] == first and wandb_logger._wandb_init["resume"] == "allow"
+
+
+def test_run_clock_adds_the_earlier_attempts_time_and_counts_attempts():
+    from dapt.pipeline.resume import RunClock
+
+    clock = RunClock()
+    clock.load_state_dict({"seconds": 100.0, "attempts": 2})
+    clock.start()
+    assert 100.0 <= clock.seconds() < 105.0 and clock.attempts == 3
+    assert clock.state_dict()["seconds"] >= 100.0
+
+
+def test_resume_auto_refuses_to_duplicate_a_live_run_that_has_no_checkpoint_yet(tmp_path, compose):
+    """A sweep launched twice: the first copy's job is running (before its first checkpoint); the
+    second copy's job with the same config must not start a duplicate beside it."""
+    from dapt.errors import RunInUseError
+    from dapt.pipeline.resume import RunLock, find_resume_point, write_run_config
+
+    cfg = compose([*COMMON, "resume=auto"])
+    live, new = tmp_path / "outputs" / "a_live", tmp_path / "outputs" / "b_new"
+    write_run_config(live, cfg)
+    new.mkdir()
+    lock = RunLock(live).acquire()
+    try:
+        with pytest.raises(RunInUseError, match="the same run is in progress in .*a_live"):
+            find_resume_point(cfg, new)
+    finally:
+        lock.release()
+    assert find_resume_point(cfg, new) is None  # once it is gone (and left no checkpoint), a new run starts
+
+
+def test_child_ranks_are_pointed_at_the_run_rank_0_resolved(tmp_path):
+    from dapt.tracking.ddp import rank_overrides
+
+    run = tmp_path / "it's here"
+    got = rank_overrides(["trainer=ddp", "resume=auto", "paths.output_dir=/x", "+resume=y", "seed=3"], run, run / "checkpoints" / "last.ckpt")
+    assert got[:2] == ["trainer=ddp", "seed=3"]
+    assert got[2] == "paths.output_dir='" + str(run).replace("'", "\\'") + "'"
+    assert got[3].startswith("resume='") and got[3].endswith("last.ckpt'")
+    assert rank_overrides(["trainer=ddp"], run, None)[-1] == "resume=never"
+
+
+def test_a_child_rank_dies_with_its_parent(tmp_path):
+    """PR_SET_PDEATHSIG: a child that is not in any collective (here: sleeping) still dies when the
+    process that started it is SIGKILLed (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux-only")
+    import psutil
+
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import os, signal, subprocess, sys, time\n"
+        "from dapt.tracking.ddp import _die_with_parent_hook\n"
+        "child = subprocess.Popen(['sleep', '120'], preexec_fn=_die_with_parent_hook())\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(0.5)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")], stdout=subprocess.PIPE, text=True)
+    child_pid = int(parent.stdout.readline())
+    parent.wait(timeout=60)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            if psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(child_pid, 9)
+        pytest.fail("the child outlived its SIGKILLed parent")

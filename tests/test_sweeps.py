@@ -23,7 +23,7 @@ from dapt.config import REPO_ROOT, config_dir
 from tests.helpers import fail_message, run_dapt as dapt
 
 FAST = ["model=tiny", "base=none", "tasks=[]", "trainer.max_steps=4", "trainer.val_check_interval=2",
-        "data.eval_tokens=256", "data.batch_size=4", "data.max_seq_length=64", "data.shuffle_buffer=16",
+        "data.eval_tokens=256", "data.dev_eval_tokens=256", "data.batch_size=4", "data.max_seq_length=64", "data.shuffle_buffer=16",
         "save_model=false"]
 NO_WANDB = ["logger.wandb.enabled=false"]
 

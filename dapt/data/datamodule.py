@@ -558,15 +558,24 @@ class PackedCorpusDataModule(pl.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume: the next training batch is the one after the checkpoint's last, masked as it would
         have been. Under DDP each rank takes its own counts and generator states."""
-        from dapt.distributed import own_rank_state
+        from dapt.distributed import RANKS_KEY, own_rank_state, rank_and_world
 
-        state_dict = own_rank_state(state_dict, "data stream and masking generators")
-        self._restored_counts = dict(state_dict.get("tokens_per_source", {}))
+        saved_ranks = state_dict.get(RANKS_KEY)
+        rank, world = rank_and_world()
+        own = own_rank_state(state_dict, "data stream and masking generators")
+        self._restored_counts = dict(own.get("tokens_per_source", {}))
+        written_by = len(saved_ranks) if saved_ranks is not None else 1
+        if written_by != world:  # resumed on another number of ranks: keep the run's total, counted once
+            totals: dict[str, int] = {}
+            for part in saved_ranks or [state_dict]:
+                for name, n in (part.get("tokens_per_source") or {}).items():
+                    totals[name] = totals.get(name, 0) + int(n)
+            self._restored_counts = totals if rank == 0 else {}
         self._token_counts = {}
-        self._batches = int(state_dict.get("batches", 0))
+        self._batches = int(own.get("batches", 0))
         self.skip_batches(self._batches)
         self._generators = {}
-        self._restored_generators = {str(k): v for k, v in (state_dict.get("mask_generators") or {}).items()}
+        self._restored_generators = {str(k): v for k, v in (own.get("mask_generators") or {}).items()}
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, dict) and "word_starts" in batch:

@@ -130,7 +130,7 @@ def evaluation_code_fingerprint() -> str:
 
 
 def cached_start_evaluation(cache_dir: str | Path, start_fingerprint: Any, run: Any, datamodule: Any,
-                            compute: Callable[[], dict[str, Any]], *, write: bool) -> tuple[dict[str, Any], bool]:
+                            compute: Callable[[], dict[str, Any]], *, write: bool, read: bool = True) -> tuple[dict[str, Any], bool]:
     """``compute()`` (the start model's ``evaluate_heldout``), read from or written to the cache.
 
     The start model of a run (a prepared base, a hub checkpoint) is shared by every job of a sweep
@@ -138,6 +138,9 @@ def cached_start_evaluation(cache_dir: str | Path, start_fingerprint: Any, run: 
     and cost as much as the final evaluation. They are cached under a key of the start model's
     content fingerprint, the held-out sets and numerics, the evaluation code and library versions;
     an unreadable entry is a miss and is rewritten. Returns (numbers, whether they came from the cache).
+    ``read=False`` (data-parallel runs) always computes: each rank would decide alone, before any
+    process group exists, and an entry written by another job between two ranks' reads would send
+    one rank into the evaluation's collectives and the other past them (a hang).
     """
     from dapt.io import atomic_write_json, non_finite_keys
     from dapt.versioning import library_versions
@@ -146,6 +149,8 @@ def cached_start_evaluation(cache_dir: str | Path, start_fingerprint: Any, run: 
                        "code": evaluation_code_fingerprint(), "libraries": library_versions()})
     path = Path(cache_dir) / "evals" / f"{key}.json"
     try:
+        if not read:
+            raise FileNotFoundError(path)
         entry = json.loads(path.read_text())
         if isinstance(entry, dict) and isinstance(entry.get("heldout"), dict) and DOCUMENTS in entry["heldout"]:
             log.info("start model's held-out numbers read from the cache: %s", path)

@@ -45,6 +45,7 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 WANDB_ID_FILE = "wandb_run_id.txt"
 LOCK_FILE = ".run.lock"
+LOCK_WAIT_SECONDS = 10.0  # how long a run waits for its folder's lock before refusing (see RunLock.acquire)
 # Config keys that do not change what a run computes: a run resumed with other values is the same run.
 VOLATILE_KEYS = ("resume", "paths", "hydra", "checkpoint", "logger", "tags", "optimized_metric")
 SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
@@ -163,16 +164,20 @@ def find_resume_point(cfg: Any, run_dir: Path) -> ResumePoint | None:
     best: tuple[float, Path, bool] | None = None
     for candidate in _candidates(run_dir):
         results, ckpt = candidate / "results.json", candidate / CHECKPOINT_DIR / LAST_CHECKPOINT
+        try:
+            same = json.loads((candidate / RUN_CONFIG).read_text()) == signature
+        except (OSError, ValueError):
+            same = False
         if results.is_file() and _complete(results):
             stamp, finished = results.stat().st_mtime, True
         elif ckpt.is_file():
             stamp, finished = ckpt.stat().st_mtime, False
         else:
+            if same and candidate != run_dir and RunLock(candidate).held_by_another():
+                # the same config running now, before its first checkpoint: a second copy would duplicate it
+                raise RunInUseError(f"resume=auto: the same run is in progress in {candidate} ({RunLock(candidate).holder()}): "
+                                    "wait for it to end, or start a separate run with resume=never")
             continue
-        try:
-            same = json.loads((candidate / RUN_CONFIG).read_text()) == signature
-        except (OSError, ValueError):
-            same = False
         if same and (best is None or stamp > best[0]):
             best = (stamp, candidate, finished)
     if best is None:
@@ -197,7 +202,10 @@ class RunLock:
     take over an interrupted run, and a run that is still alive cannot be taken over. The file holds
     the owner's pid and host for the error message; it is never deleted (deleting a lock file races
     with a process about to lock it). Network file systems: Linux NFSv4 supports ``flock``; on a
-    file system without locks, ``acquire`` warns and goes on unlocked rather than refusing to run.
+    file system without locks, ``acquire`` warns and goes on unlocked rather than refusing to run; a
+    file system whose locks are node-local (Lustre mounted with ``localflock``) protects only against
+    a second copy on the same node. A process forked by the holder without exec (a dataloader
+    worker) inherits the lock until it exits, hence ``acquire``'s short wait.
     Only global rank 0 of a data-parallel job takes it (its ranks share the folder).
     """
 
@@ -212,21 +220,51 @@ class RunLock:
         except OSError:
             return "unknown"
 
-    def acquire(self) -> "RunLock":
+    def held_by_another(self) -> bool:
+        """Whether a live process holds the lock now (a probe: nothing is kept)."""
+        import fcntl
+
+        if not self.path.is_file():
+            return False
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        return False
+
+    def acquire(self, wait: float = 0.0) -> "RunLock":
+        """Take the lock, retrying for ``wait`` seconds (a requeued job may start while processes
+        forked by its predecessor, e.g. dataloader workers, still hold the inherited lock for a few
+        seconds), else raise ``RunInUseError`` naming the holder."""
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RunInUseError(
-                f"run {self.path.parent} is in use by another process ({self.holder()}): wait for it to end, "
-                "or start a separate run with resume=never"
-            ) from None
-        except OSError as exc:  # no lock support on this file system
-            log.warning("could not lock %s (%s); going on without protection against a second copy of this run", self.path, exc)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                os.close(fd)
+                raise RunInUseError(
+                    f"run {self.path.parent} is in use by another process ({self.holder()}): wait for it to end, "
+                    "or start a separate run with resume=never"
+                ) from None
+            except OSError as exc:  # no lock support on this file system
+                log.warning("could not lock %s (%s); going on without protection against a second copy of this run", self.path, exc)
+                break
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
         self._fd = fd
@@ -286,7 +324,10 @@ def checkpoint_callback(cfg: CheckpointConfig, run_dir: Path) -> pl.Callback:
     interval: dict[str, Any] = (
         {"every_n_train_steps": cfg.every_n_steps} if cfg.every_n_steps else {"train_time_interval": timedelta(minutes=float(cfg.every_minutes or 0))}
     )
-    return StepBoundaryCheckpoint(dirpath=str(run_dir / CHECKPOINT_DIR), save_last=True, save_top_k=0, **interval)
+    # enable_version_counter=False: a last.ckpt written by a stop (not by this callback) must be
+    # overwritten by the next periodic save, not joined by last-v1.ckpt, which resume never reads
+    return StepBoundaryCheckpoint(dirpath=str(run_dir / CHECKPOINT_DIR), save_last=True, save_top_k=0, enable_version_counter=False,
+                                  **interval)
 
 
 def keep_csv_history(run_dir: Path, up_to_step: int) -> list[dict[str, str]]:
@@ -335,21 +376,28 @@ def wandb_run_id(run_dir: Path) -> str:
 class StopOnSignal(pl.Callback):
     """SIGTERM/SIGINT during the run: stop at the next optimizer-step boundary, checkpoint, exit non-zero.
 
-    While the DAPT trainer runs, this callback owns SIGTERM and SIGINT (it re-installs its handler
-    when each trainer call starts, replacing the one Lightning adds, which would raise the stop flag
-    at once: inside a gradient-accumulation group, and under DDP on one rank only, with a collective
-    run from a signal handler). The first signal only records the stop; the flag that Lightning's
-    loops act on is raised at the end of the batch that completes an optimizer step (never inside an
-    accumulation group, whose partial gradients a checkpoint does not hold), or at once between
-    steps (an evaluation). **Under DDP** no rank acts alone: at each optimizer-step boundary the
-    ranks agree (one all-reduce of the signal number) and all stop after the same step, so they
-    write the checkpoint together (its per-rank state is gathered); a signal during an evaluation
-    waits for the next step boundary or the end of the call. ``raise_if_signalled`` after every
-    trainer call catches a signal that arrived on a last batch (which Lightning does not check),
-    with the same agreement under DDP. The checkpoint is written in ``on_exception``; ``train``
-    turns Lightning's ``SIGTERMException`` (a ``SystemExit`` with status 0) into ``RunInterrupted``.
-    Outside that trainer (base preparation, control arm, downstream tasks, whose caches are written
-    atomically at their end) and on a second signal, the handler raises ``RunInterrupted`` at once.
+    Lightning's own signal handling is switched off for the DAPT trainer (``setup`` replaces its
+    ``register_signal_handlers``): its SIGTERM handler raises the stop flag at once (inside a
+    gradient-accumulation group, whose partial gradients a checkpoint does not hold), and under DDP
+    runs a collective inside the handler on one rank; under SLURM its SIGUSR handler saves a
+    checkpoint from inside the handler. This callback's handler stays installed instead.
+
+    The first signal only records the stop. **During fit** the flag that Lightning's loops act on
+    is raised at the end of the batch that completes an optimizer step, or at once between two
+    steps; a flag raised before a step's first batch waits for that step's end, so a stop never lands
+    inside a gradient-accumulation group. An evaluation inside fit is never cut short (the flag is
+    parked while it runs): the stop lands on the next step boundary, and the validation at the
+    checkpoint's step is in the history. **Under DDP** the ranks agree at
+    each optimizer-step boundary (one all-reduce of the signal number) and all stop after the same
+    step, so they write the checkpoint together (its per-rank state is gathered). **In the other
+    trainer calls** (the start model's and final evaluations) a single process stops at once, while
+    under DDP the ranks agree after the call (``raise_if_signalled``). ``raise_if_signalled`` after every
+    trainer call also catches a signal that arrived on a last batch. The checkpoint is written in
+    ``on_exception``; ``train`` turns Lightning's ``SIGTERMException`` (a ``SystemExit`` with status 0)
+    into ``RunInterrupted``. Outside that trainer (base preparation, control arm, downstream tasks,
+    whose caches are written atomically at their end) and on a second signal, the handler raises
+    ``RunInterrupted`` at once; under DDP that rank then leaves the others, which dapt's rank
+    watcher (or the cluster's launcher) stops.
 
     Under SLURM with submitit, a time limit is announced with SIGUSR2, which submitit handles itself
     (requeue, then exit): the requeued job continues from the last periodic checkpoint.
@@ -361,8 +409,8 @@ class StopOnSignal(pl.Callback):
         self.saved: Path | None = None
         self.step = 0
         self._trainer: pl.Trainer | None = None
-        self._in_step = False  # between the first batch of an optimizer step and the end of its last
         self._step_at_batch_start = 0
+        self._in_step = False  # from the first batch of an optimizer step to the end of its last
         self._previous: dict[int, Any] = {}
 
     def install(self) -> "StopOnSignal":
@@ -389,8 +437,9 @@ class StopOnSignal(pl.Callback):
         name = SIGNAL_NAMES.get(signum, str(signum))
         trainer = self._trainer
         if first and trainer is not None:
-            if not self._in_step and not self._distributed(trainer):
-                self._request_stop(trainer)
+            if not self._distributed(trainer) and (trainer.state.fn != "fit" or not (
+                    self._in_step or trainer.validating or trainer.sanity_checking)):
+                self._request_stop(trainer)  # an evaluation call, or between two optimizer steps: stop now
             log.warning("received %s: stopping after the current step and writing a checkpoint (send it again to stop now)", name)
             return
         raise RunInterrupted(f"interrupted by {name}", signum=signum)
@@ -407,27 +456,29 @@ class StopOnSignal(pl.Callback):
             self.signum = signum  # another rank was signalled: this one stops with it
         return signum
 
-    def _take_over(self, trainer: pl.Trainer) -> None:
-        """Lightning installed its SIGTERM handler for this trainer call: ours replaces it (Lightning
-        puts ours back when the call ends); a stop already asked for is raised again, since Lightning
-        clears its flag when a call starts."""
-        self.install()
-        if self.signum is not None and not self._distributed(trainer):
-            self._request_stop(trainer)
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Runs before Lightning installs its signal handlers for the call: it installs none (see the
+        class docstring); its flag starts clear, or raised for an evaluation call when a signal is
+        already pending on a single process."""
+        self._trainer = trainer
+        connector = trainer._signal_connector
 
-    # hooks that run after Lightning installed its handler for the call (on_fit_start runs before)
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._take_over(trainer)
+        def register_signal_handlers() -> None:
+            connector.received_sigterm = self.signum is not None and trainer.state.fn != "fit" and not self._distributed(trainer)
+            connector._original_handlers = {}
+            self.install()
+
+        connector.register_signal_handlers = register_signal_handlers
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._take_over(trainer)
-
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._take_over(trainer)
+        if trainer.state.fn == "fit":  # never cut a validation inside fit short (DDP ranks hold different batch counts)
+            trainer._signal_connector.received_sigterm = False
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._in_step = True
         self._step_at_batch_start = trainer.global_step
+        if not self._in_step:  # the first batch of an optimizer step: a stop raised before it waits for the step's end
+            self._in_step = True
+            trainer._signal_connector.received_sigterm = False
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self._step_at_batch_start:
@@ -447,9 +498,6 @@ class StopOnSignal(pl.Callback):
         for lg in trainer.loggers:
             if isinstance(lg, CSVLogger):
                 lg.save()
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._trainer = trainer
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = None

@@ -96,12 +96,24 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def hydra_quoted(value: str | Path) -> str:
+    """``value`` as a single-quoted Hydra override value (any path, spaces and quotes included)."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def rank_overrides(overrides: list[str], run_dir: Path, checkpoint: Path | None) -> list[str]:
+    """The overrides of the other local ranks: the job's own, pointed at the run folder and checkpoint
+    that rank 0 resolved (and locked), so that no rank searches for a run to resume by itself (two
+    searches a moment apart can pick different runs, or one that another process holds)."""
+    own = [o for o in overrides if not o.lstrip("+~").startswith(("paths.output_dir=", "resume="))]
+    return [*own, f"paths.output_dir={hydra_quoted(run_dir)}", f"resume={hydra_quoted(checkpoint) if checkpoint else 'never'}"]
+
+
 def rank_command(overrides: list[str], run_dir: Path, local_rank: int) -> list[str]:
     """The command line of local rank ``local_rank`` of a job with task ``overrides``."""
-    quoted = str(run_dir).replace("\\", "\\\\").replace("'", "\\'")
     return [
         sys.executable, "-m", "dapt.cli", "train", *overrides,
-        f"hydra.run.dir='{quoted}'",
+        f"hydra.run.dir={hydra_quoted(run_dir)}",
         "hydra.output_subdir=null",  # rank 0 already wrote .hydra/
         f"hydra.job.name=dapt_rank{local_rank}",  # its own log file in the shared folder
     ]
@@ -127,11 +139,12 @@ def local_ranks(trainer: dict[str, Any], run_dir: Path, overrides: list[str], cw
     os.environ["WORLD_SIZE"] = str(n * num_nodes)
     os.environ["LOCAL_RANK"] = "0"
     procs: list[subprocess.Popen] = []
+    die_with_parent = _die_with_parent_hook()
     for local_rank in range(1, n):
         env = {**os.environ, "LOCAL_RANK": str(local_rank)}
         env.pop("PL_GLOBAL_SEED", None)
         procs.append(subprocess.Popen(rank_command(overrides, run_dir, local_rank), env=env, cwd=cwd,
-                                      preexec_fn=_die_with_parent))
+                                      preexec_fn=die_with_parent))
     log.info("started local ranks 1..%d (pids %s) in %s", n - 1, [p.pid for p in procs], run_dir)
     watcher = _RankWatcher(procs, run_dir)
     watcher.start()
@@ -155,18 +168,28 @@ def local_ranks(trainer: dict[str, Any], run_dir: Path, overrides: list[str], cw
             raise TrainingError(f"DDP rank(s) failed: {', '.join(failed)} (logs: {run_dir}/dapt_rank<k>.log)")
 
 
-def _die_with_parent() -> None:
-    """In a child rank, before it runs: the kernel kills it when rank 0 dies (Linux ``PR_SET_PDEATHSIG``).
-    Rank 0 killed by SIGKILL or the OOM killer cannot stop its children, which would otherwise wait
-    in a collective until the process-group timeout (30 min), holding the machine and the run."""
+def _die_with_parent_hook() -> Any:
+    """A ``preexec_fn`` making the kernel kill a child rank when rank 0 dies (Linux ``PR_SET_PDEATHSIG``);
+    None elsewhere. Rank 0 killed by SIGKILL or the OOM killer cannot stop its children, which would
+    otherwise wait in a collective until the process-group timeout (30 min), holding the machine.
+    ``prctl`` is looked up here, in the parent (the child runs no dlopen between fork and exec), and the
+    child exits at once if the parent already died before ``prctl`` took effect."""
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except OSError:
-        pass
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return hook
 
 
 def _finish(procs: list[subprocess.Popen], *, wait: bool, timeout: float = 600.0) -> list[str]:
