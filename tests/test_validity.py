@@ -132,7 +132,7 @@ def test_sweep_objectives_read_dev_never_test(compose):
 def test_tiny_run_reports_dev_and_test_with_cis_and_control(compose):
     from dapt.train import train
 
-    metrics, objects = train(compose([*TINY_OVERRIDES, "data.eval_tokens=2048"]))  # ~8 abstracts per domain set
+    metrics, objects = train(compose([*TINY_OVERRIDES, "data.eval_tokens=2048", "data.dev_eval_tokens=2048"]))  # ~8 abstracts per domain set
     results = objects["results"]
     for name in ("domain", "general"):
         for split in ("", "_dev"):
