@@ -57,13 +57,27 @@ def own_rank_state(saved: dict[str, Any], what: str) -> dict[str, Any]:
     return {k: v for k, v in saved.items() if k != RANKS_KEY}
 
 
+def _all_reduce(values: list[int], op: Any) -> list[int]:
+    """``values`` reduced element-wise over the ranks with ``op`` (a collective). NCCL reduces only
+    tensors on this rank's GPU; gloo (CPU ranks) only CPU tensors."""
+    backend = torch.distributed.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.long, device=device)
+    torch.distributed.all_reduce(tensor, op=op)
+    return [int(v) for v in tensor.tolist()]
+
+
 def all_ranks_max(value: int) -> int:
     """The largest ``value`` over the ranks (a collective; ``value`` itself outside a process group)."""
     _, world = rank_and_world()
     if world == 1:
         return value
-    backend = torch.distributed.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    tensor = torch.tensor([value], dtype=torch.long, device=device)
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return int(tensor.item())
+    return _all_reduce([value], torch.distributed.ReduceOp.MAX)[0]
+
+
+def all_ranks_sum(values: list[int]) -> list[int]:
+    """``values`` summed element-wise over the ranks (a collective; ``values`` outside a process group)."""
+    _, world = rank_and_world()
+    if world == 1 or not values:
+        return list(values)
+    return _all_reduce(list(values), torch.distributed.ReduceOp.SUM)

@@ -37,6 +37,7 @@ from dapt.pipeline.resume import (
     keep_csv_history, restore_csv_history, resume_command, wandb_run_id, write_run_config,
 )
 from dapt.pipeline.fit import DOCUMENTS, cached_start_evaluation, evaluate_heldout, make_module, make_trainer, relative_change, stage_keys
+from dapt.precision import Precision, resolve_precision
 from dapt.preflight import check_writable, preflight
 from dapt.tracking.loggers import LoggerConfig, build_loggers, finish_wandb, wandb_run_of
 from dapt.tracking.ddp import debug_callbacks, local_ranks
@@ -80,6 +81,7 @@ class RunConfig:
     base: BaseConfig
     logger: LoggerConfig
     trainer: dict[str, Any]
+    precision: Precision
     raw: DictConfig
 
 
@@ -102,6 +104,12 @@ def validate(cfg: DictConfig) -> RunConfig:
             raise ConfigError(f"unknown config key 'trainer.{key}' (not a Lightning Trainer argument)")
     if not trainer.get("max_steps") or trainer["max_steps"] < 1:
         raise ConfigError("trainer.max_steps must be >= 1 (streamed corpora have no epoch length)")
+    # `auto` becomes a concrete precision here, in the config too: cache keys, the saved run config,
+    # resume identity and W&B all see what the run computes in, never "auto".
+    precision = resolve_precision(trainer.get("precision"), trainer.get("accelerator"))
+    trainer["precision"] = precision.value
+    with open_dict(cfg):
+        cfg.trainer.precision = precision.value
     run = RunConfig(
         model=to_dataclass(ModelConfig, cfg.model, prefix="model"),
         data=to_dataclass(DataConfig, cfg.data, prefix="data"),
@@ -110,6 +118,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         base=to_dataclass(BaseConfig, cfg.base, prefix="base"),
         logger=to_dataclass(LoggerConfig, cfg.logger, prefix="logger"),
         trainer=trainer,
+        precision=precision,
         raw=cfg,
     )
     for i, s in enumerate(run.data.train):
@@ -218,6 +227,7 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
     data_dir = str(cfg.paths.data_dir)
     cache_dir = str(cfg.paths.cache_dir)
     pl.seed_everything(seed, workers=True, verbose=False)
+    log.info("precision %s (%s)", run.precision.value, run.precision.reason)
 
     tokenizer = load_tokenizer(run.model.tokenizer or run.model.source)
     max_steps = int(run.trainer["max_steps"])
@@ -332,6 +342,7 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
             "resumed_from_step": resume.step if resume else None,
             "train_seconds": train_seconds,
             "attempts": clock.attempts,
+            "precision": {"value": run.precision.value, "reason": run.precision.reason},
             "provenance": provenance(),  # git commit, code digest, libraries, CPU/GPU, host, time
             "heldout_sets": datamodule.eval_info,
             "base": base.as_dict(),
@@ -408,13 +419,15 @@ def _throughput_monitor(model: torch.nn.Module, run: RunConfig, mask_rate: float
 
     accelerator = str(run.trainer.get("accelerator", "cpu"))
     device = "cuda" if accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" and "bf16" in str(run.trainer.get("precision", "")) else torch.float32
+    # MFU against the peak of the precision the matmuls run in (bf16 autocast: the bf16 peak).
+    dtype = torch.bfloat16 if "bf16" in str(run.trainer.get("precision", "")) else torch.float32
     try:
         peak = measured_peak_flops(dtype=dtype, device=device)
     except Exception as exc:  # noqa: BLE001 - a failed measurement must not stop training
         log.warning("could not measure the matmul peak for MFU: %s", exc)
         peak = None
-    return ThroughputMonitor(flops_per_token=flops_per_token(model, run.data.max_seq_length, mask_rate), peak_flops=peak)
+    return ThroughputMonitor(flops_per_token=flops_per_token(model, run.data.max_seq_length, mask_rate), peak_flops=peak,
+                             remeasure_peak=lambda: measured_peak_flops(dtype=dtype, device=device, refresh=True))
 
 
 def _documents(sources: list[Any], data_dir: str) -> Any:

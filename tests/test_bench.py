@@ -13,7 +13,7 @@ from dapt.modeling.flops import PEAK_CACHE_FILE, flops_per_token, measured_peak_
 from dapt.modeling.loading import load_mlm_model
 
 TINY = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128)
-LAST_LINE = re.compile(r"^speedup_vs_hf_trainer=\d+\.\d+ mfu=\d+\.\d+$")
+LAST_LINE = re.compile(r"^speedup_vs_hf_trainer=\d+\.\d+ speedup_vs_hf_best=\d+\.\d+ mfu=\d+\.\d+$")
 
 
 def test_flops_per_token_matches_the_documented_formula():
@@ -48,6 +48,17 @@ def test_bench_smoke_output_contract(tmp_path, capsys, data_dir):
     assert result["last_line"] == lines[-1]
     for side in ("hf_trainer", "dapt"):
         assert result[side]["tokens_per_s"] > 0 and result[side]["eval_loss"] > 0
+        assert 0 < result[side]["mfu"] <= 1
+    from dapt.precision import cpu_bf16_feature, resolve_precision
+
+    dapt_precision = resolve_precision("auto", "cpu").value
+    assert result["settings"]["precision"] == dapt_precision  # resolved before the runs, never "auto"
+    if cpu_bf16_feature():  # HF's best CPU setting is its own arm, and dapt's bf16 is checked against fp32
+        assert result["hf_best"]["tokens_per_s"] > 0 and result["dapt_fp32"]["tokens_per_s"] > 0
+        assert len(result["quality"]["precision"]["relative_diff_rounds"]) == result["settings"]["rounds"]
+        assert result["dapt"]["precision_dtype"] == "torch.bfloat16" and result["dapt_fp32"]["precision_dtype"] == "torch.float32"
+    else:
+        assert result["hf_best"] == {"same_as": "hf_trainer"} and "dapt_fp32" not in result
     assert result["flops_per_token"]["dapt_sparse"] < result["flops_per_token"]["hf_dense"]
     assert result["pipeline"]["pipeline_tokens_per_s"] > 0 and result["pipeline"]["raw_tokenizer_tokens_per_s"] > 0
     assert result["memory"]["peak_rss_ratio"] > 0

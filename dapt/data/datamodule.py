@@ -534,14 +534,10 @@ class PackedCorpusDataModule(pl.LightningDataModule):
 
     def all_ranks_tokens_per_source(self) -> dict[str, int]:
         """``tokens_per_source`` summed over DDP ranks (a collective: call it on every rank)."""
+        from dapt.distributed import all_ranks_sum
+
         counts = self.tokens_per_source()
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return counts
-        backend = torch.distributed.get_backend()
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        values = torch.tensor(list(counts.values()), dtype=torch.long, device=device)
-        torch.distributed.all_reduce(values)
-        return dict(zip(counts, (int(v) for v in values.tolist())))
+        return dict(zip(counts, all_ranks_sum(list(counts.values()))))
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to continue the data exactly: the number of training batches

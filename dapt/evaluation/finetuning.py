@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Subset
 from dapt.errors import ConfigError, DataError
 from dapt.evaluation.encoding import EncodedSplit, encode_classification, encode_ner, make_collate
 from dapt.evaluation.metrics import classification_scores, ner_scores
+from dapt.precision import Precision, resolve_precision
 from dapt.evaluation.tasks import TaskData
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class DownstreamConfig:
         data_seed: seed of those subsets, fixed across fine-tuning seeds and models.
         val_check_interval: dev evaluations per epoch as a fraction (1.0 = once per epoch).
         accelerator: Lightning accelerator for fine-tuning (``cpu``, ``gpu``, ``auto``).
+        precision: Lightning precision for fine-tuning; ``auto`` = bf16 autocast where the hardware
+            runs bf16 natively, else fp32 (``dapt.precision``). The resolved value is in the cache key.
         cache: reuse base-model scores from ``paths.cache_dir/downstream`` (keyed by model files,
             task data, seed and these hyperparameters).
         alpha: significance level of the paired t-tests (family-wise, after Holm correction over
@@ -70,6 +73,7 @@ class DownstreamConfig:
     data_seed: int = 0
     val_check_interval: float = 1.0
     accelerator: str = "cpu"
+    precision: str = "auto"
     cache: bool = True
     alpha: float = 0.05
     equivalence_margin: float = 0.01
@@ -100,7 +104,12 @@ class DownstreamConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The fields that change scores (cache key): not seeds, caching, reporting or eval batch size."""
         skip = {"seeds", "cache", "alpha", "equivalence_margin", "progress_bar", "budget", "eval_batch_size"}
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+        fields_ = {k: v for k, v in asdict(self).items() if k not in skip}
+        fields_["precision"] = self.resolved_precision().value  # what it computes in, never "auto"
+        return fields_
+
+    def resolved_precision(self) -> Precision:
+        return resolve_precision(self.precision, self.accelerator)
 
 
 @dataclass
@@ -271,6 +280,7 @@ def finetune_seed(prepared: PreparedTask, seed: int, cfg: DownstreamConfig) -> d
         trainer = pl.Trainer(
             accelerator=cfg.accelerator,
             devices=1,
+            precision=cfg.resolved_precision().value,
             max_epochs=cfg.max_epochs,
             logger=False,
             enable_checkpointing=False,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
@@ -14,23 +15,33 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from dapt.io import readable_by_umask
 
+log = logging.getLogger(__name__)
+
 
 class ThroughputMonitor(pl.Callback):
     """Logs ``train/tokens_per_s`` (and ``train/mfu`` when FLOPs/token and peak are known).
 
     Time is measured from batch start to batch end on the main process, excluding the first
     ``warmup_steps`` (allocator and kernel warm-up), so the figure is the steady-state rate.
+    ``train/mfu`` is the mean over the measured steps so far (one short step cannot make it spike),
+    and it is never above 1: a value above 1 means the peak it divides by was measured too low (a
+    busy machine), so the peak is measured again once (``remeasure_peak``); if training still beats
+    it, MFU is not logged at all, with a warning, rather than logged wrong.
     """
 
-    def __init__(self, warmup_steps: int = 2, flops_per_token: float | None = None, peak_flops: float | None = None) -> None:
+    def __init__(self, warmup_steps: int = 2, flops_per_token: float | None = None, peak_flops: float | None = None,
+                 remeasure_peak: Callable[[], float | None] | None = None) -> None:
         self.warmup_steps = warmup_steps
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
+        self.remeasure_peak = remeasure_peak
         self.tokens = 0
         self.measured_tokens = 0
         self.measured_time = 0.0
         self._t0 = 0.0
         self._n = 0
+        self._peak_rechecked = False
+        self._peak_too_low = False
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if torch.cuda.is_available():
@@ -47,10 +58,28 @@ class ThroughputMonitor(pl.Callback):
         if self._n > self.warmup_steps:
             self.measured_tokens += n_tokens
             self.measured_time += dt
-            rate = n_tokens / max(dt, 1e-9)
-            pl_module.log("train/tokens_per_s", rate, prog_bar=True, batch_size=1)
-            if self.flops_per_token and self.peak_flops:
-                pl_module.log("train/mfu", rate * self.flops_per_token / self.peak_flops, batch_size=1)
+            pl_module.log("train/tokens_per_s", n_tokens / max(dt, 1e-9), prog_bar=True, batch_size=1)
+            mean_mfu = self.mfu
+            if mean_mfu is not None:
+                pl_module.log("train/mfu", mean_mfu, batch_size=1)
+
+    def _utilisation(self, rate: float) -> float | None:
+        """``rate`` tokens/s as a fraction of the peak; None (with one warning) when it exceeds the peak."""
+        if not self.flops_per_token or not self.peak_flops or self._peak_too_low:
+            return None
+        value = rate * self.flops_per_token / self.peak_flops
+        if value > 1.0 and not self._peak_rechecked and self.remeasure_peak is not None:
+            self._peak_rechecked = True
+            fresh = self.remeasure_peak()
+            if fresh:
+                self.peak_flops = max(self.peak_flops, fresh)
+                value = rate * self.flops_per_token / self.peak_flops
+        if value > 1.0:
+            self._peak_too_low = True
+            log.warning("MFU would be %.2f (> 1): training beat the measured matmul peak (%.1f GFLOP/s), so that peak "
+                        "is too low for this machine now; MFU is not reported for this run", value, self.peak_flops / 1e9)
+            return None
+        return value
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpointed so that a resumed run reports the tokens of the whole run, not of its last leg."""
@@ -67,11 +96,10 @@ class ThroughputMonitor(pl.Callback):
 
     @property
     def mfu(self) -> float | None:
-        """Mean model FLOP utilisation over the measured steps (None without FLOPs/peak)."""
+        """Mean model FLOP utilisation over the measured steps, in [0, 1] (None without FLOPs/peak,
+        or when training beat the peak; see the class docstring)."""
         rate = self.tokens_per_s
-        if rate is None or not self.flops_per_token or not self.peak_flops:
-            return None
-        return rate * self.flops_per_token / self.peak_flops
+        return None if rate is None else self._utilisation(rate)
 
 
 class CpuThreadTuner(pl.Callback):

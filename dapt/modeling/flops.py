@@ -25,6 +25,7 @@ BLAS reaches with the current thread count) and caches the result on disk (``$DA
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 
 PEAK_CACHE_FILE = "peak_flops.json"
+log = logging.getLogger(__name__)
 
 
 def _config_value(config: Any, *names: str) -> int:
@@ -154,12 +156,18 @@ def measured_peak_flops(
         except (OSError, json.JSONDecodeError):
             cache = {}
     if not refresh and isinstance(cache.get(key), dict) and cache[key].get("flops", 0) > 0:
-        return float(cache[key]["flops"])
+        entry = cache[key]
+        log.info("MFU peak %s: %.1f GFLOP/s (best %dx%d matmul over %ss, measured %s; %s)", dtype, entry["flops"] / 1e9,
+                 entry.get("matmul_size", 0), entry.get("matmul_size", 0), entry.get("seconds", "?"), entry.get("measured_at", "?"), path)
+        return float(entry["flops"])
     n = size or (8192 if device.type == "cuda" else 2048)
     peak = _time_matmuls(device, dtype, seconds, n)
     previous = cache.get(key, {}).get("flops", 0.0) if isinstance(cache.get(key), dict) else 0.0
     if previous > peak:  # a peak only goes up: a measurement taken while other jobs ran is not the hardware's
+        log.info("MFU peak %s: measured %.1f GFLOP/s now, keeping the cached %.1f (measured %s)", dtype, peak / 1e9,
+                 previous / 1e9, cache[key].get("measured_at", "?"))
         return float(previous)
+    log.info("MFU peak %s: %.1f GFLOP/s (best %dx%d matmul over %ss, measured now; cached in %s)", dtype, peak / 1e9, n, n, seconds, path)
     cache[key] = {"flops": peak, "matmul_size": n, "seconds": seconds, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

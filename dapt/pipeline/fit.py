@@ -129,6 +129,22 @@ def evaluation_code_fingerprint() -> str:
                               masking.pmi, masking.ngrams, masking.salient, masking.salience)
 
 
+def _read_cached_evaluation(path: Path) -> dict[str, Any] | None:
+    """The held-out numbers of a cache entry; None when it is missing, unreadable or malformed."""
+    try:
+        entry = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        log.warning("cached evaluation %s is unreadable (%s); recomputing it", path, err)
+        return None
+    if isinstance(entry, dict) and isinstance(entry.get("heldout"), dict) and DOCUMENTS in entry["heldout"]:
+        log.info("start model's held-out numbers read from the cache: %s", path)
+        return entry["heldout"]
+    log.warning("cached evaluation %s is malformed; recomputing it", path)
+    return None
+
+
 def cached_start_evaluation(cache_dir: str | Path, start_fingerprint: Any, run: Any, datamodule: Any,
                             compute: Callable[[], dict[str, Any]], *, write: bool, read: bool = True) -> tuple[dict[str, Any], bool]:
     """``compute()`` (the start model's ``evaluate_heldout``), read from or written to the cache.
@@ -148,18 +164,9 @@ def cached_start_evaluation(cache_dir: str | Path, start_fingerprint: Any, run: 
     key = content_key({"start": start_fingerprint, "eval": heldout_eval_payload(run, datamodule),
                        "code": evaluation_code_fingerprint(), "libraries": library_versions()})
     path = Path(cache_dir) / "evals" / f"{key}.json"
-    try:
-        if not read:
-            raise FileNotFoundError(path)
-        entry = json.loads(path.read_text())
-        if isinstance(entry, dict) and isinstance(entry.get("heldout"), dict) and DOCUMENTS in entry["heldout"]:
-            log.info("start model's held-out numbers read from the cache: %s", path)
-            return entry["heldout"], True
-        log.warning("cached evaluation %s is malformed; recomputing it", path)
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError) as err:
-        log.warning("cached evaluation %s is unreadable (%s); recomputing it", path, err)
+    cached = _read_cached_evaluation(path) if read else None
+    if cached is not None:
+        return cached, True
     heldout = compute()
     # Strict JSON brings inf/NaN back as null, a different value: such numbers are recomputed, not cached.
     if write and not non_finite_keys(heldout):

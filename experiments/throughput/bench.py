@@ -5,14 +5,18 @@ tokens/s does dapt reach compared with transformers' ``run_mlm.py`` recipe, at n
 far is it from the machine's matmul peak (MFU), and is the data pipeline / memory out of the way?
 
 Stages (each run is a fresh process, see ``worker.py``):
-1. peak: best dense fp32 (bf16 on GPU) matmul FLOP/s, cached for training runs (``dapt.modeling.flops``).
-2. head-to-head: ``rounds`` × (HF Trainer run, dapt run), order alternating; every run starts from
-   the same weights, reads the same documents in the same order, trains ``steps`` steps; step times
-   after ``warmup_steps`` → median tokens/s; the held-out loss after the run judges quality.
+1. peak: best dense fp32 and bf16 matmul FLOP/s, cached for training runs (``dapt.modeling.flops``);
+   each recipe's MFU divides by the peak of the precision its matmuls run in.
+2. head-to-head: ``rounds`` × (HF Trainer with its defaults, HF Trainer with its best setting for this
+   hardware, dapt, and dapt in fp32 when dapt runs in bf16), order alternating; every run starts
+   from the same weights, reads the same documents in the same order, trains ``steps`` steps; step
+   times after ``warmup_steps`` → median tokens/s; the held-out loss after the run judges quality
+   (dapt vs HF, and dapt's precision vs fp32, paired by round).
 3. levers: dapt's step with one setting changed at a time (``levers.py``).
 4. pipeline and memory (``pipeline.py``); 5. masking strategies (``dapt.masking.bench``, if present).
 
-Prints a table; writes ``bench.json``; the last line is ``speedup_vs_hf_trainer=<x> mfu=<y>``.
+Prints a table; writes ``bench.json``; the last line is
+``speedup_vs_hf_trainer=<x> speedup_vs_hf_best=<y> mfu=<z>``.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from typing import Any
 from experiments.throughput.common import BenchSettings, alternate, median, quiet_libraries, repo_root, spread
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "bench.json"
-REQUIRED_KEYS = ("settings", "machine", "peak_flops", "flops_per_token", "hf_trainer", "dapt", "speedup_vs_hf_trainer",
-                 "mfu", "quality", "levers", "pipeline", "memory", "masking", "elapsed_s")
+REQUIRED_KEYS = ("settings", "machine", "peak_flops", "peak_flops_by_dtype", "flops_per_token", "hf_trainer", "hf_best", "dapt",
+                 "speedup_vs_hf_trainer", "speedup_vs_hf_best", "mfu", "quality", "levers", "pipeline", "memory", "masking",
+                 "elapsed_s")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -134,17 +139,37 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def arms(settings: BenchSettings, compile_model: bool) -> list[tuple[str, dict[str, Any]]]:
+    """The recipes timed side by side: (name, worker spec).
+
+    ``hf_trainer``: the HF recipe with its defaults. ``hf_best``: with its best setting for this
+    hardware per the HF docs (``bf16=True`` on a CPU that does bf16 natively; on a GPU the default run
+    is already bf16, so no second arm). ``dapt``: dapt as ``dapt train`` runs it (``settings.precision``).
+    ``dapt_fp32``: dapt in fp32, when dapt itself runs in another precision: the quality reference.
+    """
+    from dapt.precision import FP32, cpu_bf16_feature
+
+    out: list[tuple[str, dict[str, Any]]] = [("hf_trainer", {"kind": "hf"})]
+    if settings.device == "cpu" and cpu_bf16_feature():
+        out.append(("hf_best", {"kind": "hf", "bf16": True}))
+    out.append(("dapt", {"kind": "dapt", "compile": compile_model}))
+    if settings.precision != FP32:
+        out.append(("dapt_fp32", {"kind": "dapt", "compile": compile_model, "precision": FP32}))
+    return out
+
+
 def head_to_head(settings: BenchSettings, compile_model: bool) -> dict[str, Any]:
-    """Alternating rounds of HF Trainer and dapt runs; tokens/s medians and paired speed-ups."""
+    """Alternating rounds of every arm (``arms``); tokens/s medians and paired speed-ups."""
     dapt_env: dict[str, str | None] = dict(dapt_runtime_env())
     base = {"settings": settings.as_dict()}
-    runs = alternate(settings.rounds, [
-        # The recipe runs in the stock environment, also under `dapt bench` (whose CLI re-exec sets dapt's).
-        ("hf_trainer", lambda r: run_worker({**base, "kind": "hf", "seed": r}, {k: None for k in dapt_env}, force=True,
-                                            inprocess=settings.inprocess)),
-        ("dapt", lambda r: run_worker({**base, "kind": "dapt", "seed": r, "compile": compile_model}, dapt_env,
-                                      inprocess=settings.inprocess)),
-    ])
+
+    def contender(name: str, spec: dict[str, Any]) -> tuple[str, Any]:
+        if spec["kind"] == "hf":  # the recipe runs in the stock environment, also under `dapt bench` (whose CLI re-exec sets dapt's)
+            return name, lambda r: run_worker({**base, **spec, "seed": r}, {k: None for k in dapt_env}, force=True,
+                                              inprocess=settings.inprocess)
+        return name, lambda r: run_worker({**base, **spec, "seed": r}, dapt_env, inprocess=settings.inprocess)
+
+    runs = alternate(settings.rounds, [contender(name, spec) for name, spec in arms(settings, compile_model)])
     out: dict[str, Any] = {}
     for name, results in runs.items():
         out[name] = {
@@ -159,10 +184,31 @@ def head_to_head(settings: BenchSettings, compile_model: bool) -> dict[str, Any]
         }
     out["dapt"]["model_config"] = runs["dapt"][0].get("dapt_model_config")
     out["dapt"]["runtime_env"] = dapt_env
-    ratios = [d["tokens_per_s"] / h["tokens_per_s"] for h, d in zip(runs["hf_trainer"], runs["dapt"])]
-    out["speedup_rounds"] = ratios
-    out["speedup"] = median(ratios)
+    for other in ("hf_trainer", "hf_best", "dapt_fp32"):
+        if other in runs:  # each round's arms ran back to back: the ratio per round is paired
+            ratios = [d["tokens_per_s"] / o["tokens_per_s"] for o, d in zip(runs[other], runs["dapt"])]
+            out[f"speedup_vs_{other}_rounds"] = ratios
+            out[f"speedup_vs_{other}"] = median(ratios)
     return out
+
+
+def precision_quality(h2h: dict[str, Any], tolerance: float = 0.01) -> dict[str, Any]:
+    """Held-out loss of dapt in its precision against dapt in fp32 after the same steps from the same
+    start, paired by round (same seed, data and masks): the largest relative difference must be within
+    ``tolerance`` (1% of the fp32 loss)."""
+    if "dapt_fp32" not in h2h:
+        return {"verdict": "dapt ran in fp32: nothing to compare"}
+    pairs = list(zip(h2h["dapt"]["eval_loss_rounds"], h2h["dapt_fp32"]["eval_loss_rounds"]))
+    relative = [a / b - 1 for a, b in pairs]
+    worst = max(relative, key=abs)
+    ok = abs(worst) <= tolerance
+    return {
+        "relative_diff_rounds": relative,
+        "tolerance": tolerance,
+        "within_tolerance": ok,
+        "verdict": f"held-out loss vs fp32 per round {', '.join(f'{x:+.2%}' for x in relative)} "
+                   f"(tolerance ±{tolerance:.0%}): " + ("same quality" if ok else "OUTSIDE TOLERANCE"),
+    }
 
 
 def _environment_levers(dapt_env: dict[str, str]) -> dict[str, tuple[str, dict[str, str | None]]]:
@@ -238,17 +284,24 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"\n== dapt vs HF Trainer recipe: {'tiny model' if s['tiny'] else s['model_source']}, seq {s['seq_len']}, "
           f"batch {s['batch_size']}, mask {s['mask_rate']}, {s['steps']} steps ({s['warmup_steps']} warm-up), "
           f"{s['rounds']} A/B rounds, {r['machine']['cpu']} ({r['machine']['torch_threads']} threads) ==")
-    print(f"{'recipe':<22}{'tokens/s':>10}{'step s':>9}{'held-out loss':>15}{'model GFLOP/tok':>17}{'MFU':>8}{'peak RSS MB':>13}")
-    for name, row, fpt, m in (("HF Trainer (run_mlm)", h, r["flops_per_token"]["hf_dense"], r["mfu_hf_trainer"]),
-                              ("dapt", d, r["flops_per_token"]["dapt_sparse"], r["mfu"])):
-        print(f"{name:<22}{_fmt(row['tokens_per_s']):>10}{_fmt(row['step_s_median'], '.3f'):>9}{_fmt(row['eval_loss'], '.4f'):>15}"
-              f"{_fmt(fpt / 1e9, '.3f'):>17}{_fmt(m, '.1%'):>8}{_fmt(row['peak_rss_mb']):>13}")
+    print(f"{'recipe':<26}{'precision':>11}{'tokens/s':>10}{'step s':>9}{'held-out loss':>15}{'model GFLOP/tok':>17}{'MFU':>8}{'peak RSS MB':>13}")
+    labels = {"hf_trainer": "HF Trainer (run_mlm)", "hf_best": "HF Trainer, bf16=True", "dapt": "dapt", "dapt_fp32": "dapt, fp32 (reference)"}
+    for name, label in labels.items():
+        row = r.get(name)
+        if not row or "tokens_per_s" not in row:
+            continue
+        fpt = r["flops_per_token"]["hf_dense" if name.startswith("hf") else "dapt_sparse"]
+        dtype = str(row.get("precision_dtype", "")).replace("torch.", "")
+        print(f"{label:<26}{dtype:>11}{_fmt(row['tokens_per_s']):>10}{_fmt(row['step_s_median'], '.3f'):>9}"
+              f"{_fmt(row['eval_loss'], '.4f'):>15}{_fmt(fpt / 1e9, '.3f'):>17}{_fmt(row.get('mfu'), '.1%'):>8}{_fmt(row['peak_rss_mb']):>13}")
     threads = [run.get("extra", {}).get("cpu_thread_choices") for run in d["runs"]]
     print(f"dapt ran with conf/model/{(d.get('model_config') or {}).get('name')} overrides "
           f"{(d.get('model_config') or {}).get('config_overrides')}, runtime env {d.get('runtime_env') or '{}'}, "
           f"CPU thread tuner choices (step, threads) per round {threads}")
-    print(f"speed-up per round: {', '.join(f'{x:.2f}x' for x in r['speedup_rounds'])}; "
-          f"peak {r['peak_flops'] / 1e9:.1f} GFLOP/s; quality: {r['quality']['verdict']}")
+    peaks = ", ".join(f"{k.replace('torch.', '')} {v / 1e9:.0f}" for k, v in r["peak_flops_by_dtype"].items())
+    print(f"speed-up vs HF defaults per round: {', '.join(f'{x:.2f}x' for x in r['speedup_rounds'])}; "
+          f"vs HF best {r['speedup_vs_hf_best']:.2f}x; matmul peaks (GFLOP/s) {peaks}")
+    print(f"quality: {r['quality']['verdict']}; {s['precision']}: {r['quality']['precision']['verdict']}")
     if r["levers"] and "skipped" not in r["levers"]:
         print(f"\n{'lever (one change to dapt step)':<26}{'step s':>9}{'tokens/s':>10}{'vs dapt':>9}  what")
         for name, lv in r["levers"].items():
@@ -293,8 +346,18 @@ def main(argv: list[str] | None = None) -> int:
         now = time.perf_counter()
         stage_s[name] = now - mark
         mark = now
-    dtype = torch.bfloat16 if settings.device == "cuda" else torch.float32
-    results["peak_flops"] = measured_peak_flops(dtype, settings.device, seconds=0.5 if settings.tiny else 3.0, refresh=True)
+    from dapt.precision import resolve_precision
+
+    settings.precision = resolve_precision(settings.precision, settings.device).value
+    results["settings"] = settings.as_dict()
+    # MFU against the peak of the precision the matmuls run in: each arm's own (bf16 peak for bf16 arms).
+    peak_seconds = 0.5 if settings.tiny else 3.0
+    peaks = {str(dt): measured_peak_flops(dt, settings.device, seconds=peak_seconds, refresh=True)
+             for dt in (torch.float32, torch.bfloat16)}
+    results["peak_flops_by_dtype"] = peaks
+    arm_dtype = {"hf_trainer": "torch.bfloat16" if settings.device == "cuda" else "torch.float32", "hf_best": "torch.bfloat16",
+                 "dapt": "torch.bfloat16" if "bf16" in settings.precision else "torch.float32", "dapt_fp32": "torch.float32"}
+    results["peak_flops"] = peaks[arm_dtype["dapt"]]
     model = load_base_model(settings)
     results["flops_per_token"] = {
         "dapt_sparse": flops_per_token(model, settings.seq_len, settings.mask_rate, sparse=True),
@@ -304,10 +367,19 @@ def main(argv: list[str] | None = None) -> int:
     lap("peak_and_flops")
 
     h2h = head_to_head(settings, args.compile)
-    results["hf_trainer"], results["dapt"] = h2h["hf_trainer"], h2h["dapt"]
-    results["speedup_rounds"], results["speedup_vs_hf_trainer"] = h2h["speedup_rounds"], h2h["speedup"]
-    results["mfu"] = mfu(results["dapt"]["tokens_per_s"], results["flops_per_token"]["dapt_sparse"], results["peak_flops"])
-    results["mfu_hf_trainer"] = mfu(results["hf_trainer"]["tokens_per_s"], results["flops_per_token"]["hf_dense"], results["peak_flops"])
+    for name in ("hf_trainer", "hf_best", "dapt", "dapt_fp32"):
+        if name in h2h:
+            results[name] = h2h[name]
+            fpt = results["flops_per_token"]["hf_dense" if name.startswith("hf") else "dapt_sparse"]
+            results[name]["precision_dtype"] = arm_dtype[name]
+            results[name]["mfu"] = mfu(h2h[name]["tokens_per_s"], fpt, peaks[arm_dtype[name]])
+    if "hf_best" not in results:  # no better HF setting on this hardware than its default
+        results["hf_best"] = {"same_as": "hf_trainer"}
+    results["speedup_rounds"], results["speedup_vs_hf_trainer"] = h2h["speedup_vs_hf_trainer_rounds"], h2h["speedup_vs_hf_trainer"]
+    results["speedup_vs_hf_best"] = h2h.get("speedup_vs_hf_best", h2h["speedup_vs_hf_trainer"])
+    results["speedup_vs_dapt_fp32"] = h2h.get("speedup_vs_dapt_fp32")
+    results["mfu"] = results["dapt"]["mfu"]
+    results["mfu_hf_trainer"] = results["hf_trainer"]["mfu"]
     hf_losses, dapt_loss = results["hf_trainer"]["eval_loss_rounds"], results["dapt"]["eval_loss"]
     tolerance = spread(hf_losses)
     delta = dapt_loss - results["hf_trainer"]["eval_loss"]
@@ -317,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         "no_worse": bool(delta <= tolerance),
         "verdict": f"dapt held-out loss {'≤' if delta <= 0 else '>'} HF's by {abs(delta):.4f} (HF run-to-run ±{tolerance:.4f}): "
                    + ("no worse" if delta <= tolerance else "WORSE"),
+        "precision": precision_quality(h2h),
     }
 
     lap("head_to_head")
@@ -338,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     results["stage_s"] = stage_s
     results["machine"]["load_average_end"] = os.getloadavg()
     results["elapsed_s"] = time.perf_counter() - started
-    last = f"speedup_vs_hf_trainer={results['speedup_vs_hf_trainer']:.2f} mfu={results['mfu']:.4f}"
+    last = (f"speedup_vs_hf_trainer={results['speedup_vs_hf_trainer']:.2f} speedup_vs_hf_best={results['speedup_vs_hf_best']:.2f} "
+            f"mfu={results['mfu']:.4f}")
     results["last_line"] = last
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,8 @@ class BenchSettings:
             environment levers ``omp_passive`` and ``allocator``, each timed in its own process).
         pipeline_documents / memory_documents: corpus sizes for the data pipeline and RSS checks.
         device: ``cpu`` or ``cuda``.
+        precision: dapt's training precision (``auto`` as in ``conf/trainer``: bf16 autocast where the
+            hardware does bf16 natively); ``bench`` resolves it before any run, so workers get the value.
         inprocess: run every measured run in this process (smoke: plumbing only, no per-run
             environment, so no environment levers); otherwise each run is a fresh process.
     """
@@ -67,6 +69,7 @@ class BenchSettings:
     pipeline_documents: int = 1500
     memory_documents: int = 600
     device: str = "cpu"
+    precision: str = "auto"
     inprocess: bool = False
     data_dir: str = field(default_factory=default_data_dir)
 

@@ -3,7 +3,8 @@
 ``PackedCorpusDataModule`` streams and packs the corpus on the fly (its cost is inside the timed
 loop, unlike the HF side's pre-tokenised dataset), masks in ``on_after_batch_transfer`` and
 ``MLMModule`` trains with the sparse head, under a Lightning ``Trainer`` configured like
-``conf/trainer/cpu.yaml`` (or ``gpu.yaml``: bf16-mixed) with logging and checkpoints off.
+``conf/trainer/cpu.yaml`` (or ``gpu.yaml``) with logging and checkpoints off, in ``settings.precision``
+(or ``precision``: the bench's fp32 reference run).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def run_dapt(
     seed: int,
     compile_model: bool = False,
     optimizer_impl: str = "auto",
+    precision: str | None = None,
 ) -> RunResult:
     """Train ``model`` in place with dapt's Lightning path for ``settings.steps`` steps."""
     started = time.perf_counter()
@@ -65,7 +67,7 @@ def run_dapt(
     trainer = pl.Trainer(
         accelerator="gpu" if on_gpu else "cpu",
         devices=1,
-        precision="bf16-mixed" if on_gpu else "32-true",
+        precision=precision or settings.precision,
         max_steps=settings.steps,
         gradient_clip_val=1.0,
         limit_val_batches=0,
@@ -86,7 +88,8 @@ def run_dapt(
         tokens_per_step=settings.batch_size * settings.seq_len,
         warmup_steps=settings.warmup_steps,
         setup_s=setup_s,
-        extra={"compile": compile_model, "optimizer": optimizer_impl, "cpu_thread_choices": _thread_choices(trainer)},
+        extra={"compile": compile_model, "optimizer": optimizer_impl, "precision": precision or settings.precision,
+               "cpu_thread_choices": _thread_choices(trainer)},
     )
 
 

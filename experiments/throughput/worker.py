@@ -59,11 +59,12 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             from experiments.throughput.hf_baseline import group_texts_dataset, run_hf_trainer
 
             dataset = group_texts_dataset(train_texts(settings), tokenizer, settings.seq_len)
-            result = run_hf_trainer(model, tokenizer, dataset, settings, seed=seed)
+            result = run_hf_trainer(model, tokenizer, dataset, settings, seed=seed, bf16=spec.get("bf16"))
         elif kind == "dapt":
             from experiments.throughput.dapt_run import run_dapt
 
-            result = run_dapt(model, tokenizer, settings, seed=seed, compile_model=bool(spec.get("compile") or dapt_cfg["compile"]))
+            result = run_dapt(model, tokenizer, settings, seed=seed, compile_model=bool(spec.get("compile") or dapt_cfg["compile"]),
+                              precision=spec.get("precision"))
         else:
             raise ValueError(f"unknown worker kind {kind!r}")
         result.eval_loss = eval_loss(model, evals)
