@@ -3,12 +3,15 @@ matmuls natively, fp32 elsewhere.
 
 Why: on CPUs with AMX or AVX-512 BF16 (and on Ampere+/Hopper GPUs) bf16 matmuls run several times
 faster than fp32 (the ratio on each machine measured is in ``experiments/throughput/README.md``).
-Lightning's ``bf16-mixed`` autocasts the matmuls and keeps fp32 master weights and optimizer state;
-dapt's MLM head and fine-tuning losses are computed from fp32 logits, so only matmul inputs are
-rounded. Without native support bf16 is emulated and slower than fp32, so ``auto`` stays at
+Lightning's ``bf16-mixed`` autocasts the matmuls (their outputs are bf16 too) and keeps fp32 master
+weights, optimizer state, LayerNorm, softmax and the cross-entropy; held-out evaluation also runs the
+MLM head's vocabulary projection in fp32 (``sparse_head.sparse_mlm_loss``), so a reported
+perplexity differs from an fp32 evaluation of the same weights only through the encoder's bf16
+matmuls. Without native support bf16 is emulated and slower than fp32, so ``auto`` stays at
 ``32-true`` there. Whether bf16 changes a result is checked, not assumed: the bench trains the same
-steps in both precisions and compares held-out loss (``experiments/throughput``), and the test suite
-checks that a bf16 step really runs the matmuls in bf16 with fp32 weights.
+steps in both precisions and compares the held-out loss reduction (``experiments/throughput``), the
+default run's numbers in bf16 are compared with its fp32 numbers in ``experiments/dapt_biomed``, and
+the test suite checks that a bf16 step really runs the matmuls in bf16 with fp32 weights and loss.
 
 The resolved value (never ``auto``) is what enters cache keys and results.json, so a cached base or
 fine-tune score made in one precision is never served to a run in another.
@@ -16,15 +19,14 @@ fine-tune score made in one precision is never served to a run in another.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 AUTO = "auto"
 BF16 = "bf16-mixed"
 FP32 = "32-true"
+# Lightning's short spellings, so that "32" and "32-true" are one precision everywhere (cache keys too).
+_ALIASES = {"32": FP32, "bf16": BF16, "16": "16-mixed", "64": "64-true", "16-true": "16-true", "bf16-true": "bf16-true"}
 
 
 @dataclass(frozen=True)
@@ -53,10 +55,24 @@ def cpu_bf16_feature() -> str | None:
     return None
 
 
-def _uses_cuda(accelerator: Any) -> bool:
+def on_cuda(accelerator: Any) -> bool:
+    """Whether a Lightning ``accelerator`` setting trains on a CUDA device here (``auto`` and unset,
+    Lightning's default, pick the GPU when there is one)."""
     import torch
 
-    return str(accelerator or "cpu") in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    return str(accelerator if accelerator is not None else "auto") in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+
+
+def matmul_dtype(precision: str) -> Any:
+    """The dtype the matmuls of a run in ``precision`` compute in (what its MFU peak must be measured at)."""
+    import torch
+
+    value = _ALIASES.get(str(precision), str(precision))
+    if value.startswith("bf16"):
+        return torch.bfloat16
+    if value.startswith("16"):
+        return torch.float16
+    return torch.float32
 
 
 def resolve_precision(requested: Any, accelerator: Any = "cpu") -> Precision:
@@ -69,11 +85,12 @@ def resolve_precision(requested: Any, accelerator: Any = "cpu") -> Precision:
     if requested is None:
         return Precision(FP32, "Lightning's default")
     if str(requested) != AUTO:
-        return Precision(str(requested), "set in the config")
-    if _uses_cuda(accelerator):
+        return Precision(_ALIASES.get(str(requested), str(requested)), "set in the config")
+    if on_cuda(accelerator):
         import torch
 
-        if torch.cuda.is_bf16_supported():
+        # including_emulation=False: pre-Ampere GPUs (V100, T4) only emulate bf16, slower than fp32 there
+        if torch.cuda.is_bf16_supported(including_emulation=False):
             return Precision(BF16, f"auto: {torch.cuda.get_device_name(0)} supports bf16")
         return Precision(FP32, f"auto: {torch.cuda.get_device_name(0)} has no bf16")
     feature = cpu_bf16_feature()

@@ -37,7 +37,7 @@ from dapt.pipeline.resume import (
     keep_csv_history, restore_csv_history, resume_command, wandb_run_id, write_run_config,
 )
 from dapt.pipeline.fit import DOCUMENTS, cached_start_evaluation, evaluate_heldout, make_module, make_trainer, relative_change, stage_keys
-from dapt.precision import Precision, resolve_precision
+from dapt.precision import Precision, matmul_dtype, on_cuda, resolve_precision
 from dapt.preflight import check_writable, preflight
 from dapt.tracking.loggers import LoggerConfig, build_loggers, finish_wandb, wandb_run_of
 from dapt.tracking.ddp import debug_callbacks, local_ranks
@@ -205,7 +205,9 @@ def train(cfg: DictConfig, *, rank_overrides: list[str] | None = None, rank_cwd:
         return flat_metrics(results), {"results": results, "run_dir": run_dir}
     stopper = StopOnSignal(run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT if checkpoint.enabled else None)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True) if "trainer" in cfg else {}
-    children = rank_overrides_for(rank_overrides or [], run_dir, resume.checkpoint if resume else None)
+    # Local ranks compute in rank 0's precision, not in what `auto` would pick on their own.
+    children = rank_overrides_for(rank_overrides or [], run_dir, resume.checkpoint if resume else None,
+                                  precision=run.precision.value)
     try:
         preflight(run, run_dir)  # positions, accelerator, free disk: seconds now instead of a late traceback
         write_run_config(run_dir, cfg)
@@ -417,17 +419,23 @@ def _throughput_monitor(model: torch.nn.Module, run: RunConfig, mask_rate: float
     """Tokens/s for every run, plus MFU (model FLOP/s ÷ the measured, disk-cached matmul peak)."""
     from dapt.modeling.flops import flops_per_token, measured_peak_flops
 
-    accelerator = str(run.trainer.get("accelerator", "cpu"))
-    device = "cuda" if accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "cpu"
-    # MFU against the peak of the precision the matmuls run in (bf16 autocast: the bf16 peak).
-    dtype = torch.bfloat16 if "bf16" in str(run.trainer.get("precision", "")) else torch.float32
+    device = "cuda" if on_cuda(run.trainer.get("accelerator")) else "cpu"
+    dtype = matmul_dtype(run.precision.value)  # MFU against the peak of the precision the matmuls run in
     try:
         peak = measured_peak_flops(dtype=dtype, device=device)
     except Exception as exc:  # noqa: BLE001 - a failed measurement must not stop training
         log.warning("could not measure the matmul peak for MFU: %s", exc)
         peak = None
+
+    def remeasure() -> float | None:
+        try:
+            return measured_peak_flops(dtype=dtype, device=device, refresh=True)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of GPU memory mid-run: no MFU, not a failed run
+            log.warning("could not re-measure the matmul peak for MFU: %s", exc)
+            return None
+
     return ThroughputMonitor(flops_per_token=flops_per_token(model, run.data.max_seq_length, mask_rate), peak_flops=peak,
-                             remeasure_peak=lambda: measured_peak_flops(dtype=dtype, device=device, refresh=True))
+                             remeasure_peak=remeasure)
 
 
 def _documents(sources: list[Any], data_dir: str) -> Any:

@@ -26,6 +26,28 @@ def test_flops_per_token_matches_the_documented_formula():
     assert mfu(1000.0, 2e6, 4e9) == pytest.approx(0.5)
 
 
+def test_precision_quality_judges_the_loss_reduction_not_the_loss():
+    """A bf16 run that made only 15% of fp32's loss reduction fails, though its final loss is 6% from fp32's."""
+    from experiments.throughput.bench import precision_quality
+
+    def arm(start: float, finals: list[float]) -> dict:
+        return {"runs": [{"start_eval_loss": start, "eval_loss": f} for f in finals]}
+
+    same = precision_quality({"dapt": arm(3.0, [2.80, 2.805]), "dapt_fp32": arm(3.0, [2.80, 2.80])})
+    lost = precision_quality({"dapt": arm(3.0, [2.97, 2.97]), "dapt_fp32": arm(3.0, [2.80, 2.80])})
+    assert same["within_tolerance"] and not lost["within_tolerance"]
+
+
+def test_time_to_reach_interpolates_the_first_crossing():
+    from experiments.throughput.common import time_to_reach
+
+    curve = [(0.0, 3.0, 0), (10.0, 2.0, 10), (20.0, 1.0, 20), (30.0, 1.5, 30)]
+    assert time_to_reach(curve, 2.5) == pytest.approx(5.0)
+    assert time_to_reach(curve, 1.2) == pytest.approx(18.0)  # the first crossing, not a later one
+    assert time_to_reach(curve, 3.0) == 0.0
+    assert time_to_reach(curve, 0.5) is None
+
+
 def test_peak_flops_is_measured_once_then_read_from_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DAPT_CACHE_DIR", str(tmp_path))
     first = measured_peak_flops(torch.float32, "cpu", seconds=0.05, size=128)
@@ -55,11 +77,17 @@ def test_bench_smoke_output_contract(tmp_path, capsys, data_dir):
     assert result["settings"]["precision"] == dapt_precision  # resolved before the runs, never "auto"
     if cpu_bf16_feature():  # HF's best CPU setting is its own arm, and dapt's bf16 is checked against fp32
         assert result["hf_best"]["tokens_per_s"] > 0 and result["dapt_fp32"]["tokens_per_s"] > 0
-        assert len(result["quality"]["precision"]["relative_diff_rounds"]) == result["settings"]["rounds"]
+        assert len(result["quality"]["precision"]["rounds"]) == result["settings"]["rounds"]
+        assert result["quality"]["precision"]["within_tolerance"] in (True, False)
         assert result["dapt"]["precision_dtype"] == "torch.bfloat16" and result["dapt_fp32"]["precision_dtype"] == "torch.float32"
     else:
         assert result["hf_best"] == {"same_as": "hf_trainer"} and "dapt_fp32" not in result
     assert result["flops_per_token"]["dapt_sparse"] < result["flops_per_token"]["hf_dense"]
+    ttq = result["time_to_quality"]
+    points = result["settings"]["ttq_steps"] // result["settings"]["ttq_every"] + 1
+    assert all(len(curve) == points for curve in ttq["curves"].values())
+    assert all(ttq["seconds_to_target"][name] is not None for name in ("hf", "dapt"))  # the target is a loss both reach
+    assert ttq["target_loss"] == max(curve[-1][1] for curve in ttq["curves"].values())
     assert result["pipeline"]["pipeline_tokens_per_s"] > 0 and result["pipeline"]["raw_tokenizer_tokens_per_s"] > 0
     assert result["memory"]["peak_rss_ratio"] > 0
     assert "dapt" in result["levers"] and "dense_head" in result["levers"]
@@ -121,3 +149,15 @@ def test_dapt_bench_runs_from_any_directory(tmp_path):
 
     proc = run_dapt(["bench", "--help"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 0 and "--smoke" in proc.stdout, fail_message(proc)
+
+
+@pytest.mark.timeout(600)
+def test_gpu_check_script_writes_its_summary(tmp_path, data_dir):
+    """The one-command GPU check runs its plumbing (tiny model on the CPU) and writes gpu_check.json."""
+    from experiments.throughput.gpu_check import main
+
+    assert main(["--smoke", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    (row,) = report["rows"]
+    assert row["dapt_tokens_per_s"] > 0 and row["hf_tokens_per_s"] > 0 and 0 < row["dapt_mfu"] <= 1
+    assert (tmp_path / "bench_minilm_seq64.json").exists()

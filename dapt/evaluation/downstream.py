@@ -28,6 +28,7 @@ from dapt.evaluation.finetuning import DownstreamConfig, finetune_seed, prepare
 from dapt.evaluation.report import format_downstream_table, print_downstream_table
 from dapt.evaluation.stats import aggregate_seeds, apply_holm, paired_comparison, summarize
 from dapt.evaluation.tasks import METRICS, TaskConfig, TaskData, load_task, resolve_task
+from dapt.precision import AUTO
 
 __all__ = [
     "check_downstream",
@@ -51,7 +52,14 @@ ROLES = ("before", "control", "after", "model")
 def downstream_config(cfg: Any) -> DownstreamConfig:
     """Validate the ``downstream`` group (unknown keys and bad values name ``downstream.<key>``)."""
     node = cfg.get("downstream") if isinstance(cfg, (DictConfig, Mapping)) else None
-    return to_dataclass(DownstreamConfig, node or {}, prefix="downstream")
+    dcfg = to_dataclass(DownstreamConfig, node or {}, prefix="downstream")
+    trainer = cfg.get("trainer") if isinstance(cfg, (DictConfig, Mapping)) else None
+    trainer_precision = trainer.get("precision") if isinstance(trainer, (DictConfig, Mapping)) else None
+    if dcfg.precision == AUTO and trainer_precision not in (None, AUTO):
+        # Inside `dapt train`, `auto` fine-tunes in the precision the run trained in (validate() has
+        # resolved it), so `trainer.precision=32-true` makes the whole run fp32.
+        dcfg.precision = str(trainer_precision)
+    return dcfg
 
 
 def _per_type(per_seed: Sequence[dict[str, Any]], key: str) -> dict[str, Any]:

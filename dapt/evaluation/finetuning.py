@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, Subset
 from dapt.errors import ConfigError, DataError
 from dapt.evaluation.encoding import EncodedSplit, encode_classification, encode_ner, make_collate
 from dapt.evaluation.metrics import classification_scores, ner_scores
-from dapt.precision import Precision, resolve_precision
 from dapt.evaluation.tasks import TaskData
+from dapt.precision import Precision, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,9 @@ class DownstreamConfig:
         data_seed: seed of those subsets, fixed across fine-tuning seeds and models.
         val_check_interval: dev evaluations per epoch as a fraction (1.0 = once per epoch).
         accelerator: Lightning accelerator for fine-tuning (``cpu``, ``gpu``, ``auto``).
-        precision: Lightning precision for fine-tuning; ``auto`` = bf16 autocast where the hardware
-            runs bf16 natively, else fp32 (``dapt.precision``). The resolved value is in the cache key.
+        precision: Lightning precision for fine-tuning; ``auto`` = the DAPT run's precision inside
+            ``dapt train`` (``downstream_config``), else bf16 autocast where the hardware runs bf16
+            natively, fp32 elsewhere (``dapt.precision``). The resolved value is in the cache key.
         cache: reuse base-model scores from ``paths.cache_dir/downstream`` (keyed by model files,
             task data, seed and these hyperparameters).
         alpha: significance level of the paired t-tests (family-wise, after Holm correction over

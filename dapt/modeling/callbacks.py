@@ -23,11 +23,15 @@ class ThroughputMonitor(pl.Callback):
 
     Time is measured from batch start to batch end on the main process, excluding the first
     ``warmup_steps`` (allocator and kernel warm-up), so the figure is the steady-state rate.
-    ``train/mfu`` is the mean over the measured steps so far (one short step cannot make it spike),
-    and it is never above 1: a value above 1 means the peak it divides by was measured too low (a
-    busy machine), so the peak is measured again once (``remeasure_peak``); if training still beats
-    it, MFU is not logged at all, with a warning, rather than logged wrong.
+    ``train/mfu`` is the mean over the measured steps so far (after the first few, one short step
+    cannot make it spike) and divides the job's FLOP/s by ``peak_flops`` × the number of ranks
+    (``peak_flops`` is one rank's device or CPU threads). It is never above 1: a value above 1 means
+    the peak was measured too low (a busy machine), so the peak is measured again once
+    (``remeasure_peak``); if training still beats it over ``MIN_STEPS_FOR_VERDICT`` measured steps,
+    MFU is not reported for the run, with a warning, rather than reported wrong.
     """
+
+    MIN_STEPS_FOR_VERDICT = 5
 
     def __init__(self, warmup_steps: int = 2, flops_per_token: float | None = None, peak_flops: float | None = None,
                  remeasure_peak: Callable[[], float | None] | None = None) -> None:
@@ -40,6 +44,7 @@ class ThroughputMonitor(pl.Callback):
         self.measured_time = 0.0
         self._t0 = 0.0
         self._n = 0
+        self._world = 1
         self._peak_rechecked = False
         self._peak_too_low = False
 
@@ -52,6 +57,7 @@ class ThroughputMonitor(pl.Callback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         dt = time.perf_counter() - self._t0
+        self._world = trainer.world_size
         n_tokens = int(batch["input_ids"].numel()) * trainer.world_size
         self.tokens += n_tokens
         self._n += 1
@@ -67,19 +73,20 @@ class ThroughputMonitor(pl.Callback):
         """``rate`` tokens/s as a fraction of the peak; None (with one warning) when it exceeds the peak."""
         if not self.flops_per_token or not self.peak_flops or self._peak_too_low:
             return None
-        value = rate * self.flops_per_token / self.peak_flops
+        value = rate * self.flops_per_token / (self.peak_flops * self._world)
         if value > 1.0 and not self._peak_rechecked and self.remeasure_peak is not None:
             self._peak_rechecked = True
             fresh = self.remeasure_peak()
             if fresh:
                 self.peak_flops = max(self.peak_flops, fresh)
-                value = rate * self.flops_per_token / self.peak_flops
-        if value > 1.0:
+                value = rate * self.flops_per_token / (self.peak_flops * self._world)
+        if value <= 1.0:
+            return value
+        if self._n - self.warmup_steps >= self.MIN_STEPS_FOR_VERDICT:
             self._peak_too_low = True
-            log.warning("MFU would be %.2f (> 1): training beat the measured matmul peak (%.1f GFLOP/s), so that peak "
-                        "is too low for this machine now; MFU is not reported for this run", value, self.peak_flops / 1e9)
-            return None
-        return value
+            log.warning("MFU would be %.2f (> 1): training beat the measured matmul peak (%.1f GFLOP/s per rank), so that "
+                        "peak is too low for this machine now; MFU is not reported for this run", value, self.peak_flops / 1e9)
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpointed so that a resumed run reports the tokens of the whole run, not of its last leg."""

@@ -58,7 +58,16 @@ def sparse_mlm_loss(
         logits = out.logits[selected]
     else:
         hidden = (encoder if encoder is not None else model.base_model)(input_ids=input_ids, attention_mask=attention_mask)[0]
-        logits = head(hidden[selected])
+        picked = hidden[selected]
+        device = picked.device.type
+        if not model.training and torch.is_autocast_enabled(device):
+            # Evaluation under bf16 autocast: the vocabulary projection in fp32, so a reported
+            # perplexity is not rounded to bf16's 8-bit mantissa at the logits (cheap: forward only,
+            # masked rows only). Training keeps the autocast head, as mixed-precision training does.
+            with torch.autocast(device, enabled=False):
+                logits = head(picked.float())
+        else:
+            logits = head(picked)
     loss = F.cross_entropy(logits.float(), targets, reduction=reduction)
     return loss, logits, targets
 

@@ -97,6 +97,17 @@ def run_signature(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(signature, sort_keys=True, default=str))
 
 
+def _without_precision(signature: Any) -> Any:
+    """A run signature with the (resolved) trainer and downstream precisions left out."""
+    if not isinstance(signature, dict):
+        return None
+    out = dict(signature)
+    for group in ("trainer", "downstream"):
+        if isinstance(out.get(group), dict):
+            out[group] = {k: v for k, v in out[group].items() if k != "precision"}
+    return out
+
+
 def write_run_config(run_dir: Path, cfg: Any) -> None:
     atomic_write_json(run_dir / RUN_CONFIG, run_signature(cfg))
 
@@ -162,12 +173,16 @@ def find_resume_point(cfg: Any, run_dir: Path) -> ResumePoint | None:
         return point
     signature = run_signature(cfg)
     best: tuple[float, Path, bool] | None = None
+    other_precision: list[tuple[Path, Any]] = []
     for candidate in _candidates(run_dir):
         results, ckpt = candidate / "results.json", candidate / CHECKPOINT_DIR / LAST_CHECKPOINT
         try:
-            same = json.loads((candidate / RUN_CONFIG).read_text()) == signature
+            theirs = json.loads((candidate / RUN_CONFIG).read_text())
+            same = theirs == signature
         except (OSError, ValueError):
-            same = False
+            theirs, same = None, False
+        if not same and candidate != run_dir and _without_precision(theirs) == _without_precision(signature):
+            other_precision.append((candidate, (theirs.get("trainer") or {}).get("precision")))
         if results.is_file() and _complete(results):
             stamp, finished = results.stat().st_mtime, True
         elif ckpt.is_file():
@@ -181,6 +196,10 @@ def find_resume_point(cfg: Any, run_dir: Path) -> ResumePoint | None:
         if same and (best is None or stamp > best[0]):
             best = (stamp, candidate, finished)
     if best is None:
+        for candidate, precision in other_precision:  # e.g. a requeued job landed on a node without native bf16
+            log.warning("resume=auto: %s ran this config in precision %s, and this machine resolved trainer.precision to %s; "
+                        "not continued (different numerics). Pass trainer.precision=%s to continue it.", candidate, precision,
+                        (signature.get("trainer") or {}).get("precision"), precision)
         log.info("resume=auto: no earlier run of this config next to %s; starting a new run", run_dir)
         return None
     _, found, finished = best

@@ -101,12 +101,15 @@ def hydra_quoted(value: str | Path) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def rank_overrides(overrides: list[str], run_dir: Path, checkpoint: Path | None) -> list[str]:
+def rank_overrides(overrides: list[str], run_dir: Path, checkpoint: Path | None, precision: str | None = None) -> list[str]:
     """The overrides of the other local ranks: the job's own, pointed at the run folder and checkpoint
     that rank 0 resolved (and locked), so that no rank searches for a run to resume by itself (two
-    searches a moment apart can pick different runs, or one that another process holds)."""
-    own = [o for o in overrides if not o.lstrip("+~").startswith(("paths.output_dir=", "resume="))]
-    return [*own, f"paths.output_dir={hydra_quoted(run_dir)}", f"resume={hydra_quoted(checkpoint) if checkpoint else 'never'}"]
+    searches a moment apart can pick different runs, or one that another process holds), and at the
+    precision rank 0 resolved (``trainer.precision=auto`` is not re-decided per rank)."""
+    pinned = ("paths.output_dir=", "resume=", *(("trainer.precision=",) if precision else ()))
+    own = [o for o in overrides if not o.lstrip("+~").startswith(pinned)]
+    extra = [f"trainer.precision={precision}"] if precision else []
+    return [*own, f"paths.output_dir={hydra_quoted(run_dir)}", f"resume={hydra_quoted(checkpoint) if checkpoint else 'never'}", *extra]
 
 
 def rank_command(overrides: list[str], run_dir: Path, local_rank: int) -> list[str]:

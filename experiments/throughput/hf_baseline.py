@@ -41,7 +41,8 @@ def group_texts_dataset(texts: list[str], tokenizer: Any, seq_len: int) -> Any:
 
 
 def run_hf_trainer(
-    model: torch.nn.Module, tokenizer: Any, dataset: Any, settings: BenchSettings, *, seed: int, bf16: bool | None = None
+    model: torch.nn.Module, tokenizer: Any, dataset: Any, settings: BenchSettings, *, seed: int, bf16: bool | None = None,
+    clock: StepClock | None = None,
 ) -> RunResult:
     """Train ``model`` in place with the HF Trainer recipe for ``settings.steps`` steps.
 
@@ -52,9 +53,12 @@ def run_hf_trainer(
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    clock = StepClock()
+    clock = clock or StepClock()
 
     class _Clock(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            clock.start()
+
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             clock.tick()
 
@@ -99,4 +103,5 @@ def run_hf_trainer(
         tokens_per_step=settings.batch_size * settings.seq_len,
         warmup_steps=settings.warmup_steps,
         setup_s=setup_s,
+        extra={"bf16": bool(args.bf16), "curve": clock.curve},
     )

@@ -15,8 +15,8 @@ from dataclasses import asdict
 from typing import Any
 
 from experiments.throughput.common import (
-    BenchSettings, build_eval_batches, dapt_model_config, eval_loss, fresh_copy, load_base_model, peak_rss_mb, quiet_libraries,
-    train_texts, with_config,
+    BenchSettings, StepClock, build_eval_batches, dapt_model_config, eval_loss, fresh_copy, load_base_model, peak_rss_mb,
+    quiet_libraries, train_texts, with_config,
 )
 
 
@@ -55,16 +55,20 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         evals = build_eval_batches(settings, tokenizer)
         # HF trains the checkpoint as it is; dapt trains it with dapt's conf/model settings.
         model = fresh_copy(base) if kind == "hf" else with_config(base, dapt_cfg["config_overrides"])
+        clock = StepClock(probe=lambda: eval_loss(model, evals), every=int(spec.get("probe_every") or 0))
+        out["start_eval_loss"] = eval_loss(model, evals)  # what the run's held-out loss reduction is measured from
+        if clock.every:  # time-to-quality: the curve starts at the start model's held-out loss
+            clock.curve.append((0.0, out["start_eval_loss"], 0))
         if kind == "hf":
             from experiments.throughput.hf_baseline import group_texts_dataset, run_hf_trainer
 
             dataset = group_texts_dataset(train_texts(settings), tokenizer, settings.seq_len)
-            result = run_hf_trainer(model, tokenizer, dataset, settings, seed=seed, bf16=spec.get("bf16"))
+            result = run_hf_trainer(model, tokenizer, dataset, settings, seed=seed, bf16=spec.get("bf16"), clock=clock)
         elif kind == "dapt":
             from experiments.throughput.dapt_run import run_dapt
 
             result = run_dapt(model, tokenizer, settings, seed=seed, compile_model=bool(spec.get("compile") or dapt_cfg["compile"]),
-                              precision=spec.get("precision"))
+                              precision=spec.get("precision"), clock=clock)
         else:
             raise ValueError(f"unknown worker kind {kind!r}")
         result.eval_loss = eval_loss(model, evals)
