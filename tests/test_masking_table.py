@@ -47,3 +47,7 @@ def test_table_says_which_code_made_the_cells_and_warns_when_it_differs(tmp_path
     results["provenance"]["code_digest"] = "bbbb"
     (sweep / "1" / "results.json").write_text(json.dumps(results))
     assert "WARNING: cells made by different code" in table([sweep])
+    assert "precisions" not in table([sweep])
+    results["precision"] = {"value": "bf16-mixed", "reason": "auto: the CPU has AMX"}
+    (sweep / "1" / "results.json").write_text(json.dumps(results))
+    assert "WARNING: cells computed in different precisions: 32-true (before precision was recorded)" in table([sweep])

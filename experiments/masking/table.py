@@ -110,9 +110,16 @@ def _code_line(jobs: list[dict[str, Any]]) -> str:
         label = (f"commit {str(prov.get('git_commit'))[:7]}{' (uncommitted changes)' if prov.get('git_dirty') else ''}, "
                  f"code digest {prov.get('code_digest')}") if prov else "code not recorded (results.json without provenance)"
         codes.setdefault(label, []).append(f"{job['key'][0]}@{job['key'][1]:.2f}")
-    if len(codes) == 1:
-        return f"All cells: {next(iter(codes))}."
-    return "WARNING: cells made by different code: " + "; ".join(f"{label}: {', '.join(cells)}" for label, cells in codes.items())
+    lines = [f"All cells: {next(iter(codes))}." if len(codes) == 1 else
+             "WARNING: cells made by different code: " + "; ".join(f"{label}: {', '.join(cells)}" for label, cells in codes.items())]
+    precisions: dict[str, list[str]] = {}
+    for job in jobs:  # results.json without "precision" predate trainer.precision=auto: the CPU config was 32-true then
+        value = (job["results"].get("precision") or {}).get("value") or "32-true (before precision was recorded)"
+        precisions.setdefault(value, []).append(f"{job['key'][0]}@{job['key'][1]:.2f}")
+    if len(precisions) > 1:
+        lines.append("WARNING: cells computed in different precisions: "
+                     + "; ".join(f"{value}: {', '.join(cells)}" for value, cells in precisions.items()))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
