@@ -77,8 +77,8 @@ class BenchSettings:
     train_documents: int = 600
     lever_rounds: int = 3
     lever_steps: int = 2
-    levers: tuple[str, ...] = ("sparse_head", "attention_dropout", "compile", "optimizer_foreach", "one_thread", "omp_passive",
-                               "allocator")
+    levers: tuple[str, ...] = ("precision", "sparse_head", "attention_dropout", "compile", "optimizer_foreach", "one_thread",
+                               "omp_passive", "allocator")
     ttq_steps: int = 60
     ttq_every: int = 10
     pipeline_documents: int = 1500

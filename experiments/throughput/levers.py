@@ -39,6 +39,7 @@ class Lever:
     compile: bool = False
     optimizer: str | None = None
     threads: int | None = None
+    bf16: bool | None = None  # None: dapt's precision (settings.precision)
 
 
 LEVERS: dict[str, Lever] = {
@@ -53,15 +54,21 @@ LEVERS: dict[str, Lever] = {
     )
 }
 # `--levers` accepts these names too: `sparse_head` is timed as its opposite (dense_head);
-# `attention_dropout` flips dapt's attention-probability dropout (0 <-> the checkpoint's value).
+# `attention_dropout` flips dapt's attention-probability dropout (0 <-> the checkpoint's value);
+# `precision` flips bf16 autocast (on <-> off).
 ALIASES = {"sparse_head": "dense_head"}
-FLIPPED = ("attention_dropout",)
+FLIPPED = ("attention_dropout", "precision")
 
 
-def resolve(names: tuple[str, ...], dapt_attention_dropout: float = 0.1, checkpoint_attention_dropout: float = 0.1) -> list[Lever]:
+def resolve(names: tuple[str, ...], dapt_attention_dropout: float = 0.1, checkpoint_attention_dropout: float = 0.1,
+            dapt_bf16: bool = False) -> list[Lever]:
     """The variants to time for lever ``names``, relative to dapt's current defaults."""
     levers = []
     for name in names:
+        if name == "precision":
+            levers.append(Lever("fp32", "fp32 instead of dapt's bf16 autocast", bf16=False) if dapt_bf16
+                          else Lever("bf16", "bf16 autocast instead of dapt's fp32", bf16=True))
+            continue
         if name in FLIPPED:
             if dapt_attention_dropout > 0:
                 levers.append(Lever("attention_dropout_off", "attention_probs_dropout_prob=0: SDPA can use its fused "
@@ -96,19 +103,20 @@ def _batches(settings: BenchSettings, tokenizer: Any, n: int) -> list[dict[str, 
 
 
 def make_step(
-    base: torch.nn.Module, lever: Lever | None, optimizer_default: str = "auto", device: str = "cpu"
+    base: torch.nn.Module, lever: Lever | None, optimizer_default: str = "auto", device: str = "cpu", bf16_default: bool = False
 ) -> Callable[[dict[str, torch.Tensor]], float]:
     """A closure running one training step of the dapt loop with ``lever`` applied.
 
-    On CUDA the step runs under bf16 autocast (as ``trainer=gpu``'s ``bf16-mixed``) and ends with a
-    device sync, so its wall time is the step's real duration.
+    The step runs under bf16 autocast when dapt's precision is bf16 (``bf16_default``, as Lightning's
+    ``bf16-mixed``) unless the lever flips it; on CUDA it ends with a device sync, so its wall time is
+    the step's real duration.
     """
     lever = lever or Lever("dapt", "dapt defaults")
     model = fresh_copy(base, attention_dropout=lever.attention_dropout).to(device)
     optimizer = build_optimizer(model, OptimizerConfig(lr=1e-4, implementation=lever.optimizer or optimizer_default))
     encoder = torch.compile(model.base_model) if lever.compile else None
     params = [p for p in model.parameters() if p.requires_grad]
-    on_cuda = device == "cuda"
+    bf16 = bf16_default if lever.bf16 is None else lever.bf16
 
     def step(batch: dict[str, torch.Tensor]) -> float:
         threads = torch.get_num_threads()
@@ -116,7 +124,7 @@ def make_step(
             torch.set_num_threads(lever.threads)
         try:
             ids, labels = batch["input_ids"].to(device, non_blocking=True), batch["labels"].to(device, non_blocking=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 if lever.dense_head:
                     loss = dense_mlm_loss(model, ids, labels)
                 else:
@@ -146,7 +154,8 @@ def measure_levers(
 
     tokenizer = load_tokenizer(settings.model_source)
     dapt_dropout = float(getattr(dapt_model.config, "attention_probs_dropout_prob", 0.0) or 0.0)
-    chosen = [lv for lv in resolve(names, dapt_dropout, checkpoint_attention_dropout) if not (compile_default and lv.compile)]
+    dapt_bf16 = "bf16" in settings.precision
+    chosen = [lv for lv in resolve(names, dapt_dropout, checkpoint_attention_dropout, dapt_bf16) if not (compile_default and lv.compile)]
     variants: list[tuple[str, Lever]] = [("dapt", Lever("dapt", "dapt defaults", compile=compile_default)),
                                          *[(lv.name, lv) for lv in chosen]]
     batches = _batches(settings, tokenizer, settings.lever_rounds * settings.lever_steps + 1)
@@ -154,7 +163,7 @@ def measure_levers(
     warmup_s: dict[str, float] = {}
     for name, lever in variants:
         started = time.perf_counter()
-        steps[name] = make_step(dapt_model, lever, device=settings.device)
+        steps[name] = make_step(dapt_model, lever, device=settings.device, bf16_default=dapt_bf16)
         steps[name](batches[0])  # warm-up (torch.compile compiles here)
         warmup_s[name] = time.perf_counter() - started
     times: dict[str, list[float]] = {name: [] for name, _ in variants}
