@@ -95,6 +95,7 @@ def run_worker(
     ``env_overrides`` are defaults (a variable the user set wins, as with ``dapt``'s own
     ``setdefault``) unless ``force``; ``None`` removes a variable (only with ``force``).
     """
+    _progress(f"{spec['kind']} run" + "".join(f" {k}={spec[k]}" for k in ("seed", "bf16", "precision", "probe_every") if spec.get(k) is not None))
     if inprocess:  # --smoke: checks the plumbing without paying a process start-up per run
         from experiments.throughput.worker import run
 
@@ -122,6 +123,12 @@ def run_worker(
         if proc.returncode != 0 or not out_path.exists():
             raise RuntimeError(f"bench worker {spec['kind']} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         return json.loads(out_path.read_text())
+
+
+def _progress(message: str) -> None:
+    """One line per stage and per measured run on stderr (a few dozen lines in all, never a bar), so
+    a bench of several minutes shows where it is, in a terminal and in a CI log alike."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def machine_info() -> dict[str, Any]:
@@ -396,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         now = time.perf_counter()
         stage_s[name] = now - mark
         mark = now
+        _progress(f"stage {name} done ({stage_s[name]:.0f} s)")
     from dapt.precision import resolve_precision
 
     settings.precision = resolve_precision(settings.precision, settings.device).value
@@ -427,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         results["hf_best"] = {"same_as": "hf_trainer"}
     results["speedup_rounds"], results["speedup_vs_hf_trainer"] = h2h["speedup_vs_hf_trainer_rounds"], h2h["speedup_vs_hf_trainer"]
     results["speedup_vs_hf_best"] = h2h.get("speedup_vs_hf_best", h2h["speedup_vs_hf_trainer"])
+    results["speedup_vs_hf_best_rounds"] = h2h.get("speedup_vs_hf_best_rounds", h2h["speedup_vs_hf_trainer_rounds"])
     results["speedup_vs_dapt_fp32"] = h2h.get("speedup_vs_dapt_fp32")
     results["mfu"] = results["dapt"]["mfu"]
     results["mfu_hf_trainer"] = results["hf_trainer"]["mfu"]
