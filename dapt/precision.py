@@ -3,11 +3,11 @@ matmuls natively, fp32 elsewhere.
 
 Why: on CPUs with AMX or AVX-512 BF16 (and on Ampere+/Hopper GPUs) bf16 matmuls run several times
 faster than fp32 (the ratio on each machine measured is in ``experiments/throughput/README.md``).
-Lightning's ``bf16-mixed`` autocasts the matmuls (their outputs are bf16 too) and keeps fp32 master
-weights, optimizer state, LayerNorm, softmax and the cross-entropy; held-out evaluation also runs the
-MLM head's vocabulary projection in fp32 (``sparse_head.sparse_mlm_loss``), so a reported
-perplexity differs from an fp32 evaluation of the same weights only through the encoder's bf16
-matmuls. Without native support bf16 is emulated and slower than fp32, so ``auto`` stays at
+Lightning's ``bf16-mixed`` autocasts the forward pass (on the CPU the matmuls and also LayerNorm,
+softmax, attention and GELU return bf16: every activation is bf16) and keeps fp32 master weights,
+optimizer state and the cross-entropy; held-out evaluation also runs the MLM head's vocabulary
+projection in fp32 (``sparse_head.sparse_mlm_loss``), so a reported perplexity is not rounded at the
+logits, though the encoder's activations are bf16. Without native support bf16 is emulated and slower than fp32, so ``auto`` stays at
 ``32-true`` there. Whether bf16 changes a result is checked, not assumed: the bench trains the same
 steps in both precisions and compares the held-out loss reduction (``experiments/throughput``), the
 default run's numbers in bf16 are compared with its fp32 numbers in ``experiments/dapt_biomed``, and
@@ -63,16 +63,17 @@ def on_cuda(accelerator: Any) -> bool:
     return str(accelerator if accelerator is not None else "auto") in ("gpu", "cuda", "auto") and torch.cuda.is_available()
 
 
-def matmul_dtype(precision: str) -> Any:
-    """The dtype the matmuls of a run in ``precision`` compute in (what its MFU peak must be measured at)."""
+def matmul_dtype(precision: str, device: str = "cpu") -> Any:
+    """The dtype the matmuls of a run in ``precision`` compute in (what its MFU peak must be measured at).
+    ``16-mixed`` on a CPU is bf16: Lightning's CPU autocast has no fp16 and switches to bf16."""
     import torch
 
     value = _ALIASES.get(str(precision), str(precision))
-    if value.startswith("bf16"):
+    if value.startswith("bf16") or (value.startswith("16") and device != "cuda"):
         return torch.bfloat16
     if value.startswith("16"):
         return torch.float16
-    return torch.float32
+    return torch.float64 if value.startswith("64") else torch.float32
 
 
 def resolve_precision(requested: Any, accelerator: Any = "cpu") -> Precision:

@@ -420,7 +420,7 @@ def _throughput_monitor(model: torch.nn.Module, run: RunConfig, mask_rate: float
     from dapt.modeling.flops import flops_per_token, measured_peak_flops
 
     device = "cuda" if on_cuda(run.trainer.get("accelerator")) else "cpu"
-    dtype = matmul_dtype(run.precision.value)  # MFU against the peak of the precision the matmuls run in
+    dtype = matmul_dtype(run.precision.value, device)  # MFU against the peak of the precision the matmuls run in
     try:
         peak = measured_peak_flops(dtype=dtype, device=device)
     except Exception as exc:  # noqa: BLE001 - a failed measurement must not stop training
@@ -434,8 +434,10 @@ def _throughput_monitor(model: torch.nn.Module, run: RunConfig, mask_rate: float
             log.warning("could not re-measure the matmul peak for MFU: %s", exc)
             return None
 
+    # On a GPU the peak is one device's and each rank has its own; on a CPU it is measured with all of
+    # this process's threads before any rank starts, i.e. the host's, which local ranks share.
     return ThroughputMonitor(flops_per_token=flops_per_token(model, run.data.max_seq_length, mask_rate), peak_flops=peak,
-                             remeasure_peak=remeasure)
+                             remeasure_peak=remeasure, peak_per_rank=device == "cuda")
 
 
 def _documents(sources: list[Any], data_dir: str) -> Any:

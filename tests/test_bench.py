@@ -27,13 +27,14 @@ def test_flops_per_token_matches_the_documented_formula():
 
 
 def test_precision_quality_judges_the_loss_reduction_not_the_loss():
-    """A bf16 run that made only 15% of fp32's loss reduction fails, though its final loss is 6% from fp32's."""
+    """A bf16 run that made only 15% of fp32's loss reduction fails, though its final loss is 6% from fp32's;
+    one within 1% of fp32's reduction passes."""
     from experiments.throughput.bench import precision_quality
 
     def arm(start: float, finals: list[float]) -> dict:
         return {"runs": [{"start_eval_loss": start, "eval_loss": f} for f in finals]}
 
-    same = precision_quality({"dapt": arm(3.0, [2.80, 2.805]), "dapt_fp32": arm(3.0, [2.80, 2.80])})
+    same = precision_quality({"dapt": arm(3.0, [2.80, 2.801]), "dapt_fp32": arm(3.0, [2.80, 2.80])})
     lost = precision_quality({"dapt": arm(3.0, [2.97, 2.97]), "dapt_fp32": arm(3.0, [2.80, 2.80])})
     assert same["within_tolerance"] and not lost["within_tolerance"]
 
@@ -78,7 +79,6 @@ def test_bench_smoke_output_contract(tmp_path, capsys, data_dir):
     if cpu_bf16_feature():  # HF's best CPU setting is its own arm, and dapt's bf16 is checked against fp32
         assert result["hf_best"]["tokens_per_s"] > 0 and result["dapt_fp32"]["tokens_per_s"] > 0
         assert len(result["quality"]["precision"]["rounds"]) == result["settings"]["rounds"]
-        assert result["quality"]["precision"]["within_tolerance"] in (True, False)
         assert result["dapt"]["precision_dtype"] == "torch.bfloat16" and result["dapt_fp32"]["precision_dtype"] == "torch.float32"
     else:
         assert result["hf_best"] == {"same_as": "hf_trainer"} and "dapt_fp32" not in result

@@ -12,7 +12,7 @@ import pytest
 
 # version -> fingerprint of the recipe's code at that version
 BASE_RECIPE = {2: "50a6eac872ec898f"}  # re-pinned when the fingerprint grew to the whole datamodule module, for per-rank resume state, one collective helper and the fp32 vocabulary projection in bf16 evaluation (base training unchanged)
-CONTROL_RECIPE = {1: "7a0f603f7704a317"}  # re-pinned after changes that alter no result (stage_keys shared, document count from the table; weight hashes in the marker, a damaged cache rebuilt; per-rank resume state; one collective helper; the cached-evaluation read split out); fp32 vocabulary projection in bf16 evaluation: fp32 controls unchanged, and no bf16 control was cached by the code before it (9c3b318, superseded the same hour)
+CONTROL_RECIPE = {2: "7a0f603f7704a317"}  # 2: held-out evaluation under bf16 projects to the vocabulary in fp32; controls cached in bf16 before it (e.g. trainer=gpu) held bf16-logit numbers
 
 
 @pytest.mark.parametrize(

@@ -69,6 +69,24 @@ def test_fine_tuning_inside_a_run_follows_the_runs_precision(compose, cpu_featur
     assert downstream_config(cfg).resolved_precision().value == FP32  # an explicit downstream setting wins
 
 
+def test_fine_tunes_on_another_device_resolve_auto_for_their_own(compose, monkeypatch):
+    """GPU training in bf16 with CPU fine-tuning (downstream.accelerator=cpu) on a CPU without native
+    bf16: the fine-tunes run fp32, not emulated bf16."""
+    from dapt.evaluation.downstream import downstream_config
+    from dapt.train import validate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(precision_mod, "cpu_bf16_feature", lambda: None)
+    cfg = compose([*TINY_OVERRIDES, "trainer.accelerator=gpu", "trainer.precision=auto", "downstream.accelerator=cpu"])
+    validate(cfg)
+    assert cfg.trainer.precision == BF16
+    dcfg = downstream_config(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the fine-tune resolves on the CPU
+    assert dcfg.resolved_precision().value == FP32
+
+
 def test_local_ranks_get_rank_zeros_precision(tmp_path):
     from dapt.tracking.ddp import rank_overrides
 
@@ -310,14 +328,23 @@ def test_mfu_is_the_job_rate_over_the_peak_of_every_rank():
 
     from dapt.modeling.callbacks import ThroughputMonitor
 
-    monitor = ThroughputMonitor(warmup_steps=0, flops_per_token=1e6, peak_flops=1e17)
     logged: dict[str, float] = {}
     module = SimpleNamespace(log=lambda name, value, **kw: logged.__setitem__(name, value))
     batch = {"input_ids": torch.zeros(4, 64, dtype=torch.long)}
-    for world in (1, 2):
-        monitor.measured_tokens, monitor.measured_time, monitor._n = 0, 0.0, 0
+    # (peak per rank (GPU) or per host (CPU), world size, hosts) -> how many peaks the job's rate is spread over
+    for per_rank, world, nodes, peaks in ((True, 1, 1, 1), (True, 2, 1, 2), (False, 2, 1, 1), (False, 4, 2, 2)):
+        monitor = ThroughputMonitor(warmup_steps=0, flops_per_token=1e6, peak_flops=1e17, peak_per_rank=per_rank)
         monitor.on_train_batch_start(None, module, batch, 0)
-        monitor.on_train_batch_end(SimpleNamespace(world_size=world), module, None, batch, 0)
+        monitor.on_train_batch_end(SimpleNamespace(world_size=world, num_nodes=nodes), module, None, batch, 0)
         rate = monitor.tokens_per_s
-        assert monitor.mfu == pytest.approx(rate * 1e6 / (1e17 * world))
+        assert monitor.mfu == pytest.approx(rate * 1e6 / (1e17 * peaks))
         assert logged["train/mfu"] == pytest.approx(monitor.mfu)
+
+
+def test_matmul_dtype_of_each_precision():
+    from dapt.precision import matmul_dtype
+
+    assert matmul_dtype(BF16) == torch.bfloat16 and matmul_dtype(FP32) == torch.float32 and matmul_dtype("32") == torch.float32
+    assert matmul_dtype("16-mixed", "cuda") == torch.float16
+    assert matmul_dtype("16-mixed", "cpu") == torch.bfloat16  # Lightning's CPU autocast switches fp16 to bf16
+    assert matmul_dtype("64-true") == torch.float64

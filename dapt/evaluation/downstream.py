@@ -28,7 +28,7 @@ from dapt.evaluation.finetuning import DownstreamConfig, finetune_seed, prepare
 from dapt.evaluation.report import format_downstream_table, print_downstream_table
 from dapt.evaluation.stats import aggregate_seeds, apply_holm, paired_comparison, summarize
 from dapt.evaluation.tasks import METRICS, TaskConfig, TaskData, load_task, resolve_task
-from dapt.precision import AUTO
+from dapt.precision import AUTO, on_cuda
 
 __all__ = [
     "check_downstream",
@@ -55,9 +55,11 @@ def downstream_config(cfg: Any) -> DownstreamConfig:
     dcfg = to_dataclass(DownstreamConfig, node or {}, prefix="downstream")
     trainer = cfg.get("trainer") if isinstance(cfg, (DictConfig, Mapping)) else None
     trainer_precision = trainer.get("precision") if isinstance(trainer, (DictConfig, Mapping)) else None
-    if dcfg.precision == AUTO and trainer_precision not in (None, AUTO):
+    same_device = trainer is not None and on_cuda(trainer.get("accelerator")) == on_cuda(dcfg.accelerator)
+    if dcfg.precision == AUTO and trainer_precision not in (None, AUTO) and same_device:
         # Inside `dapt train`, `auto` fine-tunes in the precision the run trained in (validate() has
-        # resolved it), so `trainer.precision=32-true` makes the whole run fp32.
+        # resolved it), so `trainer.precision=32-true` makes the whole run fp32. Fine-tunes on another
+        # device (GPU training, CPU fine-tuning) resolve `auto` for their own device instead.
         dcfg.precision = str(trainer_precision)
     return dcfg
 

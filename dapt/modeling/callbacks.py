@@ -25,7 +25,7 @@ class ThroughputMonitor(pl.Callback):
     ``warmup_steps`` (allocator and kernel warm-up), so the figure is the steady-state rate.
     ``train/mfu`` is the mean over the measured steps so far (after the first few, one short step
     cannot make it spike) and divides the job's FLOP/s by ``peak_flops`` × the number of ranks
-    (``peak_flops`` is one rank's device or CPU threads). It is never above 1: a value above 1 means
+    (``peak_per_rank``: one GPU's peak) or × the number of hosts (a CPU peak, which local ranks share). It is never above 1: a value above 1 means
     the peak was measured too low (a busy machine), so the peak is measured again once
     (``remeasure_peak``); if training still beats it over ``MIN_STEPS_FOR_VERDICT`` measured steps,
     MFU is not reported for the run, with a warning, rather than reported wrong.
@@ -34,11 +34,12 @@ class ThroughputMonitor(pl.Callback):
     MIN_STEPS_FOR_VERDICT = 5
 
     def __init__(self, warmup_steps: int = 2, flops_per_token: float | None = None, peak_flops: float | None = None,
-                 remeasure_peak: Callable[[], float | None] | None = None) -> None:
+                 remeasure_peak: Callable[[], float | None] | None = None, peak_per_rank: bool = True) -> None:
         self.warmup_steps = warmup_steps
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.remeasure_peak = remeasure_peak
+        self.peak_per_rank = peak_per_rank
         self.tokens = 0
         self.measured_tokens = 0
         self.measured_time = 0.0
@@ -57,7 +58,8 @@ class ThroughputMonitor(pl.Callback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         dt = time.perf_counter() - self._t0
-        self._world = trainer.world_size
+        # how many peaks the job's rate is spread over: every rank's device, or every host's CPU
+        self._world = trainer.world_size if self.peak_per_rank else int(getattr(trainer, "num_nodes", 1) or 1)
         n_tokens = int(batch["input_ids"].numel()) * trainer.world_size
         self.tokens += n_tokens
         self._n += 1

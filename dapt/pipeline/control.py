@@ -38,7 +38,7 @@ from dapt.tracking.progress import StepProgressBar
 log = logging.getLogger(__name__)
 
 # Bump when the control's training or evaluation code changes (pinned in tests/test_cache_versions.py).
-CONTROL_VERSION = 1
+CONTROL_VERSION = 2  # 2: held-out evaluation under bf16 projects to the vocabulary in fp32 (cached bf16 controls had bf16 logits)
 MARKER = "dapt_control.json"
 
 

@@ -197,7 +197,7 @@ def find_resume_point(cfg: Any, run_dir: Path) -> ResumePoint | None:
             best = (stamp, candidate, finished)
     if best is None:
         for candidate, precision in other_precision:  # e.g. a requeued job landed on a node without native bf16
-            log.warning("resume=auto: %s ran this config in precision %s, and this machine resolved trainer.precision to %s; "
+            log.warning("resume=auto: %s ran this config in precision %s, and this run's trainer.precision is %s; "
                         "not continued (different numerics). Pass trainer.precision=%s to continue it.", candidate, precision,
                         (signature.get("trainer") or {}).get("precision"), precision)
         log.info("resume=auto: no earlier run of this config next to %s; starting a new run", run_dir)

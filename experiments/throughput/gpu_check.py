@@ -1,7 +1,7 @@
 """The whole GPU check in one command: dapt vs the HF Trainer recipe on one GPU, bf16, for MiniLM-L6
 and bert-base shapes at sequence lengths 128 and 512.
 
-    python -m experiments.throughput.gpu_check --out <dir>      # on a GPU machine; about 5 minutes
+    python -m experiments.throughput.gpu_check --out <dir>      # on a GPU machine (sized for < 8 minutes; not yet timed)
 
 Why a script: a lent GPU machine is there for minutes, so one prepared command has to measure
 everything and leave JSON behind. Each configuration is one ``bench`` run (``--rounds 1``, CPU-only
