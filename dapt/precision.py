@@ -7,8 +7,8 @@ Lightning's ``bf16-mixed`` autocasts the forward pass (on the CPU the matmuls an
 softmax, attention and GELU return bf16: every activation is bf16) and keeps fp32 master weights,
 optimizer state and the cross-entropy; held-out evaluation also runs the MLM head's vocabulary
 projection in fp32 (``sparse_head.sparse_mlm_loss``), so a reported perplexity is not rounded at the
-logits, though the encoder's activations are bf16. Without native support bf16 is emulated and slower than fp32, so ``auto`` stays at
-``32-true`` there. Whether bf16 changes a result is checked, not assumed: the bench trains the same
+logits, though the encoder's activations are bf16. Without native support bf16 is emulated and
+slower than fp32, so ``auto`` stays at ``32-true`` there. Whether bf16 changes a result is checked, not assumed: the bench trains the same
 steps in both precisions and compares the held-out loss reduction (``experiments/throughput``), the
 default run's numbers in bf16 are compared with its fp32 numbers in ``experiments/dapt_biomed``, and
 the test suite checks that a bf16 step really runs the matmuls in bf16 with fp32 weights and loss.

@@ -403,17 +403,21 @@ def main(argv: list[str] | None = None) -> int:
         stage_s[name] = now - mark
         mark = now
         _progress(f"stage {name} done ({stage_s[name]:.0f} s)")
-    from dapt.precision import resolve_precision
+    from dapt.precision import BF16, FP32, matmul_dtype, resolve_precision
 
     settings.precision = resolve_precision(settings.precision, settings.device).value
     results["settings"] = settings.as_dict()
-    # MFU against the peak of the precision the matmuls run in: each arm's own (bf16 peak for bf16 arms).
+    # MFU against the peak of the precision each arm's matmuls run in (bf16 peak for bf16 arms);
+    # only the dtypes some arm uses are measured.
+    arm_precision = {"hf_trainer": BF16 if settings.device == "cuda" else FP32, "hf_best": BF16,
+                     "dapt": settings.precision, "dapt_fp32": FP32}
+    used = {name for name, _ in arms(settings, args.compile)}
+    dtypes = {name: matmul_dtype(p, settings.device) for name, p in arm_precision.items() if name in used}
     peak_seconds = 0.5 if settings.tiny else 3.0
     peaks = {str(dt): measured_peak_flops(dt, settings.device, seconds=peak_seconds, refresh=True)
-             for dt in (torch.float32, torch.bfloat16)}
+             for dt in dict.fromkeys(dtypes.values())}
     results["peak_flops_by_dtype"] = peaks
-    arm_dtype = {"hf_trainer": "torch.bfloat16" if settings.device == "cuda" else "torch.float32", "hf_best": "torch.bfloat16",
-                 "dapt": "torch.bfloat16" if "bf16" in settings.precision else "torch.float32", "dapt_fp32": "torch.float32"}
+    arm_dtype = {name: str(dt) for name, dt in dtypes.items()}
     results["peak_flops"] = peaks[arm_dtype["dapt"]]
     model = load_base_model(settings)
     results["flops_per_token"] = {
