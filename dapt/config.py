@@ -7,11 +7,12 @@ the key's full name instead of an hour into a run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterator, Sequence, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -45,6 +46,8 @@ def default_data_dir() -> str:
 
 
 def default_cache_dir() -> str:
+    """dapt's cache folder: ``$DAPT_CACHE_DIR``, else ``~/.cache/dapt`` (``paths.cache_dir``'s default,
+    the MFU peak cache and the masking statistics all use it)."""
     return os.environ.get("DAPT_CACHE_DIR") or str(Path.home() / ".cache" / "dapt")
 
 
@@ -64,7 +67,52 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("dapt_run_tag", lambda: RUN_TAG)
 
 
-def _describe(exc: OmegaConfBaseException, prefix: str) -> str:
+@contextlib.contextmanager
+def hydra_config_dir(directory: str | os.PathLike[str] | None = None) -> Iterator[None]:
+    """Hydra initialised on ``directory`` (default ``config_dir()``) with dapt's resolvers, for the
+    ``with`` block: for code that needs Hydra's config loader itself (``dapt.launch.sweeps``).
+    Anything that only wants a composed config calls ``compose_config``."""
+    from hydra import initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(Path(directory) if directory else config_dir()), version_base="1.3"):
+        yield
+
+
+def compose_config(
+    overrides: Sequence[str] = (),
+    config_name: str = "train",
+    *,
+    directory: str | os.PathLike[str] | None = None,
+    return_hydra_config: bool = False,
+) -> DictConfig:
+    """Compose ``<config dir>/<config_name>.yaml`` with command-line style ``overrides``, as the
+    ``dapt`` commands would, outside a Hydra application (diagnostics, scripts, override checks).
+
+    A Hydra instance left initialised by earlier code is cleared first (composing twice in one
+    process must work); Hydra's state is restored when the composition ends. The group YAMLs extend
+    schemas that ``dapt.pipeline.schemas.register_schemas()`` registers (this layer cannot import
+    it; the commands do, and a missing registration is a one-line error saying so).
+    """
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    from hydra.errors import MissingConfigException
+
+    with hydra_config_dir(directory):
+        try:
+            return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+        except MissingConfigException as exc:
+            if "/schema" not in str(exc):
+                raise
+            raise ConfigError("the config groups' schemas are not registered: call "
+                              "dapt.pipeline.schemas.register_schemas() (or import dapt.commands) before composing") from exc
+
+
+def describe_config_error(exc: OmegaConfBaseException, prefix: str = "") -> str:
+    """One line naming the key an OmegaConf error is about (Hydra's schema errors are several)."""
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or ""
     full = f"{prefix}.{key}" if prefix and key else (key or prefix)
     msg = str(exc).splitlines()[0]
@@ -97,7 +145,7 @@ def to_dataclass(cls: type[T], cfg: Any, *, prefix: str = "") -> T:
     except ConfigError:
         raise
     except (ValidationError, ConfigKeyError, OmegaConfBaseException) as exc:
-        raise ConfigError(_describe(exc, prefix)) from exc
+        raise ConfigError(describe_config_error(exc, prefix)) from exc
     except Exception as exc:  # __post_init__ raising ConfigError is wrapped by OmegaConf
         cause = exc.__cause__ or exc.__context__
         if isinstance(cause, ConfigError):

@@ -25,7 +25,7 @@ class TrainingError(DaptError):
 
 
 class RunInUseError(DaptError):
-    """Another live process holds the run directory (``dapt.pipeline.resume.RunLock``): two
+    """Another live process holds the run directory (``dapt.pipeline.run_lock.RunLock``): two
     processes continuing one run would overwrite each other's checkpoints and results."""
 
 

@@ -14,12 +14,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from dapt.config import config_dir, default_data_dir, register_resolvers  # noqa: E402
-
+from dapt.pipeline.schemas import register_schemas  # noqa: E402
 from tests.helpers import MINILM  # noqa: E402
 
-TINY_OVERRIDES = ["model=tiny", "base=none", "tasks=[]", "trainer.max_steps=6", "trainer.val_check_interval=3",
+TINY_OVERRIDES = ["model=tiny", "base_prep=none", "tasks=[]", "trainer.max_steps=6", "trainer.val_check_interval=3",
                   "data.eval_tokens=256", "data.dev_eval_tokens=256", "data.batch_size=4", "data.max_seq_length=64", "data.shuffle_buffer=16",
                   "logger.wandb.enabled=false"]
+
+register_schemas()  # the group YAMLs extend <group>/schema: every test that composes needs them
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -67,3 +67,13 @@ class FakeRun:
     def log(self, data: dict[str, Any]) -> None:
         self.logged.append(data)
 
+
+
+def group_option(group: str, option: str) -> Any:
+    """One option file of a config group (``conf/<group>/<option>.yaml``) as a DictConfig, without its
+    ``defaults`` list (which only names the group's registered schema; Hydra applies it when composing)."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / group / f"{option}.yaml")
+    node.pop("defaults", None)
+    return node

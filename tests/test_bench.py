@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,12 +144,26 @@ def test_cli_restarts_once_with_its_allocator_settings_unless_the_user_set_them(
         assert "EXEC [" not in out and out.startswith(f"NO-EXEC {exported}")
 
 
-def test_dapt_bench_runs_from_any_directory(tmp_path):
-    """experiments/ is not an installed package: the CLI imports it from the checkout."""
+def test_installed_package_never_imports_the_checkout(tmp_path):
+    """The benchmark is ``make bench`` / ``python -m experiments.throughput.bench`` from a clone: the
+    installed ``dapt`` neither offers ``dapt bench`` nor edits ``sys.path`` to reach ``experiments/``."""
+    import ast
+
+    import dapt
+    from dapt.cli import SUBCOMMANDS
     from tests.helpers import fail_message, run_dapt
 
-    proc = run_dapt(["bench", "--help"], cwd=tmp_path, timeout=120)
-    assert proc.returncode == 0 and "--smoke" in proc.stdout, fail_message(proc)
+    assert "bench" not in SUBCOMMANDS
+    proc = run_dapt(["bench"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "unknown command 'bench'" in proc.stderr, fail_message(proc)
+    for path in Path(dapt.__file__).parent.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", None) == "sys":
+                raise AssertionError(f"{path} touches sys.path")
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(n.startswith("experiments") for n in names), f"{path} imports {names}"
 
 
 @pytest.mark.timeout(600)

@@ -6,15 +6,20 @@ These are fast (no training). The same code on real sweep runs is tested in ``te
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from matplotlib.transforms import Bbox
 
+from dapt import reporting as compare
+from dapt.commands.compare import main as compare_main
 from dapt.errors import DaptError
-from dapt.tracking import compare
-from dapt.tracking.compare import Run, comparison_table, config_differences, load_runs
+from dapt.reporting import Run, comparison_table, config_differences, load_runs
 
 
 def _config(lr: float, rate: float, seed: int = 42) -> dict:
@@ -26,13 +31,13 @@ def _config(lr: float, rate: float, seed: int = 42) -> dict:
     }
 
 
-def _downstream(after: list[float], before: list[float]) -> dict:
+def _downstream(after: list[float], before: list[float], task: str = "ncbi_disease") -> dict:
     def cell(values: list[float]) -> dict:
         mean = sum(values) / len(values)
         std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
         return {"mean": mean, "std": std, "values": values, "n": len(values)}
 
-    return {"ncbi_disease": {"metric": "f1", "before": {"test_f1": cell(before), "dev_f1": cell(before)},
+    return {task: {"metric": "f1", "before": {"test_f1": cell(before), "dev_f1": cell(before)},
                              "after": {"test_f1": cell(after), "dev_f1": cell(after)}, "delta": 0.01, "p_value": 0.2}}
 
 
@@ -125,21 +130,21 @@ def test_plots_are_written(sweep, tmp_path):
 def test_cli_writes_everything_and_filters(sweep, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "cmp"
-    assert compare.main([str(sweep), "--out", str(out), "--sort", "domain_ppl_after"]) == 0
+    assert compare_main([str(sweep), "--out", str(out), "--sort", "domain_ppl_after"]) == 0
     printed = capsys.readouterr().out
     assert "4 runs (1 failed or unfinished)" in printed
     assert {p.name for p in out.iterdir()} == {"runs.csv", "runs.md", "ppl_curves.png", "downstream.png"}
-    assert compare.main([str(sweep), "--filter", "masking.rate=0.15", "--format", "csv", "--no-plots", "--out", str(out)]) == 0
+    assert compare_main([str(sweep), "--filter", "masking.rate=0.15", "--format", "csv", "--no-plots", "--out", str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith("run,status,optimizer.lr")  # masking.rate no longer differs
-    assert compare.main([str(sweep), "-f", "status=failed", "--format", "markdown", "--no-plots", "--out", str(out)]) == 0
+    assert compare_main([str(sweep), "-f", "status=failed", "--format", "markdown", "--no-plots", "--out", str(out)]) == 0
     assert capsys.readouterr().out.count("\n") == 3
-    assert compare.main([str(sweep), "-f", "group=dapt_biomed", "-f", "optimizer.lr=5e-4", "--format", "csv", "--no-plots", "--out", str(out)]) == 0
+    assert compare_main([str(sweep), "-f", "group=dapt_biomed", "-f", "optimizer.lr=5e-4", "--format", "csv", "--no-plots", "--out", str(out)]) == 0
     assert [line.split(",")[0] for line in capsys.readouterr().out.strip().splitlines()[1:]] == ["1", "3"]
     # default output folder: <source>/compare for one folder, ./compare for several
-    assert compare.main([str(sweep), "--no-plots", "--format", "csv"]) == 0
+    assert compare_main([str(sweep), "--no-plots", "--format", "csv"]) == 0
     assert (sweep / "compare" / "runs.csv").is_file()
-    assert compare.main([str(sweep / "0"), str(sweep / "1"), "--no-plots", "--format", "csv"]) == 0
+    assert compare_main([str(sweep / "0"), str(sweep / "1"), "--no-plots", "--format", "csv"]) == 0
     assert (tmp_path / "compare" / "runs.md").is_file()
 
 
@@ -222,3 +227,217 @@ def test_run_without_results_uses_hydra_config(tmp_path):
     assert run.status == "incomplete" and run.metrics == {}
     assert run.config["experiment_name"] == "dapt_cs"  # resolved where it can be
     assert run.history.empty and Run(name="bare").history.empty
+
+
+# ----------------------------------------------------------------------------- legibility: a sweep and a mixed bag of runs
+
+def _full_metrics(ppl: float, general: float, control: float, f1: dict[str, float] | None, steps: int = 2000) -> dict:
+    m = {"domain_dev_ppl_after": ppl * 1.02, "domain_ppl_before": 30.0, "domain_ppl_after": ppl,
+         "domain_ppl_after_ci_low": ppl * 0.96, "domain_ppl_after_ci_high": ppl * 1.04,
+         "domain_ppl_change": ppl / 30.0 - 1, "domain_ppl_change_ci_low": ppl / 30.0 - 1.03, "domain_ppl_change_ci_high": ppl / 30.0 - 0.97,
+         "domain_ppl_change_vs_control": ppl / control - 1, "domain_ppl_change_vs_control_ci_low": ppl / control - 1.04,
+         "domain_ppl_change_vs_control_ci_high": ppl / control - 0.96, "general_ppl_before": 25.0, "general_ppl_after": general,
+         "general_ppl_after_ci_low": general * 0.95, "general_ppl_after_ci_high": general * 1.05, "forgetting": general / 25.0 - 1,
+         "forgetting_vs_control": general / 26.0 - 1, "forgetting_vs_control_ci_low": general / 26.0 - 1.02,
+         "forgetting_vs_control_ci_high": general / 26.0 - 0.98, "control/domain_ppl_after": control,
+         "tokens_per_s": 51234.5, "train_tokens": steps * 4096, "steps": steps, "mfu": 0.31}
+    for task, score in (f1 or {}).items():
+        m[f"downstream/{task}/after/test_f1/mean"] = score
+        m[f"downstream/{task}/after/test_f1/std"] = 0.01
+        m[f"downstream/{task}/before/test_f1/mean"] = score - 0.02
+        m[f"downstream/{task}/delta"] = 0.02
+        m[f"downstream/{task}/p_value"] = 0.04
+    return m
+
+
+def _history(start: float, end: float, general: float, steps: int = 2000) -> list[dict]:
+    points = 8
+    return [{"step": steps * i // (points - 1), "val/domain/ppl": start * (end / start) ** (i / (points - 1)),
+             "val/general/ppl": 25.0 * (general / 25.0) ** (i / (points - 1))} for i in range(points)]
+
+
+def _overrides(run_dir: Path, overrides: list[str]) -> None:
+    (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+
+
+def _full_config(**changes: dict) -> dict:
+    config = {"experiment_name": "dapt_biomed", "seed": 42, "model": {"name": "distilroberta-base", "hidden": 768},
+              "data": {"name": "biomed", "max_length": 256}, "trainer": {"max_steps": 2000, "precision": "bf16"},
+              "optimizer": {"name": "adamw", "lr": 1e-4}, "masking": {"name": "random", "rate": 0.15},
+              "logger": {"wandb": {"name": None, "group": None}}, "tasks": ["ncbi_disease", "chemprot"],
+              "paths": {"output_dir": "/x"}}
+    for group, values in changes.items():
+        config[group] = {**config[group], **values} if isinstance(values, dict) else values
+    return config
+
+
+@pytest.fixture()
+def homogeneous(tmp_path: Path) -> Path:
+    """A sweep of 5 runs that differ only in ``masking.rate`` (plus a shared override)."""
+    root = tmp_path / "multirun" / "dapt_biomed" / "2026-03-03_10-00-00_ab12cd"
+    for i, rate in enumerate((0.1, 0.15, 0.2, 0.3, 0.4)):
+        ppl = 20.0 - 10 * rate
+        run = _make_run(root / str(i), _full_config(masking={"rate": rate}),
+                        _full_metrics(ppl, 26.0 + 5 * rate, 24.0, {"ncbi_disease": 0.80 + rate / 10, "chemprot": 0.70 - rate / 10}),
+                        history=_history(30.0, ppl, 26.0 + 5 * rate),
+                        downstream={**_downstream([0.80 + rate / 10 + d for d in (-0.01, 0, 0.01)], [0.79, 0.80, 0.78]),
+                                    **_downstream([0.70 - rate / 10 + d for d in (-0.02, 0, 0.02)], [0.69, 0.70, 0.68], "chemprot")})
+        _overrides(run, ["experiment=dapt_biomed", f"masking.rate={rate}"])
+    return root
+
+
+@pytest.fixture()
+def heterogeneous(tmp_path: Path) -> list[Path]:
+    """The default run and four short ones started by hand: different models, data, masking, many
+    differing config keys, one named in W&B, one without downstream results."""
+    out = tmp_path / "outputs"
+    specs = [
+        ("dapt_biomed/2026-03-03_09-00-00_1a2b3c", [], _full_config(), 2000),
+        ("dapt_biomed/2026-03-03_11-20-41_9f8e7d", ["model=tiny", "trainer.max_steps=20"],
+         _full_config(model={"name": "tiny-random-roberta", "hidden": 32}, trainer={"max_steps": 20}), 20),
+        ("dapt_cs/2026-03-03_11-22-05_44aa10", ["data=cs", "tasks=[scierc,acl_arc]", "trainer.max_steps=50"],
+         _full_config(experiment_name="dapt_cs", data={"name": "cs", "max_length": 512}, tasks=["scierc", "acl_arc"], trainer={"max_steps": 50}), 50),
+        ("dapt_biomed/2026-03-03_11-25-12_c0ffee", ["masking=whole_word", "masking.rate=0.4", "optimizer.lr=5e-4", "seed=7", "trainer.precision=32"],
+         _full_config(masking={"name": "whole_word", "rate": 0.4}, optimizer={"lr": 5e-4}, seed=7, trainer={"precision": "32"}), 50),
+        ("dapt_biomed/2026-03-03_11-30-00_777777", ["logger.wandb.name=ablation-no-warmup-long-descriptive-name", "scheduler=constant"],
+         _full_config(logger={"wandb": {"name": "ablation-no-warmup-long-descriptive-name", "group": "ablations"}},
+                      trainer={"max_steps": 30, "gradient_clip_val": 1.0}), 30),
+    ]
+    dirs = []
+    for i, (sub, overrides, config, steps) in enumerate(specs):
+        ppl = 18.0 + 3 * i
+        tasks = {t: 0.75 + 0.02 * i for t in config["tasks"]}
+        has_downstream = i != 2  # the cs run finished without downstream results
+        run = _make_run(out / sub, config, _full_metrics(ppl, 27.0 + i, 24.0, tasks if has_downstream else None, steps=steps),
+                        history=_history(30.0, ppl, 27.0 + i, steps),
+                        downstream={k: v for t in config["tasks"] for k, v in _downstream(
+                            [0.75 + 0.02 * i + d for d in (-0.01, 0, 0.01)], [0.74, 0.75, 0.73], t).items()} if has_downstream else None)
+        _overrides(run, overrides)
+        dirs.append(run)
+    return dirs
+
+
+def _legible(fig) -> None:
+    """The axes get most of the figure, nothing is cut off, and no legend covers an axes."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    width, height = fig.bbox.width, fig.bbox.height
+    boxes = [ax.get_window_extent(renderer) for ax in fig.axes]
+    union = Bbox.union(boxes)
+    assert union.width >= 0.4 * width and union.height >= 0.4 * height, (union, fig.bbox)
+    for box in boxes:  # no panel squeezed to a sliver by its neighbours, labels or legend
+        assert box.width >= 0.4 * union.width / len(boxes) and box.height >= 0.4 * height
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    assert legends
+    for legend in legends:
+        extent = legend.get_window_extent(renderer)
+        assert not any(extent.overlaps(box) for box in boxes), (extent, boxes)
+    tight = fig.get_tightbbox(renderer)  # inches: everything drawn lies inside the figure
+    assert tight.x0 >= -0.05 and tight.y0 >= -0.05
+    assert tight.x1 <= fig.get_figwidth() + 0.05 and tight.y1 <= fig.get_figheight() + 0.05
+
+
+@pytest.mark.parametrize("kind", ["homogeneous", "heterogeneous"])
+def test_plots_are_legible(kind, request, tmp_path):
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    sources = request.getfixturevalue(kind)
+    runs = load_runs(sources if isinstance(sources, list) else [sources])
+    labels = set(compare.run_labels(runs).values())
+    for name, make in (("ppl", compare.perplexity_figure), ("downstream", compare.downstream_figure)):
+        fig = make(runs)
+        assert fig is not None
+        _legible(fig)
+        texts = {t.get_text() for ax in fig.axes for t in ax.get_xticklabels()} | {
+            t.get_text() for legend in fig.legends for t in legend.get_texts()}
+        assert texts & labels and all(len(t) <= compare.LABEL_WIDTH for t in texts)  # short labels, not config dumps
+        plt.close(fig)
+    out = compare.write_outputs(runs, comparison_table(runs), tmp_path / kind)
+    for key in ("ppl_curves", "downstream"):
+        with Image.open(out[key]) as image:
+            assert out[key].stat().st_size > 5000 and min(image.size) >= 300
+    if os.environ.get("DAPT_COMPARE_PNG_DIR"):  # to look at them: DAPT_COMPARE_PNG_DIR=/tmp/compare_png pytest ...
+        target = Path(os.environ["DAPT_COMPARE_PNG_DIR"])
+        target.mkdir(parents=True, exist_ok=True)
+        for key in ("ppl_curves", "downstream"):
+            shutil.copy(out[key], target / f"{kind}_{out[key].name}")
+
+
+def test_labels_are_short_unique_and_say_what_differs(homogeneous, heterogeneous):
+    sweep = load_runs([homogeneous])
+    assert list(compare.run_labels(sweep).values()) == [f"masking.rate={r}" for r in (0.1, 0.15, 0.2, 0.3, 0.4)]
+    mixed = compare.run_labels(load_runs(heterogeneous))
+    assert len(set(mixed.values())) == len(mixed) == 5
+    assert all(len(label) <= compare.LABEL_WIDTH for label in mixed.values())
+    assert list(mixed.values())[:2] == ["defaults", "model=tiny,max_steps=20"]  # overrides shortened to fit
+    assert list(mixed.values())[4].startswith("ablation-no-warmup")  # the W&B run name wins
+    twins = compare.run_labels([Run(name="a/0", path=Path("a/0")), Run(name="b/0", path=Path("b/0"))])
+    assert sorted(twins.values()) == ["a/0", "b/0"]  # equal folder names fall back to the unique path
+
+
+def _printed(runs, width: int, **kwargs) -> str:
+    from rich.console import Console
+
+    console = Console(width=width, record=True, file=io.StringIO())
+    compare.print_comparison(runs, comparison_table(runs, **kwargs), f"{len(runs)} runs", console=console)
+    return console.export_text()
+
+
+@pytest.mark.parametrize("width", [80, 100, 160])
+def test_printed_tables_fit_the_terminal(homogeneous, heterogeneous, width):
+    for runs in (load_runs([homogeneous]), load_runs(heterogeneous)):
+        for kwargs in ({}, {"metrics": "all"}):
+            text = _printed(runs, width, **kwargs)
+            lines = text.splitlines()
+            assert max(len(line) for line in lines) <= width
+            labels = compare.run_labels(runs).values()
+            assert all(any(line.strip().startswith(label) for line in lines) for label in labels)  # one line per run, not folded
+            assert "domain_ppl_after" in text and "config differences" in text
+
+
+def test_config_differences_get_their_own_table(homogeneous, heterogeneous):
+    text = _printed(load_runs([homogeneous]), 100)
+    head = text.split("5 runs")[0]
+    assert "masking.rate" in head and "0.15" in head and "optimizer.lr" not in text
+    mixed = load_runs(heterogeneous)
+    text = _printed(mixed, 100)
+    head = text.split("5 runs")[0]
+    for key in ("model.name", "data.name", "trainer.max_steps", "masking.name", "optimizer.lr", "seed"):
+        assert key in head
+    assert "tiny-random-roberta" in head and "whole_word" in head
+    table = compare.config_table(mixed)
+    assert list(table["run"]) == list(compare.run_labels(mixed).values())
+    assert {"model.name", "data.name", "optimizer.lr", "seed"} <= set(table.columns)
+
+
+def test_cli_prints_within_columns(homogeneous, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "90")
+    assert compare_main([str(homogeneous), "--out", str(tmp_path / "o"), "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert max(len(line) for line in printed.splitlines()) <= 90 and "masking.rate=0.3" in printed
+    monkeypatch.setenv("COLUMNS", "90")
+    assert compare_main([str(homogeneous), "--out", str(tmp_path / "o"), "--no-plots", "--average-seeds"]) == 0
+    assert max(len(line) for line in capsys.readouterr().out.splitlines()) <= 90
+    full = (tmp_path / "o" / "runs.csv").read_text().splitlines()[0].split(",")
+    assert "domain_ppl_after std" in full  # the files keep every column
+
+
+def test_seed_std_is_pandas_sample_std():
+    import numpy as np
+    import pandas as pd
+
+    values = [0.81, 0.79, 0.84, 0.80]
+    runs = [Run(name=str(i), config={"seed": i, "masking.rate": 0.15}, metrics={"domain_ppl_after": v}) for i, v in enumerate(values)]
+    avg = compare.average_over_seeds(comparison_table(runs), runs)
+    assert avg["domain_ppl_after std"].iloc[0] == pytest.approx(np.std(values, ddof=1))
+    assert pd.Series(values).std(ddof=1) == pytest.approx(np.std(values, ddof=1))
+    one = compare.average_over_seeds(comparison_table(runs[:1]), runs[:1])
+    assert np.isnan(one["domain_ppl_after std"].iloc[0])  # one run: no spread, blank (not 0)
+    scores = compare.downstream_scores([Run(name="r", downstream={"t": {"after": {"test_f1": {"mean": 0.8, "values": values}}}})])
+    assert scores[0]["std"] == pytest.approx(np.std(values, ddof=1))
+
+
+def test_flatten_is_json_normalize_with_lists_as_json():
+    assert compare.flatten({"a": {"b": 1, "c": {"d": "x"}}, "tags": ["p", "q"], "e": None}) == {
+        "a.b": 1, "a.c.d": "x", "tags": '["p", "q"]', "e": None}

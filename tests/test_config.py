@@ -9,7 +9,7 @@ import pytest
 
 from dapt.config import config_dir, to_dataclass
 from dapt.errors import ConfigError, DataError
-from dapt.train import validate
+from dapt.pipeline.run_config import validate
 from tests.conftest import TINY_OVERRIDES
 
 CONF = config_dir()
@@ -21,7 +21,7 @@ def _options(group: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "group", ["model", "data", "masking", "optimizer", "scheduler", "trainer", "logger", "base", "downstream"]
+    "group", ["model", "data", "masking", "optimizer", "scheduler", "trainer", "logger", "base_prep", "downstream"]
 )
 def test_every_option_of_group_composes_and_validates(compose, group):
     options = _options(group)
@@ -125,3 +125,58 @@ def test_empty_and_empty_dir_corpora(tmp_path):
     (tmp_path / "nofield.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(DataError, match=r"nofield\.jsonl:1: no field 'text'"):
         list(iter_documents(SourceConfig(type="jsonl", path=str(tmp_path / "nofield.jsonl")), None))
+
+
+# --- group schemas (Hydra ConfigStore) ----------------------------------------------------------------
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("model.random_init=maybe", "invalid value for 'model.random_init'"),
+    ("optimizer.lr=abc", "invalid value for 'optimizer.lr'"),
+    ("base_prep.steps=x", "invalid value for 'base_prep.steps'"),
+    ("downstream.seeds=3", "invalid value for 'downstream.seeds'"),
+    ("model.foo=1", "unknown config key 'model.foo'"),
+])
+def test_schema_rejects_mistyped_values_in_one_line(override, expected):
+    """Hydra types each group against its registered schema; dapt reports the failure as one line."""
+    from dapt.launch.sweeps import check_overrides
+
+    with pytest.raises(ConfigError, match=expected) as info:
+        check_overrides([override], CONF)
+    assert "\n" not in str(info.value)
+
+
+def test_schema_rejects_an_unknown_key_inside_a_group_yaml(tmp_path):
+    """A typo in a YAML file (not an override) is caught at composition, naming the key."""
+    import shutil
+
+    from dapt.launch.sweeps import check_overrides
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "model" / "typo.yaml").write_text("defaults:\n  - schema\n  - _self_\nsource: x\nrandom_int: true\n")
+    with pytest.raises(ConfigError, match="random_int"):
+        check_overrides(["model=typo"], conf)
+
+
+def test_every_schema_group_yaml_extends_its_schema():
+    """A new option file without ``defaults: [schema, _self_]`` would silently skip Hydra's typing."""
+    from omegaconf import OmegaConf
+
+    from dapt.pipeline.schemas import GROUP_SCHEMAS, SCHEMA
+
+    for group in GROUP_SCHEMAS:
+        for path in sorted((CONF / group).glob("*.yaml")):
+            defaults = OmegaConf.load(path).get("defaults") or []
+            extends_schema = SCHEMA in defaults or any(str(d) in {p.stem for p in (CONF / group).glob("*.yaml")} for d in defaults)
+            assert extends_schema, f"{path} does not list '{SCHEMA}' (or a sibling that does) in its defaults"
+
+
+def test_composing_without_registered_schemas_says_how(tmp_path):
+    """Code that composes conf/ without dapt's commands gets told to register the schemas."""
+    import subprocess
+    import sys
+
+    code = "from dapt.config import compose_config; compose_config([])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "register_schemas" in proc.stderr, proc.stderr
+

@@ -126,7 +126,7 @@ def test_one_bad_line_in_ten_is_a_warning_with_file_and_line(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="dapt.data.quality"):
         stats = scan_prefix(source, None, QualityPolicy())
     assert (stats.records, stats.documents, stats.skipped["malformed_json"]) == (10, 9, 1)
-    assert any(f"small.jsonl:5: malformed JSON" in r.getMessage() for r in caplog.records)
+    assert any("small.jsonl:5: malformed JSON" in r.getMessage() for r in caplog.records)
 
 
 def test_warnings_stop_after_the_first_few_bad_records(tmp_path, caplog):

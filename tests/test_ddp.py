@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dapt.tracking.ddp import local_process_count, rank_command, starts_script_ranks
-from tests.helpers import fail_message, run_dapt as dapt
+from dapt.launch.ddp import local_process_count, rank_command, starts_script_ranks
+from tests.helpers import fail_message
+from tests.helpers import run_dapt as dapt
 
 STEPS, BATCH, LENGTH, WORLD = 6, 4, 64, 2
-JOB = ["trainer=ddp", "optimizer.lr=3e-4", "model=tiny", "base=none", "tasks=[]", f"trainer.max_steps={STEPS}",
+JOB = ["trainer=ddp", "optimizer.lr=3e-4", "model=tiny", "base_prep=none", "tasks=[]", f"trainer.max_steps={STEPS}",
        "trainer.val_check_interval=3", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=2", "data.eval_tokens=256", "data.dev_eval_tokens=256",
        f"data.batch_size={BATCH}", f"data.max_seq_length={LENGTH}", "data.shuffle_buffer=16", "experiment_name=ddp_test"]
 ENV = {"DAPT_RECORD_BLOCKS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -153,7 +154,7 @@ def test_which_trainers_need_local_ranks(trainer, n, script):
 
 
 def test_no_ranks_started_under_a_cluster_launcher(monkeypatch, tmp_path):
-    from dapt.tracking.ddp import local_ranks
+    from dapt.launch.ddp import local_ranks
 
     monkeypatch.setenv("LOCAL_RANK", "0")  # torchrun / SLURM / a rank we started ourselves
     with local_ranks({"strategy": "ddp", "devices": 2}, tmp_path, []) as started:

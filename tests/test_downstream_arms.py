@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from omegaconf import OmegaConf
 
 from dapt.evaluation import downstream
 from dapt.evaluation.finetuning import DownstreamConfig
 from dapt.evaluation.report import format_downstream_table
-from tests.helpers import FakeRun
+from tests.helpers import FakeRun, group_option
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +56,7 @@ def models(tmp_path: Path) -> dict[str, str]:
 
 
 def train_cfg(data_dir: Path, cache_dir: Path, tasks: list[str], **overrides: Any) -> Any:
-    node = OmegaConf.load(REPO / "conf" / "downstream" / "tiny.yaml")
+    node = group_option("downstream", "tiny")
     return OmegaConf.create({"tasks": tasks, "downstream": OmegaConf.merge(node, {"seeds": [0, 1, 2, 3, 4], **overrides}),
                              "paths": {"data_dir": str(data_dir), "cache_dir": str(cache_dir)}})
 

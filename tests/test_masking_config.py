@@ -214,7 +214,9 @@ def test_ablation_multirun_launches_every_combination(tmp_path: Path) -> None:
     app.write_text(textwrap.dedent(f"""
         import hydra
         from dapt.config import register_resolvers
+        from dapt.pipeline.schemas import register_schemas
         register_resolvers()
+        register_schemas()  # conf/'s group YAMLs extend <group>/schema
 
         @hydra.main(config_path={str(CONF)!r}, config_name="train", version_base=None)
         def main(cfg):

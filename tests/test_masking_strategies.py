@@ -18,10 +18,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dapt.masking import IGNORE_INDEX, Masker, MaskingContext, MaskingInput, achieved_rate, build_masker
-from dapt.masking.bench import pack_blocks
+from dapt.labels import IGNORE_INDEX
+from dapt.masking import Masker, MaskingContext, MaskingInput, achieved_rate, build_masker
 from dapt.masking.units import WordTable
-from tests.helpers import OHSUMED, WIKI, needs_shared_data, texts, minilm_tokenizer as wordpiece
+from experiments.throughput.masking_bench import pack_blocks
+from tests.helpers import OHSUMED, WIKI, needs_shared_data, texts
+from tests.helpers import minilm_tokenizer as wordpiece
 
 WORD_LEVEL = ("whole_word", "span", "pmi", "salient")
 ALL = ("random", *WORD_LEVEL)

@@ -3,18 +3,20 @@ hash consistency between corpus statistics and packed blocks, budgeted unit sele
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dapt.masking import IGNORE_INDEX, MaskingContext, MaskingInput, build_masker
-from dapt.masking.bench import pack_blocks
+from dapt.labels import IGNORE_INDEX
+from dapt.masking import MaskingContext, MaskingInput, build_masker
 from dapt.masking.corpus_stats import tokenize_corpus
 from dapt.masking.span import SpanMasking, SpanMaskingConfig, sample_span_lengths, span_length_probs
 from dapt.masking.units import WordTable, select_units, word_hashes
-from tests.helpers import OHSUMED, WIKI, minilm_tokenizer as tokenizer, needs_shared_data as needs_data, texts
+from experiments.throughput.masking_bench import pack_blocks
+from tests.helpers import OHSUMED, WIKI, texts
+from tests.helpers import minilm_tokenizer as tokenizer
+from tests.helpers import needs_shared_data as needs_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

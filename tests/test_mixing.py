@@ -21,11 +21,13 @@ import numpy as np
 import pytest
 import torch
 
-import dapt.data.datamodule as dm
+import dapt.data.stream as dm
 from dapt.config import to_dataclass
-from dapt.data.datamodule import DataConfig, PackedBlockStream, PackedCorpusDataModule, collate_blocks
+from dapt.data.config import DataConfig
+from dapt.data.datamodule import PackedCorpusDataModule
 from dapt.data.mixing import resolve_weights
 from dapt.data.sources import SourceConfig, iter_documents, source_files
+from dapt.data.stream import PackedBlockStream, collate_blocks
 from dapt.errors import ConfigError, DataError
 from tests.helpers import needs_shared_data
 
@@ -182,7 +184,7 @@ def test_same_seed_same_stream_and_start_block_is_the_tail(tmp_path, tokenizer):
 
 _DIGEST_SCRIPT = """
 import hashlib, itertools, json, sys
-from dapt.data.datamodule import PackedBlockStream
+from dapt.data.stream import PackedBlockStream
 from dapt.data.sources import SourceConfig
 from tests.helpers import minilm_tokenizer
 d = sys.argv[1]

@@ -59,7 +59,7 @@ def test_fused_adamw_gradients_are_clipped(precision: str) -> None:
 
 def test_bf16_mixed_training_runs_end_to_end(compose) -> None:
     """``trainer=gpu``'s precision and optimizer on the CPU: autocast bf16, fused AdamW, clipping."""
-    from dapt.train import train
+    from dapt.pipeline.run import train
 
     metrics, objects = train(compose([*TINY_OVERRIDES, "trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1.0"]))
     assert objects["trainer"].precision == "bf16-mixed"

@@ -8,9 +8,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from dapt.data.datamodule import PackedBlockStream
 from dapt.data.packing import BlockPacker
 from dapt.data.sources import SourceConfig, iter_documents
+from dapt.data.stream import PackedBlockStream
 from dapt.errors import ConfigError
 
 
@@ -53,7 +53,7 @@ def test_word_starts_follow_tokenizer_word_ids(tokenizer):
 
 def test_shards_cover_every_block_once(tokenizer, data_dir, monkeypatch):
     """2 DDP ranks x 2 dataloader workers: the union of shard streams is the corpus, without repeats."""
-    import dapt.data.datamodule as dm
+    import dapt.data.stream as dm
 
     source = SourceConfig(type="jsonl", path="biomed/corpus/ohsumed/test.jsonl", max_documents=200)
     all_docs = list(iter_documents(source, str(data_dir)))

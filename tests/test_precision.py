@@ -56,7 +56,7 @@ def test_auto_on_a_gpu_that_only_emulates_bf16_is_fp32(monkeypatch):
 def test_fine_tuning_inside_a_run_follows_the_runs_precision(compose, cpu_feature):
     """`trainer.precision=32-true` makes the whole run fp32, fine-tunes included (downstream.precision=auto)."""
     from dapt.evaluation.downstream import downstream_config
-    from dapt.train import validate
+    from dapt.pipeline.run_config import validate
 
     cpu_feature("AMX")
     for trainer_precision, expected in (("32-true", FP32), ("auto", BF16)):
@@ -73,7 +73,7 @@ def test_fine_tunes_on_another_device_resolve_auto_for_their_own(compose, monkey
     """GPU training in bf16 with CPU fine-tuning (downstream.accelerator=cpu) on a CPU without native
     bf16: the fine-tunes run fp32, not emulated bf16."""
     from dapt.evaluation.downstream import downstream_config
-    from dapt.train import validate
+    from dapt.pipeline.run_config import validate
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100")
@@ -88,7 +88,7 @@ def test_fine_tunes_on_another_device_resolve_auto_for_their_own(compose, monkey
 
 
 def test_local_ranks_get_rank_zeros_precision(tmp_path):
-    from dapt.tracking.ddp import rank_overrides
+    from dapt.launch.ddp import rank_overrides
 
     children = rank_overrides(["trainer.precision=auto", "trainer=ddp"], tmp_path, None, precision=BF16)
     assert [o for o in children if o.startswith("trainer.precision=")] == [f"trainer.precision={BF16}"]
@@ -99,7 +99,7 @@ def test_resume_auto_says_when_the_run_exists_in_another_precision(compose, tmp_
     """A requeued job on a machine where `auto` resolves differently does not continue the run in other
     numerics, and says which run it found and how to continue it."""
     from dapt.pipeline.resume import RUN_CONFIG, find_resume_point, run_signature
-    from dapt.train import validate
+    from dapt.pipeline.run_config import validate
 
     earlier = tmp_path / "outputs" / "x" / "earlier"
     earlier.mkdir(parents=True)
@@ -151,7 +151,7 @@ def _record_step_dtypes(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]
 
 @pytest.mark.parametrize("feature, matmul_dtype", [("AVX512_BF16", torch.bfloat16), (None, torch.float32)])
 def test_auto_precision_reaches_the_training_step_and_results(compose, cpu_feature, monkeypatch, feature, matmul_dtype):
-    from dapt.train import train
+    from dapt.pipeline.run import train
 
     cpu_feature(feature)
     seen = _record_step_dtypes(monkeypatch)
@@ -171,10 +171,10 @@ def test_auto_precision_reaches_the_training_step_and_results(compose, cpu_featu
 def test_base_caches_are_kept_apart_by_precision(compose, cpu_feature, monkeypatch):
     """A base trained in bf16 is never served to an fp32 run, nor the start model's held-out numbers
     measured under bf16 (``dapt.pipeline.fit.heldout_eval_payload`` keys them on the precision)."""
-    from dapt.train import train
+    from dapt.pipeline.run import train
 
     cpu_feature("AMX")
-    overrides = [*TINY_OVERRIDES, "base=general_mlm", "base.steps=2", "base.batch_size=2", "base.max_seq_length=64",
+    overrides = [*TINY_OVERRIDES, "base_prep=general_mlm", "base_prep.steps=2", "base_prep.batch_size=2", "base_prep.max_seq_length=64",
                  "control.enabled=false", "trainer.max_steps=1"]
     bf16_results = train(compose([*overrides, "trainer.precision=auto"]))[1]["results"]
     fp32_results = train(compose([*overrides, "trainer.precision=32-true"]))[1]["results"]
@@ -240,7 +240,7 @@ def test_bf16_run_measures_perplexity_within_a_percent_of_fp32(compose):
     weights) and the trained model's (trained in bf16 vs fp32, 30 steps at a high learning rate, so
     the logits are far from uniform) agree within 1%. The full-size comparison of the default run is
     in experiments/dapt_biomed/README.md."""
-    from dapt.train import train
+    from dapt.pipeline.run import train
 
     ppl: dict[str, dict[str, float]] = {}
     for precision in (FP32, BF16):
@@ -284,7 +284,7 @@ def test_mfu_is_never_above_one_even_when_the_cached_peak_is_too_low(compose, mo
     """A peak measured on a busy machine (here: 1 kFLOP/s) would give MFU >> 1. The monitor measures
     again once; if the fresh peak is real, MFU is reported against it, otherwise not at all."""
     from dapt.modeling import flops
-    from dapt.train import train
+    from dapt.pipeline.run import train
 
     calls: list[bool] = []
 
@@ -307,7 +307,7 @@ def test_mfu_is_never_above_one_even_when_the_cached_peak_is_too_low(compose, mo
 
 def test_mfu_divides_by_the_peak_of_the_precision_used(compose, monkeypatch):
     from dapt.modeling import flops
-    from dapt.train import train
+    from dapt.pipeline.run import train
 
     dtypes: list[torch.dtype] = []
 
@@ -326,14 +326,14 @@ def test_mfu_is_the_job_rate_over_the_peak_of_every_rank():
     """Under DDP the monitor counts every rank's tokens, so the peak it divides by is per rank × ranks."""
     from types import SimpleNamespace
 
-    from dapt.modeling.callbacks import ThroughputMonitor
+    from dapt.modeling.callbacks import ThroughputMeter
 
     logged: dict[str, float] = {}
     module = SimpleNamespace(log=lambda name, value, **kw: logged.__setitem__(name, value))
     batch = {"input_ids": torch.zeros(4, 64, dtype=torch.long)}
     # (peak per rank (GPU) or per host (CPU), world size, hosts) -> how many peaks the job's rate is spread over
     for per_rank, world, nodes, peaks in ((True, 1, 1, 1), (True, 2, 1, 2), (False, 2, 1, 1), (False, 4, 2, 2)):
-        monitor = ThroughputMonitor(warmup_steps=0, flops_per_token=1e6, peak_flops=1e17, peak_per_rank=per_rank)
+        monitor = ThroughputMeter(warmup_steps=0, flops_per_token=1e6, peak_flops=1e17, peak_per_rank=per_rank)
         monitor.on_train_batch_start(None, module, batch, 0)
         monitor.on_train_batch_end(SimpleNamespace(world_size=world, num_nodes=nodes), module, None, batch, 0)
         rate = monitor.tokens_per_s

@@ -52,7 +52,7 @@ def test_sequence_length_above_the_model_positions_fails_before_training(tmp_pat
 def test_roberta_padding_offset_is_subtracted_from_the_positions():
     from transformers import BertConfig, RobertaConfig
 
-    from dapt.preflight import check_sequence_length, usable_positions
+    from dapt.pipeline.preflight import check_sequence_length, usable_positions
 
     roberta = RobertaConfig(max_position_embeddings=514, pad_token_id=1)
     assert usable_positions(roberta) == 512
@@ -63,13 +63,13 @@ def test_roberta_padding_offset_is_subtracted_from_the_positions():
 
 
 def test_base_sequence_length_is_checked_when_a_base_is_prepared(compose, tmp_path):
-    from dapt.preflight import preflight
-    from dapt.train import validate
+    from dapt.pipeline.preflight import preflight
+    from dapt.pipeline.run_config import validate
 
-    cfg = compose([*QUICK, "base=general_mlm", "base.max_seq_length=600"])
-    with pytest.raises(ConfigError, match=r"base.max_seq_length=600 exceeds the model's 512 positions"):
+    cfg = compose([*QUICK, "base_prep=general_mlm", "base_prep.max_seq_length=600"])
+    with pytest.raises(ConfigError, match=r"base_prep.max_seq_length=600 exceeds the model's 512 positions"):
         preflight(validate(cfg), tmp_path)
-    preflight(validate(compose([*QUICK, "base.max_seq_length=600"])), tmp_path)  # base=none: never used
+    preflight(validate(compose([*QUICK, "base_prep.max_seq_length=600"])), tmp_path)  # base_prep=none: never used
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU")
@@ -97,9 +97,9 @@ def test_unwritable_output_dir_is_a_one_line_error_naming_it(tmp_path, kind):
 def test_free_disk_below_the_model_size_names_path_needed_and_free(compose, tmp_path, monkeypatch):
     from collections import namedtuple
 
-    from dapt import preflight as pf
     from dapt.modeling.loading import load_mlm_model
-    from dapt.train import validate
+    from dapt.pipeline import preflight as pf
+    from dapt.pipeline.run_config import validate
 
     run = validate(compose(QUICK))
     params = sum(p.numel() for p in load_mlm_model(run.model.source, random_init=True,
@@ -181,19 +181,19 @@ def test_check_downstream_parses_tsv_rows_not_only_file_existence(compose, tmp_p
 
 _INJECT = """
 import sys
-import dapt.train
+import dapt.pipeline.run
 from dapt.cli import main
 
 def boom(*args, **kwargs):
     raise {exc}
 
-dapt.train.{target} = boom
+dapt.pipeline.run.{target} = boom
 sys.exit(main(["train", *sys.argv[1:]]))
 """
 
 
 def _train_with_failure(tmp_path: Path, target: str, exc: str, overrides: list[str]) -> subprocess.CompletedProcess:
-    """``dapt train`` in a subprocess whose ``dapt.train.<target>`` raises ``exc``."""
+    """``dapt train`` in a subprocess whose ``dapt.pipeline.run.<target>`` raises ``exc``."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "DAPT_NO_REEXEC": "1"}
     args = [*overrides, f"paths.output_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'hydra'}"]
     return subprocess.run([sys.executable, "-c", _INJECT.format(target=target, exc=exc), *args], cwd=tmp_path, env=env,
@@ -215,7 +215,7 @@ def test_downstream_failure_keeps_perplexities_control_and_model(tmp_path):
 
     assert load_mlm_model(results["model_dir"]).model is not None  # the adapted model was saved and loads
     # dapt compare shows the run as failed, with the stage, and still its perplexities
-    from dapt.tracking.compare import load_run
+    from dapt.reporting import load_run
 
     run = load_run(tmp_path / "run")
     assert run.status == "failed" and "downstream" in run.error and run.metrics["domain_ppl_after"] == results["domain_ppl_after"]
@@ -256,13 +256,12 @@ def _truncate(path: Path) -> None:
 def test_truncated_cached_base_is_detected_named_and_rebuilt(tmp_path, caplog, marker_kind):
     from dapt.cached_weights import DIGEST_KEY, weights_digest
     from dapt.config import default_data_dir
-    from dapt.modeling import base_prep
-    from dapt.modeling.loading import load_mlm_model
-    from dapt.train import ModelConfig
+    from dapt.modeling.loading import ModelConfig, load_mlm_model
+    from dapt.pipeline import base_prep
     from tests.helpers import minilm_tokenizer
 
     source = _saved_tiny_model(tmp_path / "start")
-    cfg = base_prep.BaseConfig(steps=2, batch_size=2, max_seq_length=32,
+    cfg = base_prep.BasePrepConfig(steps=2, batch_size=2, max_seq_length=32,
                                data=[{"type": "jsonl", "path": "general/wikipedia/enwiki2015.jsonl", "max_documents": 20}])
 
     def prepare():
@@ -291,7 +290,7 @@ def test_truncated_cached_base_is_detected_named_and_rebuilt(tmp_path, caplog, m
 @pytest.mark.slow  # two tiny DAPT runs with a control arm (minutes on a shared 2-core box)
 @needs_shared_data
 def test_truncated_cached_control_is_rebuilt_with_the_same_numbers(compose, caplog):
-    from dapt.train import train
+    from dapt.pipeline.run import train
 
     overrides = [*QUICK, "control.data=${data.train}"]
     _, first = train(compose(overrides))

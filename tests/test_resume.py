@@ -196,13 +196,14 @@ def test_a_run_held_by_a_live_process_is_not_continued_by_a_second_one(tmp_path)
     would overwrite each other's checkpoint and results: the second stops with a one-line error,
     leaving the run untouched; once the holder is gone (however it died), the run can be continued."""
     from dapt.errors import RunInUseError
-    from dapt.pipeline.resume import CHECKPOINT_DIR, LAST_CHECKPOINT, RunLock
+    from dapt.pipeline.resume import CHECKPOINT_DIR, LAST_CHECKPOINT
+    from dapt.pipeline.run_lock import RunLock
 
     out = tmp_path / "run"
     (out / CHECKPOINT_DIR).mkdir(parents=True)
     torch.save({"global_step": 3}, out / CHECKPOINT_DIR / LAST_CHECKPOINT)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from dapt.pipeline.resume import RunLock; RunLock(sys.argv[1]).acquire(); "
+        [sys.executable, "-c", "import sys, time; from dapt.pipeline.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
          "print('locked', flush=True); time.sleep(600)", str(out)],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -276,7 +277,8 @@ def test_resume_auto_refuses_to_duplicate_a_live_run_that_has_no_checkpoint_yet(
     """A sweep launched twice: the first copy's job is running (before its first checkpoint); the
     second copy's job with the same config must not start a duplicate beside it."""
     from dapt.errors import RunInUseError
-    from dapt.pipeline.resume import RunLock, find_resume_point, write_run_config
+    from dapt.pipeline.resume import find_resume_point, write_run_config
+    from dapt.pipeline.run_lock import RunLock
 
     cfg = compose([*COMMON, "resume=auto"])
     live, new = tmp_path / "outputs" / "a_live", tmp_path / "outputs" / "b_new"
@@ -292,7 +294,7 @@ def test_resume_auto_refuses_to_duplicate_a_live_run_that_has_no_checkpoint_yet(
 
 
 def test_child_ranks_are_pointed_at_the_run_rank_0_resolved(tmp_path):
-    from dapt.tracking.ddp import rank_overrides
+    from dapt.launch.ddp import rank_overrides
 
     run = tmp_path / "it's here"
     got = rank_overrides(["trainer=ddp", "resume=auto", "paths.output_dir=/x", "+resume=y", "seed=3"], run, run / "checkpoints" / "last.ckpt")
@@ -311,7 +313,7 @@ def test_a_child_rank_dies_with_its_parent(tmp_path):
 
     parent = subprocess.Popen([sys.executable, "-c", (
         "import os, signal, subprocess, sys, time\n"
-        "from dapt.tracking.ddp import _die_with_parent_hook\n"
+        "from dapt.launch.ddp import _die_with_parent_hook\n"
         "child = subprocess.Popen(['sleep', '120'], preexec_fn=_die_with_parent_hook())\n"
         "print(child.pid, flush=True)\n"
         "time.sleep(0.5)\n"

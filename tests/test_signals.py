@@ -18,7 +18,7 @@ import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, TensorDataset
 
-from dapt.pipeline.resume import StopOnSignal
+from dapt.pipeline.stop_signal import StopOnSignal
 
 ACCUMULATE = 4
 

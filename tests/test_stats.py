@@ -8,13 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from dapt.evaluation.stats import (
-    apply_holm,
-    holm_adjust,
-    minimum_detectable_effect,
-    paired_comparison,
-    verdict,
-)
+from dapt.evaluation.stats import apply_holm, holm_adjust, minimum_detectable_effect, paired_comparison, verdict
 
 
 def test_ci_covers_true_difference_at_nominal_rate():

@@ -15,14 +15,16 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from dapt.config import REPO_ROOT, config_dir
-from tests.helpers import fail_message, run_dapt as dapt
+from tests.helpers import fail_message
+from tests.helpers import run_dapt as dapt
 
-FAST = ["model=tiny", "base=none", "tasks=[]", "trainer.max_steps=4", "trainer.val_check_interval=2",
+FAST = ["model=tiny", "base_prep=none", "tasks=[]", "trainer.max_steps=4", "trainer.val_check_interval=2",
         "data.eval_tokens=256", "data.dev_eval_tokens=256", "data.batch_size=4", "data.max_seq_length=64", "data.shuffle_buffer=16",
         "save_model=false"]
 NO_WANDB = ["logger.wandb.enabled=false"]
@@ -177,9 +179,37 @@ def test_submitit_local_launcher_runs_a_real_job(tmp_path):
 
 # ----------------------------------------------------------------------------- W&B sweep YAML
 
-def test_wandb_sweep_agent_command_parses_into_hydra_overrides(tmp_path):
-    from dapt.tracking.sweeps import agent_command
+def agent_command(sweep: dict[str, Any], values: dict[str, Any], env: dict[str, str] | None = None) -> list[str]:
+    """The command a ``wandb agent`` runs for one set of parameter ``values`` of sweep YAML ``sweep``.
 
+    Uses the wandb package's own helpers for ``${args_no_hyphens}`` etc. and the same macro expansion
+    as the agent, so the test can check that the sweep YAML drives the Hydra CLI as intended.
+    """
+    from wandb.sdk.launch.sweeps import utils as sweep_utils
+
+    unknown = sorted(set(values) - set(sweep.get("parameters", {})))
+    if unknown:
+        raise ValueError(f"sweep has no parameter {unknown[0]!r}")
+    saved = dict(os.environ)
+    try:
+        os.environ.update(env or {})
+        command = sweep_utils.create_sweep_command(list(sweep.get("command") or sweep_utils.DEFAULT_SWEEP_COMMAND))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    sweep_vars: dict[str, Any] = sweep_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in values.items()}})
+    sweep_vars.update({"interpreter": ["python"], "program": [sweep.get("program", "")], "env": ["/usr/bin/env"]})
+    out: list[str] = []
+    for chunk in command:
+        chunk = str(chunk)
+        if chunk.startswith("${") and chunk.endswith("}"):
+            out += sweep_vars.get(chunk[2:-1]) or []
+        else:
+            out.append(chunk)
+    return out
+
+
+def test_wandb_sweep_agent_command_parses_into_hydra_overrides(tmp_path):
     sweep = yaml.safe_load((REPO_ROOT / "experiments" / "sweeps" / "wandb_lr_masking.yaml").read_text())
     assert sweep["metric"] == {"name": "domain_dev_ppl_after", "goal": "minimize"}
     command = agent_command(sweep, {"optimizer.lr": 0.00031, "masking.rate": 0.3, "scheduler.warmup_ratio": 0.0})
@@ -202,15 +232,9 @@ def test_wandb_sweep_agent_command_parses_into_hydra_overrides(tmp_path):
 # ----------------------------------------------------------------------------- configs and bad input
 
 def _compose_with_hydra(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from dapt.config import compose_config
 
-    from dapt.config import register_resolvers
-
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    return compose_config(overrides, return_hydra_config=True)
 
 
 def test_hparams_search_and_launcher_configs_compose():
@@ -233,7 +257,7 @@ def test_hparams_search_and_launcher_configs_compose():
 
 def test_unknown_override_lists_valid_choices():
     from dapt.errors import ConfigError
-    from dapt.tracking.sweeps import check_overrides
+    from dapt.launch.sweeps import check_overrides
 
     with pytest.raises(ConfigError, match=r"unknown config key 'optimizer\.lrr' \(valid keys under 'optimizer': .*\blr\b"):
         check_overrides(["-m", "optimizer.lrr=1e-4,5e-4"], config_dir())
@@ -262,9 +286,9 @@ def test_cli_unknown_key_is_one_line(tmp_path):
 def test_objective_is_strict_only_for_optimising_sweepers():
     from omegaconf import OmegaConf
 
-    from dapt.cli import _objective
+    from dapt.commands.train import _objective
     from dapt.errors import DaptError, TrainingError
-    from dapt.tracking.sweeps import BASIC_SWEEPER, JobInfo, sweeper_tracks_failures
+    from dapt.launch.sweeps import BASIC_SWEEPER, JobInfo, sweeper_tracks_failures
 
     cfg = OmegaConf.create({"optimized_metric": "domain_ppl_after"})
     assert _objective(cfg, {"domain_ppl_after": 12.5}) == 12.5

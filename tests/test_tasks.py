@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from dapt.errors import ConfigError, DataError
-from dapt.evaluation.encoding import IGNORE_INDEX, decode_ner, encode_classification, encode_ner, make_collate
+from dapt.evaluation.encoding import decode_ner, encode_classification, encode_ner, make_collate
 from dapt.evaluation.metrics import classification_scores, ner_scores
 from dapt.evaluation.readers import NerExample, TextExample, iob1_to_iob2, read_conll, read_jsonl, read_label_tsv
 from dapt.evaluation.stats import aggregate_seeds, paired_comparison, summarize
 from dapt.evaluation.tasks import TaskConfig, available_tasks, load_task, resolve_task
+from dapt.labels import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("DAPT_DATA_DIR") or REPO.parent / "shared" / "data")

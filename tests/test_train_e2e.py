@@ -23,9 +23,9 @@ RESULT_KEYS = {
 def test_tiny_run_writes_results_model_and_history(compose):
     from transformers import AutoModelForMaskedLM
 
-    from dapt.train import train
+    from dapt.pipeline.run import train
 
-    cfg = compose([*TINY_OVERRIDES, "base=general_mlm", "base.steps=3", "base.batch_size=2", "base.max_seq_length=64"])
+    cfg = compose([*TINY_OVERRIDES, "base_prep=general_mlm", "base_prep.steps=3", "base_prep.batch_size=2", "base_prep.max_seq_length=64"])
     metrics, objects = train(cfg)
     run_dir: Path = objects["run_dir"]
     results = json.loads((run_dir / "results.json").read_text())
@@ -46,7 +46,7 @@ def test_tiny_run_writes_results_model_and_history(compose):
     model = AutoModelForMaskedLM.from_pretrained(run_dir / "model")
     assert model.config.num_hidden_layers == 2
     # the gathered-state path that sharded strategies (FSDP/DeepSpeed) save through
-    from dapt.train import _gathered_model_state
+    from dapt.pipeline.run import _gathered_model_state
 
     module = objects["module"]
     state = _gathered_model_state(objects["trainer"])
@@ -60,14 +60,14 @@ def test_tiny_run_writes_results_model_and_history(compose):
     # before training (step 0), every val_check_interval (Lightning logs them at step-1) and after
     assert val_steps[0] == 0 and val_steps[-1] == 6 and len(val_steps) == 4, val_steps
     # the second run finds the cached base
-    _, objects2 = train(compose([*TINY_OVERRIDES, "base=general_mlm", "base.steps=3", "base.batch_size=2", "base.max_seq_length=64"]))
+    _, objects2 = train(compose([*TINY_OVERRIDES, "base_prep=general_mlm", "base_prep.steps=3", "base_prep.batch_size=2", "base_prep.max_seq_length=64"]))
     assert objects2["results"]["base"]["cached"] and objects2["results"]["base"]["cache_key"] == results["base"]["cache_key"]
 
 
 def test_eval_masks_are_identical_across_runs_and_calls(compose, tokenizer):
+    from dapt.config import to_dataclass
     from dapt.data.datamodule import DataConfig, PackedCorpusDataModule
     from dapt.masking import build_masker
-    from dapt.config import to_dataclass
 
     cfg = compose(TINY_OVERRIDES)
     data_cfg = to_dataclass(DataConfig, cfg.data, prefix="data")
@@ -105,11 +105,11 @@ def test_cli_prints_results_path_last(tmp_path):
 def test_real_minilm_on_biomedical_text(compose):
     """The real all-MiniLM-L6-v2 weights: a short general-MLM base, then a short DAPT on OHSUMED+CRAFT.
     (The control arm is off here to keep CI short; it is tested on tiny models in test_validity.)"""
-    from dapt.train import train
+    from dapt.pipeline.run import train
 
     cfg = compose([
         "tasks=[]", "logger.wandb.enabled=false", "control.enabled=false",
-        "base.steps=40", "base.lr=5e-4", "base.max_seq_length=64",
+        "base_prep.steps=40", "base_prep.lr=5e-4", "base_prep.max_seq_length=64",
         "trainer.max_steps=40", "trainer.val_check_interval=20", "optimizer.lr=3e-4",
         "data.max_seq_length=64", "data.eval_tokens=3072",
     ])

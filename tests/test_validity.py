@@ -19,7 +19,6 @@ import torch
 from tests.conftest import TINY_OVERRIDES
 from tests.helpers import minilm_tokenizer
 
-
 # --- 1. dropout is on while training, off while evaluating ------------------------------------------
 
 def _saved_tiny_model(path: Path) -> Path:
@@ -36,7 +35,7 @@ def _saved_tiny_model(path: Path) -> Path:
 def test_dropout_is_active_in_every_training_step_and_off_in_evaluation(compose, tmp_path, monkeypatch):
     from dapt.modeling.loading import load_mlm_model
     from dapt.modeling.mlm_module import MLMModule
-    from dapt.train import train
+    from dapt.pipeline.run import train
 
     source = _saved_tiny_model(tmp_path / "start")
     assert not load_mlm_model(str(source)).model.training  # the premise: from_pretrained -> eval mode
@@ -62,9 +61,9 @@ def test_dropout_is_active_in_every_training_step_and_off_in_evaluation(compose,
 
 
 def test_base_preparation_trains_with_dropout(tmp_path, monkeypatch):
-    from dapt.modeling import base_prep
+    from dapt.modeling.loading import ModelConfig
     from dapt.modeling.mlm_module import MLMModule
-    from dapt.train import ModelConfig
+    from dapt.pipeline import base_prep
 
     source = _saved_tiny_model(tmp_path / "start")
     from dapt.modeling.loading import load_mlm_model
@@ -78,7 +77,7 @@ def test_base_preparation_trains_with_dropout(tmp_path, monkeypatch):
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(MLMModule, "training_step", training_step)
-    cfg = base_prep.BaseConfig(steps=2, batch_size=2, max_seq_length=32,
+    cfg = base_prep.BasePrepConfig(steps=2, batch_size=2, max_seq_length=32,
                                data=[{"type": "jsonl", "path": "general/wikipedia/enwiki2015.jsonl", "max_documents": 20}])
     from dapt.config import default_data_dir
 
@@ -130,7 +129,7 @@ def test_sweep_objectives_read_dev_never_test(compose):
 
 
 def test_tiny_run_reports_dev_and_test_with_cis_and_control(compose):
-    from dapt.train import train
+    from dapt.pipeline.run import train
 
     metrics, objects = train(compose([*TINY_OVERRIDES, "data.eval_tokens=2048", "data.dev_eval_tokens=2048"]))  # ~8 abstracts per domain set
     results = objects["results"]
@@ -159,7 +158,7 @@ def test_tiny_run_reports_dev_and_test_with_cis_and_control(compose):
         low, high = results["changes"][f"{key}_ci"]
         assert (low is None and high is None) or low <= results["changes"][key] <= high, key
     # the objective returned to sweepers is the dev perplexity
-    from dapt.cli import _objective
+    from dapt.commands.train import _objective
 
     assert _objective(compose([*TINY_OVERRIDES, "data.eval_tokens=2048"]), metrics) == pytest.approx(results["domain_dev_ppl_after"])
 
@@ -268,7 +267,7 @@ def test_ci_of_a_single_document_is_unknown_not_exact():
 def test_control_on_the_domain_corpus_reproduces_dapt_exactly_and_is_cached(compose, one_thread, tmp_path):
     """The control differs from DAPT in its training text only: trained on DAPT's own corpus it must
     give DAPT's numbers to the last bit. A second run reuses it from the cache."""
-    from dapt.train import train
+    from dapt.pipeline.run import train
 
     # a cache of its own: other tests of the session may have scored the same tiny start model already
     overrides = [*TINY_OVERRIDES, "control.data=${data.train}", f"paths.cache_dir={tmp_path / 'cache'}"]
@@ -301,16 +300,16 @@ def test_control_trains_on_general_text_by_default(compose):
 def test_control_continues_the_base_stream_on_text_the_base_has_not_seen(compose):
     """The base saw the first ``steps x batch`` blocks of the general corpus; the control must not
     re-read them (DAPT reads fresh domain text): its stream is exactly the base stream's tail."""
-    from dapt.data.datamodule import PackedBlockStream
-    from dapt.modeling.base_prep import base_stream
+    from dapt.data.stream import PackedBlockStream
+    from dapt.pipeline.base_prep import base_stream
     from dapt.pipeline.control import control_config, control_stream
-    from dapt.train import validate
+    from dapt.pipeline.run_config import validate
 
-    cfg = compose(["base.steps=3", "base.batch_size=4", "data.shuffle_buffer=8", "data.doc_shuffle_buffer=8"])
+    cfg = compose(["base_prep.steps=3", "base_prep.batch_size=4", "data.shuffle_buffer=8", "data.doc_shuffle_buffer=8"])
     run = validate(cfg)
-    base = base_stream(run.base)
+    base = base_stream(run.base_prep)
     data_cfg, seed, start = control_stream(cfg, run, control_config(cfg), base)
-    assert start == 12 and seed == run.base.seed
+    assert start == 12 and seed == run.base_prep.seed
 
     def stream(dc, seed: int, start_block: int, n: int) -> list[list[int]]:
         s = PackedBlockStream(dc.train, cfg.paths.data_dir, minilm_tokenizer(), dc.max_seq_length, shuffle_buffer=dc.shuffle_buffer,
@@ -328,8 +327,8 @@ def test_control_continues_the_base_stream_on_text_the_base_has_not_seen(compose
 # --- 8. caches key on content, recipe and library versions -------------------------------------------------
 
 def test_base_cache_key_changes_with_weight_contents_not_only_size(tmp_path):
-    from dapt.modeling.base_prep import BaseConfig, cache_key
-    from dapt.train import ModelConfig
+    from dapt.modeling.loading import ModelConfig
+    from dapt.pipeline.base_prep import BasePrepConfig, cache_key
 
     model_dir = tmp_path / "m"
     model_dir.mkdir()
@@ -337,28 +336,28 @@ def test_base_cache_key_changes_with_weight_contents_not_only_size(tmp_path):
     weights = model_dir / "model.safetensors"
     weights.write_bytes(b"\x00" * 1024)
     model_cfg = ModelConfig(source=str(model_dir))
-    key = cache_key(model_cfg, str(model_dir), BaseConfig(), [], 100)
+    key = cache_key(model_cfg, str(model_dir), BasePrepConfig(), [], 100)
     weights.write_bytes(b"\x00" * 1023 + b"\x01")  # same size, different content
-    assert cache_key(model_cfg, str(model_dir), BaseConfig(), [], 100) != key
+    assert cache_key(model_cfg, str(model_dir), BasePrepConfig(), [], 100) != key
 
 
 def test_changing_only_the_dapt_seed_reuses_the_cached_base(compose):
-    from dapt.train import train
+    from dapt.pipeline.run import train
 
-    base = ["base=general_mlm", "base.steps=2", "base.batch_size=2", "base.max_seq_length=64", "control.enabled=false",
+    base = ["base_prep=general_mlm", "base_prep.steps=2", "base_prep.batch_size=2", "base_prep.max_seq_length=64", "control.enabled=false",
             "trainer.max_steps=1"]
     _, first = train(compose([*TINY_OVERRIDES, *base, "seed=1"]))
     _, second = train(compose([*TINY_OVERRIDES, *base, "seed=2"]))
     assert second["results"]["base"]["cached"], "a new DAPT seed re-prepared the base"
     assert second["results"]["base"]["cache_key"] == first["results"]["base"]["cache_key"]
-    _, third = train(compose([*TINY_OVERRIDES, *base, "seed=2", "base.seed=7"]))
+    _, third = train(compose([*TINY_OVERRIDES, *base, "seed=2", "base_prep.seed=7"]))
     assert third["results"]["base"]["cache_key"] != first["results"]["base"]["cache_key"]
 
 
 # --- 9. eval masking settings are honoured; salient statistics never read a held-out set ----------------------
 
 def test_eval_seed_and_eval_strategy_options_are_used(compose):
-    from dapt.train import train
+    from dapt.pipeline.run import train
 
     def eval_masks(extra: list[str]) -> torch.Tensor:
         _, objects = train(compose([*TINY_OVERRIDES, "control.enabled=false", "trainer.max_steps=1", *extra]))
@@ -372,9 +371,9 @@ def test_eval_seed_and_eval_strategy_options_are_used(compose):
 
 
 def test_general_text_for_statistics_is_training_text_never_a_heldout_set(compose):
-    from dapt.data.sources import general_sources
+    from dapt.pipeline.run_config import general_sources
 
-    for overrides in ([], ["base=none"]):
+    for overrides in ([], ["base_prep=none"]):
         cfg = compose(overrides)
         paths = [s.path for s in general_sources(cfg)]
         assert paths and not any("wikitext" in p for p in paths), paths

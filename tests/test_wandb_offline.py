@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from dapt.tracking.sweeps import override_tags
+from dapt.launch.sweeps import override_tags
 from dapt.tracking.wandb_offline import iter_records, offline_runs, read_offline_run
 
 

@@ -24,7 +24,7 @@ from dapt.data.packing import BlockPacker
 from dapt.data.quality import QualityPolicy
 from dapt.data.sources import SourceConfig, iter_documents, resolve_path
 from dapt.errors import DataError
-from dapt.masking import IGNORE_INDEX
+from dapt.labels import IGNORE_INDEX
 
 NO_DOCUMENT = -1  # doc id of the block's special tokens ([CLS]/[SEP] wrappers)
 

@@ -4,7 +4,8 @@ Each block is ``[CLS] t_1 ... t_n [SEP]`` (the tokenizer's own special tokens, s
 ``<s> ... </s>``) where the body is a contiguous slice of the token stream of all documents joined by
 separator tokens. Nothing is dropped except the final partial block, and no padding is ever needed.
 Blocks also carry ``word_starts`` (True where a token begins a word per the fast tokenizer's word
-ids) so word-level masking works for any tokenizer without looking at ``##`` or ``Ġ``.
+ids; ``dapt.masking.units.encode_word_starts``, the rule the corpus statistics use too) so word-level
+masking works for any tokenizer without looking at ``##`` or ``Ġ``.
 
 Memory is bounded per document: a document longer than ``chunk_chars`` characters is tokenized in
 pieces cut at whitespace (``split_long``), and ``pack`` streams the pieces into the block buffer, so
@@ -21,6 +22,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from dapt.errors import ConfigError
+from dapt.masking.units import encode_word_starts, plain_backend
 
 CHUNK_CHARS = 1_000_000
 _CUT_AT = (" ", "\n", "\t", "\r")
@@ -63,22 +65,11 @@ class BlockPacker:
             raise ConfigError(f"chunk_chars={chunk_chars} must be >= 2")
         self.chunk_chars = chunk_chars
         # The Rust tokenizer directly: no BatchEncoding/Python-object overhead per document.
-        self._backend = tokenizer.backend_tokenizer
-        self._backend.no_truncation()
-        self._backend.no_padding()
+        self._backend = plain_backend(tokenizer)
 
     def _encode_pieces(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Token ids and word-start flags of each text (no separator; possibly empty)."""
-        out = []
-        for enc in self._backend.encode_batch(texts, add_special_tokens=False):
-            ids = np.asarray(enc.ids, dtype=np.int64)
-            starts = np.empty(ids.size, dtype=bool)
-            if ids.size:
-                words = np.asarray(enc.word_ids, dtype=np.float64)  # None -> nan
-                starts[0] = True
-                np.not_equal(words[1:], words[:-1], out=starts[1:])
-            out.append((ids, starts))
-        return out
+        return encode_word_starts(self._backend, texts)
 
     def encode_each(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per document: token ids followed by a separator, and word-start flags (empty docs dropped).

@@ -119,22 +119,6 @@ def as_source(cfg: Any, prefix: str = "source") -> SourceConfig:
     return to_dataclass(SourceConfig, cfg, prefix=prefix)
 
 
-def general_sources(cfg: Any) -> list[SourceConfig]:
-    """The general-text *training* corpus of a composed config: ``base.data``, else ``data.replay``.
-
-    One definition for every consumer (salient-term statistics, corpus diagnosis, the control arm),
-    so their cache keys cannot drift apart. Held-out sets are never used: statistics or training on
-    them would leak into the forgetting measurement.
-    """
-    base = cfg.get("base") if hasattr(cfg, "get") else None
-    data = cfg.get("data") if hasattr(cfg, "get") else None
-    raw = list((base or {}).get("data") or []) or list((data or {}).get("replay") or [])
-    sources = [as_source(s, "base.data") for s in raw if s]
-    if not sources:
-        raise ConfigError("no general-text training source: set base.data (or data.replay)")
-    return sources
-
-
 def resolve_path(path: str, data_dir: str | None) -> Path:
     p = Path(path).expanduser()
     if not p.is_absolute() and data_dir:

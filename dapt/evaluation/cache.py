@@ -8,7 +8,7 @@ definition and a hash of its data files, the seed, the hyperparameters, the reci
 Lightning, tokenizers, dapt, torchmetrics, seqeval). ``CACHE_VERSION`` is bumped by hand when the
 fine-tuning or scoring code changes; ``tests/test_cache.py`` pins ``recipe_fingerprint()`` (a hash
 of that code) next to it, so an edit without a bump fails the suite instead of serving stale scores.
-One JSON file per key, written atomically (temp file + ``os.replace``), so concurrent sweep workers
+One JSON file per key, written atomically (``dapt.io.atomic_write_json``), so concurrent sweep workers
 never read half a file; a corrupt entry is a miss, not an error, and the recomputed result replaces it.
 """
 

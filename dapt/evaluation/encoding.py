@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import Dataset
 
 from dapt.evaluation.readers import NerExample, TextExample
+from dapt.labels import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 _TOKENIZE_CHUNK = 1024
 
 

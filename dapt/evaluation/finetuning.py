@@ -56,7 +56,7 @@ class DownstreamConfig:
             CI of a difference lies inside ±margin (0.01 = one F1 point); otherwise a non-significant
             difference is "inconclusive", never "no effect".
         progress_bar: show Lightning's progress bar per fine-tune.
-        budget: a name for this budget, printed with the results (``paper``, ``demo``, ``tiny``).
+        budget: a name for this budget, printed with the results (``paper``, ``default``, ``tiny``: the option that selects it).
     """
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])

@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from dapt.errors import DataError
 
@@ -258,11 +258,3 @@ def read_hub(
             out_ner.append(NerExample(tuple(row[tokens_field]), tuple(tags)))
         return out_ner
     return [TextExample(text=row[text_field], label=to_name(row[label_field])) for row in ds]
-
-
-def label_counts(labels: Iterable[str]) -> dict[str, int]:
-    """Counts in first-seen order (used for reporting and for the train label set)."""
-    counts: dict[str, int] = {}
-    for label in labels:
-        counts[label] = counts.get(label, 0) + 1
-    return counts

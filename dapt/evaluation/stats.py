@@ -34,8 +34,9 @@ def summarize(values: Sequence[float]) -> dict[str, Any]:
     vals = [float(v) for v in values]
     if not vals:
         return {"mean": None, "std": None, "values": [], "n": 0}
-    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return {"mean": statistics.fmean(vals), "std": std, "values": vals, "n": len(vals)}
+    from dapt.modeling.perplexity import sample_std
+
+    return {"mean": statistics.fmean(vals), "std": sample_std(vals), "values": vals, "n": len(vals)}
 
 
 def aggregate_seeds(per_seed: Sequence[dict[str, Any]], metrics: Sequence[str]) -> dict[str, Any]:
@@ -169,7 +170,9 @@ def paired_comparison(
         out["verdict"] = "no seeds"
         return out
     out["delta"] = statistics.fmean(diffs)
-    out["delta_std"] = statistics.stdev(diffs) if n > 1 else 0.0
+    from dapt.modeling.perplexity import sample_std
+
+    out["delta_std"] = sample_std(diffs)
     if n > 1 and out["delta_std"] > 0:
         res = ttest_rel([float(a) for a in after], [float(b) for b in before])
         out["t"], out["p_value"] = _finite(res.statistic), _finite(res.pvalue)

@@ -90,7 +90,6 @@ class TaskConfig:
     dev_fraction: float = 0.1
     split_seed: int = 13
     unseen_labels: str = "ignore"
-    domain: str = ""
     description: str = ""
 
     def __post_init__(self) -> None:

@@ -17,8 +17,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from dapt.errors import ConfigError
-
-IGNORE_INDEX = -100
+from dapt.labels import IGNORE_INDEX
 
 
 @dataclass
@@ -280,7 +279,6 @@ class Masker:
     mask_token_id: int
     vocab_size: int
     special_ids: torch.Tensor
-    pad_token_id: int | None = None
     default_schedule_steps: int | None = None
     _random_ids: torch.Tensor | None = field(default=None, repr=False)
 
@@ -400,6 +398,5 @@ def masker_for(strategy: MaskingStrategy, tokenizer: Any, *, default_schedule_st
         mask_token_id=int(tokenizer.mask_token_id),
         vocab_size=len(tokenizer),
         special_ids=torch.tensor(special, dtype=torch.long),
-        pad_token_id=tokenizer.pad_token_id,
         default_schedule_steps=default_schedule_steps,
     )

@@ -1,4 +1,8 @@
-"""Streaming, capping, tokenizing and caching for the corpus statistics PMI and salient masking use.
+"""Capping, tokenizing and caching for the corpus statistics PMI and salient masking use.
+
+Documents come from the caller (``MaskingContext.domain_documents`` / ``general_documents``: ``dapt
+train`` and ``dapt masking-stats`` read them with ``dapt.data.sources.iter_documents``, the one reader
+and its quality filters); masking never reads files itself.
 
 Statistics are computed once per (tokenizer, corpus sample, parameters) and cached as JSON in the
 masking cache folder (``MaskingContext.cache_dir``; ``dapt train`` passes ``<paths.cache_dir>/masking``,
@@ -17,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
-from dapt.io import atomic_write_text
 from dapt.errors import ConfigError, DataError
+from dapt.io import atomic_write_json
 from dapt.masking.base import MaskingInput
-from dapt.masking.units import HASH_VERSION, WordTable, word_hashes
+from dapt.masking.units import HASH_VERSION, WordTable, encode_word_starts, plain_backend, word_hashes
 
 log = logging.getLogger(__name__)
 
@@ -98,31 +103,6 @@ def single_threaded() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def iter_documents(paths: Iterable[str | Path]) -> Iterator[str]:
-    """Documents from JSONL files (``text``, else ``title``), ``.txt`` files (one per file) or folders of them."""
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if not path.exists():
-            raise DataError(f"corpus path does not exist: {path}")
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".txt")) if path.is_dir() else [path]
-        for file in files:
-            if file.suffix == ".jsonl":
-                with file.open(encoding="utf-8") as handle:
-                    for lineno, line in enumerate(handle, 1):
-                        if not line.strip():
-                            continue
-                        try:
-                            record = json.loads(line)
-                        except json.JSONDecodeError as exc:
-                            raise DataError(f"{file}:{lineno}: not valid JSON ({exc.msg})") from exc
-                        text = record.get("text") or record.get("title") if isinstance(record, dict) else None
-                        if not isinstance(text, str):
-                            raise DataError(f"{file}:{lineno}: no 'text' string field")
-                        yield text
-            else:
-                yield file.read_text(encoding="utf-8")
-
-
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of the full tokenizer definition (vocab, normaliser, pre-tokenizer): word hashes are
     built from token ids, so statistics are only valid for the exact tokenizer that made them."""
@@ -159,26 +139,28 @@ class TokenizedCorpus:
 
 
 def tokenize_corpus(documents: list[str], tokenizer: Any, batch_size: int = 1000) -> TokenizedCorpus:
-    """Tokenize with the fast tokenizer (batched) and build word ids from its ``word_ids()``."""
-    ids: list[int] = []
-    starts: list[bool] = []
-    sep = -1  # any non-maskable filler; its id never enters a hash
+    """Tokenize with the fast tokenizer (batched); word starts from ``encode_word_starts``, the rule
+    the block packer uses, so corpus words are exactly the words of training blocks."""
+    backend = plain_backend(tokenizer)
+    sep = np.full(1, -1, dtype=np.int64)  # any non-maskable filler; its id never enters a hash
+    no_start = np.zeros(1, dtype=bool)
+    ids: list[np.ndarray] = []
+    starts: list[np.ndarray] = []
     for lo in range(0, len(documents), batch_size):
-        enc = tokenizer(documents[lo: lo + batch_size], add_special_tokens=False)
-        for i, doc_ids in enumerate(enc["input_ids"]):
-            wids = enc.word_ids(i)
-            ids.extend(doc_ids)
-            starts.extend(w is not None and (j == 0 or w != wids[j - 1]) for j, w in enumerate(wids))
-            ids.append(sep)
-            starts.append(False)
-    input_ids = torch.tensor([ids], dtype=torch.long)
-    maskable = input_ids != sep
-    batch = MaskingInput.from_word_starts(input_ids, torch.tensor([starts]), maskable)
+        for doc_ids, doc_starts in encode_word_starts(backend, documents[lo: lo + batch_size]):
+            ids += [doc_ids, sep]
+            starts += [doc_starts, no_start]
+    input_ids = torch.from_numpy(np.concatenate(ids or [np.zeros(0, dtype=np.int64)]))[None]
+    maskable = input_ids != int(sep[0])
+    word_starts = torch.from_numpy(np.concatenate(starts or [np.zeros(0, dtype=bool)]))[None]
+    batch = MaskingInput.from_word_starts(input_ids, word_starts, maskable)
     table = WordTable.build(batch.word_ids)
     return TokenizedCorpus(input_ids=input_ids, table=table, word_hash=word_hashes(input_ids, table))
 
 
-def cache_key(kind: str, tokenizer_fp: str, corpus_shas: list[str], params: dict[str, Any]) -> str:
+def stats_cache_key(kind: str, tokenizer_fp: str, corpus_shas: list[str], params: dict[str, Any]) -> str:
+    """The key of one corpus statistic's cache file: its kind, the statistics format and hash
+    versions, the tokenizer, the content of each corpus sample and the strategy's parameters."""
     payload = json.dumps(
         {"kind": kind, "format": STATS_FORMAT_VERSION, "hash": HASH_VERSION, "tokenizer": tokenizer_fp,
          "corpora": corpus_shas, "params": params},
@@ -198,11 +180,6 @@ def cache_file(cache_dir: str | Path | None, kind: str, key: str) -> Path:
     """``<cache_dir>/<kind>-<key>.json``; ``cache_dir`` is the masking cache folder itself."""
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_masking_cache_dir()
     return folder / f"{kind}-{key}.json"
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Compact JSON via ``dapt.io`` (temp file + rename), so parallel sweep runs never read half a file."""
-    atomic_write_text(path, json.dumps(data))
 
 
 def read_json(path: str | Path, kind: str) -> dict[str, Any]:
@@ -255,7 +232,7 @@ def load_or_compute_stats(
     samples = [take_documents(c, config.stats_max_documents, config.stats_max_words) for c in corpora]
     fp = tokenizer_fingerprint(tokenizer)
     params = config.stats_params()  # type: ignore[attr-defined]  # each strategy's config defines it
-    path = cache_file(cache_dir, kind, cache_key(kind, fp, [s.sha for s in samples], params))
+    path = cache_file(cache_dir, kind, stats_cache_key(kind, fp, [s.sha for s in samples], params))
     if path.exists():
         log.info("%s: cached %s", kind, path)
         return read_json(path, kind), str(path)
@@ -264,7 +241,7 @@ def load_or_compute_stats(
     data = {"kind": kind, "hash_version": HASH_VERSION, "tokenizer": fp, "corpus_sha": [s.sha for s in samples],
             "n_documents": [len(s.documents) for s in samples], "params": params, **result.meta,
             "entries": result.entries}
-    write_json_atomic(path, data)
+    atomic_write_json(path, data)  # temp file + rename: parallel sweep runs never read half a file
     log.info("%s: %d entries from %s documents in %.1fs -> %s", kind, len(result.entries),
              "+".join(str(len(s.documents)) for s in samples), result.meta["seconds"], path)
     return data, str(path)

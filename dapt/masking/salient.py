@@ -3,7 +3,7 @@
 DAPT's gain comes from the domain's vocabulary and facts; spending more of the prediction budget on
 words that distinguish the domain from general text ("ventricular", "exon", "ischemia") rather
 than on "the" and "of" is the idea of entity/salient-span masking (Guu et al. 2020, Gu et al. 2020)
-applied with corpus statistics instead of an NER model. Terms come from ``dapt.masking.salience``
+applied with corpus statistics instead of an NER model. Terms come from ``dapt.masking.term_scores``
 (log-odds of domain vs general frequency). Whole words are drawn by weighted sampling without
 replacement (Efraimidis-Spirakis keys ``Exp(1) / weight``, weight ``salient_weight`` for a term and
 1 otherwise) until the token budget is met, so the achieved rate is exactly the configured one and
@@ -21,7 +21,7 @@ import torch
 from dapt.errors import ConfigError
 from dapt.masking.base import MaskingConfig, MaskingContext, MaskingInput, MaskingStrategy, register
 from dapt.masking.corpus_stats import CorpusStatsConfig, TokenizedCorpus, load_or_compute_stats
-from dapt.masking.salience import build_salient_terms
+from dapt.masking.term_scores import build_salient_terms
 from dapt.masking.units import SortedHashes, WordTable, select_units, token_budget, word_hashes
 
 log = logging.getLogger(__name__)

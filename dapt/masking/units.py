@@ -11,15 +11,20 @@ over a ``[batch, seq]`` block with no Python loop over tokens:
   are computed, so "this n-gram is in the vocabulary" at training time is one sorted lookup;
 * ``select_units`` - pick units in priority order until ``rate x maskable tokens`` is met, the unit
   that straddles the budget being kept with the probability that makes the token count exact in
-  expectation.
+  expectation;
+* ``encode_word_starts`` - the one rule for which token starts a word (from the fast tokenizer's word
+  ids), used by the block packer (``dapt.data.packing``) and by the corpus statistics alike.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
+import numpy as np
 import torch
+
+from dapt.errors import ConfigError
 
 # splitmix64 constants, written as signed int64 (torch has no uint64 arithmetic; int64 products wrap).
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
@@ -28,6 +33,39 @@ _TOKEN_MUL = 0x9E3779B97F4A7C15 - (1 << 64)
 _NGRAM_MUL = 0xD6E8FEB86659FD93 - (1 << 64)
 # Bump when the hash definition changes: cached vocabularies store hashes and are keyed on this.
 HASH_VERSION = 1
+
+
+def plain_backend(tokenizer: Any) -> Any:
+    """The fast tokenizer's Rust ``tokenizers.Tokenizer``, with truncation and padding switched off.
+
+    Both are call-time state a previous ``tokenizer(..., truncation=True)`` may have left set; a
+    corpus must be encoded whole.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ConfigError(f"tokenizer {type(tokenizer).__name__} is not a fast tokenizer; word-level masking needs word ids")
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
+
+
+def encode_word_starts(backend: Any, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Token ids (int64) and "starts a word" flags of each text, without special tokens.
+
+    A token starts a word when its word id differs from the previous token's (the first token always
+    does): the tokenizer's own word ids, never ``##`` / ``Ġ`` prefixes, so every fast tokenizer
+    works. ``backend`` comes from ``plain_backend``; one batched call for all ``texts``.
+    """
+    out = []
+    for enc in backend.encode_batch(texts, add_special_tokens=False):
+        ids = np.asarray(enc.ids, dtype=np.int64)
+        starts = np.empty(ids.size, dtype=bool)
+        if ids.size:
+            words = np.asarray(enc.word_ids, dtype=np.float64)  # None -> nan
+            starts[0] = True
+            np.not_equal(words[1:], words[:-1], out=starts[1:])
+        out.append((ids, starts))
+    return out
 
 
 def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from dapt.io import readable_by_umask
+from dapt import metric_names
+from dapt.io import atomic_write_file
 
 log = logging.getLogger(__name__)
 
 
-class ThroughputMonitor(pl.Callback):
+class ThroughputMeter(pl.Callback):
     """Logs ``train/tokens_per_s`` (and ``train/mfu`` when FLOPs/token and peak are known).
+
+    Not Lightning's ``ThroughputMonitor``: that one counts samples and needs a FLOP count per batch;
+    this one counts the tokens the MLM trained on and divides by dapt's FLOP model and measured peak.
 
     Time is measured from batch start to batch end on the main process, excluding the first
     ``warmup_steps`` (allocator and kernel warm-up), so the figure is the steady-state rate.
@@ -66,22 +67,24 @@ class ThroughputMonitor(pl.Callback):
         if self._n > self.warmup_steps:
             self.measured_tokens += n_tokens
             self.measured_time += dt
-            pl_module.log("train/tokens_per_s", n_tokens / max(dt, 1e-9), prog_bar=True, batch_size=1)
+            pl_module.log(metric_names.TOKENS_PER_S, n_tokens / max(dt, 1e-9), prog_bar=True, batch_size=1)
             mean_mfu = self.mfu
             if mean_mfu is not None:
-                pl_module.log("train/mfu", mean_mfu, batch_size=1)
+                pl_module.log(metric_names.MFU, mean_mfu, batch_size=1)
 
     def _utilisation(self, rate: float) -> float | None:
         """``rate`` tokens/s as a fraction of the peak; None (with one warning) when it exceeds the peak."""
         if not self.flops_per_token or not self.peak_flops or self._peak_too_low:
             return None
-        value = rate * self.flops_per_token / (self.peak_flops * self._world)
+        from dapt.modeling.flops import mfu
+
+        value = mfu(rate, self.flops_per_token, self.peak_flops, self._world)
         if value > 1.0 and not self._peak_rechecked and self.remeasure_peak is not None:
             self._peak_rechecked = True
             fresh = self.remeasure_peak()
             if fresh:
                 self.peak_flops = max(self.peak_flops, fresh)
-                value = rate * self.flops_per_token / (self.peak_flops * self._world)
+                value = mfu(rate, self.flops_per_token, self.peak_flops, self._world)
         if value <= 1.0:
             return value
         if self._n - self.warmup_steps >= self.MIN_STEPS_FOR_VERDICT:
@@ -114,13 +117,15 @@ class ThroughputMonitor(pl.Callback):
 class CpuThreadTuner(pl.Callback):
     """On CPU, trains with the intra-op thread count that is fastest *now*, re-checked as load changes.
 
-    Why: no static ``torch.set_num_threads`` is right on a shared machine. ``make bench`` measured,
-    on the 2-core box with other jobs running, one thread training MiniLM-L6 1.7× faster than two
-    (experiments/throughput/README.md; OpenMP threads spin at every barrier waiting for a sibling
-    the scheduler has parked), while on an idle machine two threads are the faster choice. So the tuner times real training steps: after
+    Why: no static ``torch.set_num_threads`` is right on a shared machine. When other jobs take
+    cores, fewer threads train faster (OpenMP threads spin at every barrier waiting for a sibling
+    the scheduler has parked), while on an idle machine all threads are the faster choice; how
+    large the difference is, per machine, is in experiments/throughput/README.md (the "1 thread
+    instead of 2" lever of ``make bench``). So the tuner times real training steps: after
     ``warmup_steps`` it alternates the candidates (all threads, half, one) for ``probe_steps`` steps
     each, keeps the one with the lowest median step time, and probes again every ``every_n_steps``.
-    A probe costs a few steps at a slower setting (~1-2 % of a run at the defaults). Off on GPU and
+    A probe costs a few steps at a slower setting (``len(candidates) × probe_steps`` of every
+    ``every_n_steps``, a small share of a run at the defaults). Off on GPU and
     under multi-process training (ranks must not drift apart), and when only one thread is allowed.
     """
 
@@ -171,7 +176,7 @@ class CpuThreadTuner(pl.Callback):
                 torch.set_num_threads(self.chosen)
                 self._last_probe = self._step
                 self.history.append((trainer.global_step, self.chosen))
-        pl_module.log("train/cpu_threads", float(torch.get_num_threads()), batch_size=1)
+        pl_module.log(metric_names.CPU_THREADS, float(torch.get_num_threads()), batch_size=1)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled:
@@ -182,17 +187,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes checkpoints to a temporary file and renames it, so a killed run never corrupts one."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            readable_by_umask(tmp)
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_file(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 class RngStateCheckpoint(pl.Callback):

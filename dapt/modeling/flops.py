@@ -18,15 +18,14 @@ its real cost (``r`` of the positions); a dense head is counted at full cost, so
 MFU figures each describe the work they actually do.
 
 ``measured_peak_flops`` times large square matmuls (the best rate over a few seconds, i.e. what the
-BLAS reaches with the current thread count) and caches the result on disk (``$DAPT_CACHE_DIR`` or
-``~/.cache/dapt``), so training runs do not pay for it every time.
+BLAS reaches with the current thread count) and caches the result on disk (``dapt.config.default_cache_dir()``:
+``$DAPT_CACHE_DIR`` or ``~/.cache/dapt``), so training runs do not pay for it every time.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -89,14 +88,24 @@ def flops_per_token(model: torch.nn.Module, seq_len: int, mask_rate: float, spar
     return 3.0 * (forward_enc + share * forward_head)
 
 
-def mfu(tokens_per_s: float, flops_per_tok: float, peak_flops: float) -> float:
-    """Model FLOPs utilisation: achieved model FLOP/s as a fraction of the measured peak."""
-    return tokens_per_s * flops_per_tok / peak_flops if peak_flops > 0 else float("nan")
+def mfu(tokens_per_s: float, flops_per_tok: float, peak_flops: float, n_peaks: int = 1) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s as a fraction of ``n_peaks`` × ``peak_flops``.
+
+    The one MFU formula in dapt (the training callback and the throughput bench both call it).
+    ``n_peaks`` is how many devices the rate is spread over (ranks, or hosts for a shared CPU peak).
+    NaN when there is no positive peak. The raw ratio is returned: a value above 1 is not clamped,
+    because it means the peak was measured too low (another job took cycles while it was timed),
+    and only the caller can decide what to do about that (``ThroughputMeter`` measures the peak
+    again, then stops reporting MFU for the run rather than report a wrong one).
+    """
+    total_peak = peak_flops * n_peaks
+    return tokens_per_s * flops_per_tok / total_peak if total_peak > 0 else float("nan")
 
 
 def _cache_dir() -> Path:
-    env = os.environ.get("DAPT_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "dapt"
+    from dapt.config import default_cache_dir
+
+    return Path(default_cache_dir())
 
 
 def _device_name(device: torch.device) -> str:
@@ -170,10 +179,9 @@ def measured_peak_flops(
     log.info("MFU peak %s: %.1f GFLOP/s (best %dx%d matmul over %ss, measured now; cached in %s)", dtype, peak / 1e9, n, n, seconds, path)
     cache[key] = {"flops": peak, "matmul_size": n, "seconds": seconds, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=2))
-        os.replace(tmp, path)
+        from dapt.io import atomic_write_json
+
+        atomic_write_json(path, cache)
     except OSError:
         pass  # a read-only cache dir only costs a re-measurement next time
     return peak

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,6 +19,28 @@ from dapt.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 PACKAGE_PREFIX = "package:"
+
+
+@dataclass
+class ModelConfig:
+    """The ``model`` group.
+
+    Attributes:
+        source: hub id, local ``save_pretrained`` dir, or ``package:<module>``.
+        tokenizer: tokenizer source when it differs from ``source``.
+        random_init: build the architecture from config without weights (tests, from-scratch runs).
+        config_overrides: ``AutoConfig`` fields to override (e.g. 2 layers, hidden 64 for tests).
+        attn_implementation: transformers attention backend (``sdpa``, ``eager``, ``flash_attention_2``).
+        compile: wrap the model in ``torch.compile``.
+    """
+
+    source: str = ""
+    tokenizer: str | None = None
+    random_init: bool = False
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    attn_implementation: str | None = "sdpa"
+    compile: bool = False
+
 
 # Key fragments of MLM-head parameters per architecture family; a checkpoint missing them has no head.
 _HEAD_KEY_MARKERS = ("cls.predictions", "lm_head", "vocab_projector", "vocab_transform", "generator_lm_head")

@@ -14,16 +14,10 @@ from typing import Any, Sequence
 import pytorch_lightning as pl
 import torch
 
+from dapt import metric_names
 from dapt.errors import TrainingError
-from dapt.masking import IGNORE_INDEX
-from dapt.modeling.optim import (
-    OptimizerConfig,
-    SchedulerConfig,
-    build_optimizer,
-    build_scheduler,
-    clip_gradients,
-    clips_scaled_gradients,
-)
+from dapt.labels import IGNORE_INDEX
+from dapt.modeling.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler, clip_gradients, clips_scaled_gradients
 from dapt.modeling.perplexity import HeldoutPerplexity
 from dapt.modeling.sparse_head import sparse_mlm_loss
 
@@ -57,7 +51,7 @@ class MLMModule(pl.LightningModule):
         self.heldout = torch.nn.ModuleDict(
             {f"val_{n}": HeldoutPerplexity() for n in self.eval_names} | {f"test_{n}": HeldoutPerplexity() for n in self.test_names}
         )
-        self.heldout_documents: dict[str, Any] = {}  # "<val|test>/<set>" -> (doc ids, loss sums, counts)
+        self.heldout_documents: dict[tuple[str, str], Any] = {}  # (loop, set) -> (doc ids, loss sums, counts)
         # The compiled encoder is kept out of the module registry (a plain tuple): registered, it
         # would duplicate every weight in state_dict and checkpoints under a second prefix.
         self._compiled: tuple[Any, ...] = ()
@@ -74,8 +68,8 @@ class MLMModule(pl.LightningModule):
             self._compiled = (torch.compile(self.model.base_model),)
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """On CPU, a ``CpuThreadTuner`` (``make bench``: 1 vs 2 threads made a 1.7× difference on the
-        shared 2-core box); it disables itself on GPU and under multi-process training."""
+        """On CPU, a ``CpuThreadTuner`` (the best thread count changes with the machine's load; see its
+        docstring); it disables itself on GPU and under multi-process training."""
         if not self.tune_cpu_threads:
             return []
         from dapt.modeling.callbacks import CpuThreadTuner
@@ -107,9 +101,9 @@ class MLMModule(pl.LightningModule):
                 "raise scheduler warmup or enable gradient clipping (trainer.gradient_clip_val)"
             )
         n_masked = targets.numel()
-        self.log("train/loss", loss, prog_bar=True, batch_size=max(n_masked, 1))
+        self.log(metric_names.TRAIN_LOSS, loss, prog_bar=True, batch_size=max(n_masked, 1))
         if "n_maskable" in batch:
-            self.log("train/mask_rate", n_masked / max(float(batch["n_maskable"]), 1.0), batch_size=1)
+            self.log(metric_names.TRAIN_MASK_RATE, n_masked / max(float(batch["n_maskable"]), 1.0), batch_size=1)
         return loss
 
     def _heldout_step(self, split: str, names: list[str], batch: dict[str, torch.Tensor], dataloader_idx: int) -> None:
@@ -124,22 +118,22 @@ class MLMModule(pl.LightningModule):
             values = metric.compute()
             metric.reset()
             if "documents_table" in values:  # per-document sums: paired CIs between arms (pipeline.fit)
-                self.heldout_documents[f"{split}/{name}"] = values["documents_table"]
+                self.heldout_documents[(split, name)] = values["documents_table"]
             for key in HELDOUT_KEYS:
                 if key in values:
-                    self.log(f"{split}/{name}/{key}", values[key], prog_bar=key == "ppl", sync_dist=False)
+                    self.log(metric_names.heldout(split, name, key), values[key], prog_bar=key == "ppl", sync_dist=False)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._heldout_step("val", self.eval_names, batch, dataloader_idx)
+        self._heldout_step(metric_names.DEV_LOOP, self.eval_names, batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_heldout("val", self.eval_names)
+        self._log_heldout(metric_names.DEV_LOOP, self.eval_names)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._heldout_step("test", self.test_names, batch, dataloader_idx)
+        self._heldout_step(metric_names.TEST_LOOP, self.test_names, batch, dataloader_idx)
 
     def on_test_epoch_end(self) -> None:
-        self._log_heldout("test", self.test_names)
+        self._log_heldout(metric_names.TEST_LOOP, self.test_names)
 
     def configure_optimizers(self) -> Any:
         optimizer = build_optimizer(self.model, self.optimizer_cfg, scaled_clipping=clips_scaled_gradients(self))
@@ -151,4 +145,4 @@ class MLMModule(pl.LightningModule):
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
-__all__ = ["MLMModule", "IGNORE_INDEX"]
+__all__ = ["MLMModule"]

@@ -19,9 +19,10 @@ SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 class OptimizerConfig:
     """AdamW settings. ``implementation``: ``auto``, ``fused``, ``foreach``, ``for_loop``.
 
-    ``auto`` picks the fused kernel on CPU and CUDA (one pass over each parameter, HF Trainer's
-    default too; ``make bench`` measured the MiniLM-L6 step 1.41× faster fused than foreach on 2
-    contended CPU cores, and within run-to-run noise on idle ones). It picks foreach on other
+    ``auto`` picks the fused kernel on CPU and CUDA: one pass over each parameter instead of one
+    kernel per operation over all of them (HF Trainer's default too; the "AdamW foreach instead of
+    fused" lever of ``make bench`` measures the difference, per machine in
+    experiments/throughput/README.md). It picks foreach on other
     devices, where fused AdamW may be missing, and under fp16 loss scaling with gradient clipping
     (a fused AdamW unscales inside ``step``, after the point where clipping must see unscaled
     gradients).
@@ -102,7 +103,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, *, scaled_clip
         kwargs["foreach"] = False
     groups = param_groups(model.named_parameters(), cfg.weight_decay)
     if not groups:
-        raise ConfigError("no trainable parameters (check base.trainable / freezing)")
+        raise ConfigError("no trainable parameters (check base_prep.trainable / freezing)")
     return torch.optim.AdamW(groups, **kwargs)
 
 

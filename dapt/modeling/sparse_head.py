@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from dapt.masking import IGNORE_INDEX
+from dapt.labels import IGNORE_INDEX
 
 
 def mlm_head(model: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:

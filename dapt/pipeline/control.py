@@ -28,12 +28,13 @@ import torch
 from dapt.cached_weights import DIGEST_KEY, intact_marker, weights_digest
 from dapt.config import to_dataclass
 from dapt.data.datamodule import PackedCorpusDataModule
-from dapt.data.sources import as_source, describe, general_sources
+from dapt.data.sources import as_source, describe
 from dapt.errors import ConfigError
 from dapt.io import atomic_save_dir, atomic_write_json, cache_build_lock
-from dapt.modeling.base_prep import BaseStream
+from dapt.pipeline.base_prep import BaseStream
 from dapt.pipeline.fit import content_key, evaluate_heldout, heldout_eval_payload, make_module, make_trainer, stage_keys
-from dapt.tracking.progress import StepProgressBar
+from dapt.pipeline.run_config import general_sources
+from dapt.progress import StepProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class ControlConfig:
 
     Attributes:
         enabled: train (or load) the control arm and report DAPT against it.
-        data: general-text training sources; empty = ``base.data`` (else ``data.replay``).
+        data: general-text training sources; empty = ``base_prep.data`` (else ``data.replay``).
         cache: reuse a control with the same key; false retrains every time.
     """
 
@@ -76,15 +77,15 @@ class ControlResult:
 def recipe_fingerprint() -> str:
     """The code that trains and evaluates a control; pinned with ``CONTROL_VERSION`` by a test."""
     import dapt.masking as masking
-    from dapt.data import datamodule, heldout, mixing, packing, sources
-    from dapt.modeling import base_prep, loading, mlm_module, optim, perplexity, sparse_head
-    from dapt.pipeline import fit
+    from dapt.data import config, datamodule, heldout, mixing, packing, sources, stream
+    from dapt.modeling import loading, mlm_module, optim, perplexity, sparse_head
+    from dapt.pipeline import base_prep, fit
     from dapt.versioning import source_fingerprint
 
     strategies = [masking.base, masking.units, masking.random, masking.whole_word, masking.span, masking.pmi, masking.ngrams,
-                  masking.salient, masking.salience, masking.corpus_stats]
+                  masking.salient, masking.term_scores, masking.corpus_stats]
     return source_fingerprint(run_control, control_stream, fit, mlm_module.MLMModule, sparse_head, optim, perplexity, heldout,
-                              datamodule, mixing, packing, sources, loading, base_prep.base_stream, base_prep.BaseStream,
+                              config, datamodule, stream, mixing, packing, sources, loading, base_prep.base_stream, base_prep.BaseStream,
                               base_prep.base_data_config, *strategies)
 
 
@@ -123,7 +124,7 @@ def control_stream(cfg: Any, run: Any, control: ControlConfig, base: BaseStream 
         return data_cfg, int(cfg.seed), 0
     if base.data.max_seq_length != run.data.max_seq_length:
         log.warning(
-            "control arm: base.max_seq_length=%d differs from data.max_seq_length=%d, so the control cannot "
+            "control arm: base_prep.max_seq_length=%d differs from data.max_seq_length=%d, so the control cannot "
             "continue the base's stream; it reads the general corpus from the start (text the base has "
             "partly seen). Set them equal for a clean control.", base.data.max_seq_length, run.data.max_seq_length,
         )

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import pytorch_lightning as pl
 import torch
 
+from dapt import metric_names
 from dapt.modeling.callbacks import AtomicCheckpointIO
 from dapt.modeling.mlm_module import MLMModule
 
@@ -83,7 +84,7 @@ def evaluate_heldout(trainer: pl.Trainer, module: MLMModule, datamodule: Any) ->
     """
     out: dict[str, Any] = {DOCUMENTS: {}}
     module.heldout_documents.clear()  # a set that yields nothing this time must not reuse an old table
-    stages = (("dev", "val", trainer.validate, datamodule.eval_names), ("test", "test", trainer.test, datamodule.test_names))
+    stages = (("dev", metric_names.DEV_LOOP, trainer.validate, datamodule.eval_names), ("test", metric_names.TEST_LOOP, trainer.test, datamodule.test_names))
     for split, prefix, run_loop, names in stages:
         if not names:
             continue
@@ -93,13 +94,13 @@ def evaluate_heldout(trainer: pl.Trainer, module: MLMModule, datamodule: Any) ->
         for name in names:
             key = name if split == "test" else f"{name}_dev"
             for stat in HELDOUT_STATS:
-                value = logged.get(f"{prefix}/{name}/{stat}")
+                value = logged.get(metric_names.heldout(prefix, name, stat))
                 if value is not None:
                     out[f"{key}_{stat}"] = value
-            table = module.heldout_documents.get(f"{prefix}/{name}")
+            table = module.heldout_documents.get((prefix, name))
             if table is not None:
                 out[DOCUMENTS][f"{key}_ppl"] = {"ids": table[0].tolist(), "sums": table[1].tolist(), "counts": table[2].tolist()}
-            low, high = logged.get(f"{prefix}/{name}/ppl_low"), logged.get(f"{prefix}/{name}/ppl_high")
+            low, high = logged.get(metric_names.heldout(prefix, name, "ppl_low")), logged.get(metric_names.heldout(prefix, name, "ppl_high"))
             if low is not None and high is not None:
                 out[f"{key}_ppl_ci"] = [None if math.isnan(low) else low, None if math.isnan(high) else high]
     return out
@@ -126,7 +127,7 @@ def evaluation_code_fingerprint() -> str:
 
     return source_fingerprint(evaluate_heldout, stage_keys, mlm_module.MLMModule, sparse_head, perplexity, heldout, datamodule,
                               packing, sources, masking.base, masking.units, masking.random, masking.whole_word, masking.span,
-                              masking.pmi, masking.ngrams, masking.salient, masking.salience)
+                              masking.pmi, masking.ngrams, masking.salient, masking.term_scores)
 
 
 def _read_cached_evaluation(path: Path) -> dict[str, Any] | None:

@@ -7,7 +7,7 @@ how to resume; (3) with ``resume=auto`` continues the latest interrupted run of 
 its own directory: weights, optimizer, scheduler, loop counters (Lightning), the data stream position
 and masking generators (``PackedCorpusDataModule.state_dict``), the dropout RNG
 (``RngStateCheckpoint``), the W&B run id and the CSV history; (4) holds an exclusive lock on its
-run directory while it works in it (``RunLock``), so a second ``resume=auto`` of the same run (a
+run directory while it works in it (``dapt.pipeline.run_lock.RunLock``), so a second ``resume=auto`` of the same run (a
 requeued job whose first copy is still alive, a sweep launched twice) stops with a one-line error
 instead of both writing the same checkpoint and results; and (5) counts its wall time over all its
 attempts (``RunClock``).
@@ -23,9 +23,6 @@ import csv
 import io
 import json
 import logging
-import os
-import signal
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +31,9 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import OmegaConf
 
-from dapt.errors import ConfigError, RunInterrupted, RunInUseError
+from dapt.errors import ConfigError, RunInUseError
 from dapt.io import atomic_write_json, atomic_write_text
+from dapt.pipeline.run_lock import RunLock
 from dapt.versioning import code_digest
 
 log = logging.getLogger(__name__)
@@ -44,11 +42,8 @@ RUN_CONFIG = "run_config.json"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 WANDB_ID_FILE = "wandb_run_id.txt"
-LOCK_FILE = ".run.lock"
-LOCK_WAIT_SECONDS = 10.0  # how long a run waits for its folder's lock before refusing (see RunLock.acquire)
 # Config keys that do not change what a run computes: a run resumed with other values is the same run.
 VOLATILE_KEYS = ("resume", "paths", "hydra", "checkpoint", "logger", "tags", "optimized_metric")
-SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 
 
 @dataclass
@@ -213,88 +208,6 @@ def find_resume_point(cfg: Any, run_dir: Path) -> ResumePoint | None:
         return None
 
 
-class RunLock:
-    """An exclusive claim on a run directory for as long as one process works in it.
-
-    ``flock`` on ``<run dir>/.run.lock``: the kernel drops the lock when its process ends, however it
-    ends (SIGKILL, OOM kill, a node's job killed by the scheduler), so a requeued job can always
-    take over an interrupted run, and a run that is still alive cannot be taken over. The file holds
-    the owner's pid and host for the error message; it is never deleted (deleting a lock file races
-    with a process about to lock it). Network file systems: Linux NFSv4 supports ``flock``; on a
-    file system without locks, ``acquire`` warns and goes on unlocked rather than refusing to run; a
-    file system whose locks are node-local (Lustre mounted with ``localflock``) protects only against
-    a second copy on the same node. A process forked by the holder without exec (a dataloader
-    worker) inherits the lock until it exits, hence ``acquire``'s short wait.
-    Only global rank 0 of a data-parallel job takes it (its ranks share the folder).
-    """
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / LOCK_FILE
-        self._fd: int | None = None
-
-    def holder(self) -> str:
-        """Who holds the lock, as written by its holder ("pid N on host H since T"), or "unknown"."""
-        try:
-            return self.path.read_text().strip() or "unknown"
-        except OSError:
-            return "unknown"
-
-    def held_by_another(self) -> bool:
-        """Whether a live process holds the lock now (a probe: nothing is kept)."""
-        import fcntl
-
-        if not self.path.is_file():
-            return False
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
-        return False
-
-    def acquire(self, wait: float = 0.0) -> "RunLock":
-        """Take the lock, retrying for ``wait`` seconds (a requeued job may start while processes
-        forked by its predecessor, e.g. dataloader workers, still hold the inherited lock for a few
-        seconds), else raise ``RunInUseError`` naming the holder."""
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() < deadline:
-                    time.sleep(0.5)
-                    continue
-                os.close(fd)
-                raise RunInUseError(
-                    f"run {self.path.parent} is in use by another process ({self.holder()}): wait for it to end, "
-                    "or start a separate run with resume=never"
-                ) from None
-            except OSError as exc:  # no lock support on this file system
-                log.warning("could not lock %s (%s); going on without protection against a second copy of this run", self.path, exc)
-                break
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
-
-
 class RunClock(pl.Callback):
     """Wall time of a run over all its attempts (``results.json`` ``train_seconds`` and ``attempts``).
 
@@ -364,7 +277,7 @@ def restore_csv_history(loggers: list[Any], rows: list[dict[str, str]]) -> None:
     """Write ``rows`` back under the CSV logger (after it has started) so the history is whole."""
     from pytorch_lightning.loggers import CSVLogger
 
-    from dapt.tracking.ddp import secondary_rank_process
+    from dapt.launch.ddp import secondary_rank_process
 
     if not rows or secondary_rank_process():  # rank 0 writes the history (other ranks' loggers are dummies)
         return
@@ -390,169 +303,6 @@ def wandb_run_id(run_dir: Path) -> str:
     run_id = secrets.token_hex(4)
     atomic_write_text(path, run_id + "\n")
     return run_id
-
-
-class StopOnSignal(pl.Callback):
-    """SIGTERM/SIGINT during the run: stop at the next optimizer-step boundary, checkpoint, exit non-zero.
-
-    Lightning's own signal handling is switched off for the DAPT trainer (``setup`` replaces its
-    ``register_signal_handlers``): its SIGTERM handler raises the stop flag at once (inside a
-    gradient-accumulation group, whose partial gradients a checkpoint does not hold), and under DDP
-    runs a collective inside the handler on one rank; under SLURM its SIGUSR handler saves a
-    checkpoint from inside the handler. This callback's handler stays installed instead.
-
-    The first signal only records the stop. **During fit** the flag that Lightning's loops act on
-    is raised at the end of the batch that completes an optimizer step, or at once between two
-    steps; a flag raised before a step's first batch waits for that step's end, so a stop never lands
-    inside a gradient-accumulation group. An evaluation inside fit is never cut short (the flag is
-    parked while it runs): the stop lands on the next step boundary, and the validation at the
-    checkpoint's step is in the history. **Under DDP** the ranks agree at
-    each optimizer-step boundary (one all-reduce of the signal number) and all stop after the same
-    step, so they write the checkpoint together (its per-rank state is gathered). **In the other
-    trainer calls** (the start model's and final evaluations) a single process stops at once, while
-    under DDP the ranks agree after the call (``raise_if_signalled``). ``raise_if_signalled`` after every
-    trainer call also catches a signal that arrived on a last batch. The checkpoint is written in
-    ``on_exception``; ``train`` turns Lightning's ``SIGTERMException`` (a ``SystemExit`` with status 0)
-    into ``RunInterrupted``. Outside that trainer (base preparation, control arm, downstream tasks,
-    whose caches are written atomically at their end) and on a second signal, the handler raises
-    ``RunInterrupted`` at once; under DDP that rank then leaves the others, which dapt's rank
-    watcher (or the cluster's launcher) stops.
-
-    Under SLURM with submitit, a time limit is announced with SIGUSR2, which submitit handles itself
-    (requeue, then exit): the requeued job continues from the last periodic checkpoint.
-    """
-
-    def __init__(self, checkpoint_path: Path | None) -> None:
-        self.checkpoint_path = checkpoint_path
-        self.signum: int | None = None
-        self.saved: Path | None = None
-        self.step = 0
-        self._trainer: pl.Trainer | None = None
-        self._step_at_batch_start = 0
-        self._in_step = False  # from the first batch of an optimizer step to the end of its last
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> "StopOnSignal":
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for signum in SIGNAL_NAMES:
-                previous = signal.signal(signum, self._handle)
-                self._previous.setdefault(signum, previous)
-        return self
-
-    def uninstall(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
-
-    @staticmethod
-    def _distributed(trainer: pl.Trainer) -> bool:
-        return trainer.world_size > 1
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        first = self.signum is None
-        self.signum = signum
-        name = SIGNAL_NAMES.get(signum, str(signum))
-        trainer = self._trainer
-        if first and trainer is not None:
-            if not self._distributed(trainer) and (trainer.state.fn != "fit" or not (
-                    self._in_step or trainer.validating or trainer.sanity_checking)):
-                self._request_stop(trainer)  # an evaluation call, or between two optimizer steps: stop now
-            log.warning("received %s: stopping after the current step and writing a checkpoint (send it again to stop now)", name)
-            return
-        raise RunInterrupted(f"interrupted by {name}", signum=signum)
-
-    def _request_stop(self, trainer: pl.Trainer) -> None:
-        trainer._signal_connector.received_sigterm = True
-
-    def _agreed_signal(self) -> int:
-        """The signal any rank received (0: none); a collective under DDP."""
-        from dapt.distributed import all_ranks_max
-
-        signum = all_ranks_max(int(self.signum or 0))
-        if signum and self.signum is None:
-            self.signum = signum  # another rank was signalled: this one stops with it
-        return signum
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Runs before Lightning installs its signal handlers for the call: it installs none (see the
-        class docstring); its flag starts clear, or raised for an evaluation call when a signal is
-        already pending on a single process."""
-        self._trainer = trainer
-        connector = trainer._signal_connector
-
-        def register_signal_handlers() -> None:
-            connector.received_sigterm = self.signum is not None and trainer.state.fn != "fit" and not self._distributed(trainer)
-            connector._original_handlers = {}
-            self.install()
-
-        connector.register_signal_handlers = register_signal_handlers
-
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn == "fit":  # never cut a validation inside fit short (DDP ranks hold different batch counts)
-            trainer._signal_connector.received_sigterm = False
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._step_at_batch_start = trainer.global_step
-        if not self._in_step:  # the first batch of an optimizer step: a stop raised before it waits for the step's end
-            self._in_step = True
-            trainer._signal_connector.received_sigterm = False
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step == self._step_at_batch_start:
-            return  # inside a gradient-accumulation group: never stop here
-        self._in_step = False
-        if self._distributed(trainer):
-            if self._agreed_signal():  # every rank calls this after every optimizer step
-                self._request_stop(trainer)
-        elif self.signum is not None:
-            self._request_stop(trainer)
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Flush the CSV history with every checkpoint: Lightning writes it every 100 steps, and a
-        run killed after its checkpoint must not leave a gap in the history it resumes."""
-        from pytorch_lightning.loggers import CSVLogger
-
-        for lg in trainer.loggers:
-            if isinstance(lg, CSVLogger):
-                lg.save()
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._trainer = None
-        self._in_step = False
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        from pytorch_lightning.utilities.exceptions import SIGTERMException
-
-        self.step = trainer.global_step
-        if isinstance(exception, SIGTERMException) and self.checkpoint_path is not None and trainer.state.fn == "fit":
-            trainer.save_checkpoint(str(self.checkpoint_path))
-            self.saved = self.checkpoint_path
-
-    def raise_if_signalled(self, trainer: pl.Trainer, *, resume_hint: str, training_done: bool = False) -> None:
-        """After a trainer call: a signal that Lightning did not act on (it arrived on a last batch)
-        stops the run here; after a finished fit, the final state is checkpointed first."""
-        if not self._agreed_signal():  # every rank calls this after every trainer call
-            return
-        self.step = trainer.global_step
-        if training_done and self.checkpoint_path is not None and self.saved is None:
-            trainer.save_checkpoint(str(self.checkpoint_path))
-            self.saved = self.checkpoint_path
-        raise self.interrupted(resume_hint=resume_hint)
-
-    def interrupted(self, *, resume_hint: str) -> RunInterrupted:
-        """The error ``train`` raises after Lightning stopped on this callback's request."""
-        signum = self.signum or signal.SIGTERM
-        name = SIGNAL_NAMES.get(signum, str(signum))
-        checkpoint = self.saved
-        if checkpoint is None and self.checkpoint_path is not None and self.checkpoint_path.is_file():
-            checkpoint = self.checkpoint_path  # no stop checkpoint, but the last periodic one
-        if checkpoint is not None:
-            message = f"interrupted by {name} at step {self.step}; checkpoint {checkpoint}; resume with: {resume_hint}"
-        else:
-            message = f"interrupted by {name} (step {self.step}); no checkpoint to resume from (not training yet, or checkpoint.enabled=false)"
-        return RunInterrupted(message, signum=signum, step=self.step, checkpoint=str(checkpoint) if checkpoint else None)
 
 
 def resume_command(argv: list[str]) -> str:

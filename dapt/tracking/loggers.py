@@ -68,7 +68,7 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, *, run_name: str, group: str
     if cfg.csv.enabled:
         loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
     if cfg.wandb.enabled and wandb_mode(cfg.wandb) != "disabled":
-        from dapt.tracking.sweeps import current_job, override_tags
+        from dapt.launch.sweeps import current_job, override_tags
 
         os.environ.setdefault("WANDB_SILENT", "true")
         # A Hydra job adds its overrides as tags; a sweep job also tags its sweep and is named by

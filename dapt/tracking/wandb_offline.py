@@ -1,7 +1,8 @@
 """Read W&B offline run files (``wandb/offline-run-*/run-<id>.wandb``) without uploading them.
 
-wandb (0.17+, here 0.31) keeps an offline run only in this binary log, meant for ``wandb sync``;
-there is no ``wandb-summary.json`` and the package has no public reader. The file is a LevelDB-style
+wandb 0.17 and later (tests/test_wandb_offline.py reads a run of the installed one) keep an offline
+run only in this binary log, meant for ``wandb sync``; there is no ``wandb-summary.json`` and the
+package has no public reader. The file is a LevelDB-style
 log: a 7-byte header (``:W&B``, magic 0xBEE1, version), then 32 KiB blocks of chunks, each with a
 7-byte header (crc32, length, type: full/first/middle/last); the chunks of one record hold one
 ``wandb.proto.wandb_internal_pb2.Record``. ``read_offline_run`` decodes the run record (project,

@@ -25,25 +25,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="write the table as JSON here")
     args = parser.parse_args(argv)
 
-    from hydra import compose, initialize_config_dir
-
-    from dapt.config import config_dir, register_resolvers
+    import dapt.commands  # noqa: F401  (registers the config groups' schemas, as the dapt commands do)
+    from dapt.config import compose_config
     from dapt.data.datamodule import PackedCorpusDataModule
     from dapt.masking import build_eval_masker, build_masker
-    from dapt.modeling.base_prep import needs_preparation, prepare_base
     from dapt.modeling.loading import load_mlm_model, load_tokenizer
+    from dapt.pipeline.base_prep import needs_preparation, prepare_base
     from dapt.pipeline.fit import evaluate_heldout, make_module, make_trainer
-    from dapt.train import validate
+    from dapt.pipeline.run_config import validate
 
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["tasks=[]", "logger.wandb.enabled=false", *args.overrides])
+    cfg = compose_config(["tasks=[]", "logger.wandb.enabled=false", *args.overrides])
     run = validate(cfg)
     tokenizer = load_tokenizer(run.model.source)
     loaded = load_mlm_model(run.model.source, attn_implementation=run.model.attn_implementation)
     model = loaded.model
-    if needs_preparation(run.base, loaded.has_pretrained_head):
-        base = prepare_base(model=model, tokenizer=tokenizer, model_cfg=run.model, model_path=loaded.path, base_cfg=run.base,
+    if needs_preparation(run.base_prep, loaded.has_pretrained_head):
+        base = prepare_base(model=model, tokenizer=tokenizer, model_cfg=run.model, model_path=loaded.path, base_cfg=run.base_prep,
                             data_dir=str(cfg.paths.data_dir), cache_dir=str(cfg.paths.cache_dir), trainer_kwargs=run.trainer)
         model = load_mlm_model(base.path, attn_implementation=run.model.attn_implementation).model
     masker = build_masker(cfg.masking, tokenizer)

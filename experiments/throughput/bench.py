@@ -1,4 +1,4 @@
-"""``make bench`` / ``dapt bench``: dapt's training throughput vs the HF Trainer recipe, side by side.
+"""``make bench`` (``python -m experiments.throughput.bench``): dapt's training throughput vs the HF Trainer recipe, side by side.
 
 Question: on the same machine, model, sequence length, batch and mask rate, how many training
 tokens/s does dapt reach compared with transformers' ``run_mlm.py`` recipe, at no worse loss, how
@@ -15,7 +15,7 @@ Stages (each run is a fresh process, see ``worker.py``):
 3. time to quality: training seconds for dapt and the HF recipe at its best to reach the same
    held-out loss from the same start (``time_to_quality``).
 4. levers: dapt's step with one setting changed at a time (``levers.py``).
-5. pipeline and memory (``pipeline.py``); 6. masking strategies (``dapt.masking.bench``, if present).
+5. pipeline and memory (``pipeline.py``); 6. masking strategies (``experiments.throughput.masking_bench``, if present).
 
 Prints a table; writes ``bench.json``; the last line is
 ``speedup_vs_hf_trainer=<x> speedup_vs_hf_best=<y> mfu=<z>``.
@@ -43,7 +43,7 @@ REQUIRED_KEYS = ("settings", "machine", "peak_flops", "peak_flops_by_dtype", "fl
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="dapt bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.throughput.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model, few steps, one round: checks the plumbing in seconds")
     parser.add_argument("--rounds", type=int, help="A/B rounds of the head-to-head (default 3; smoke 1)")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default 14; smoke 4)")
@@ -178,7 +178,7 @@ def head_to_head(settings: BenchSettings, compile_model: bool) -> dict[str, Any]
     base = {"settings": settings.as_dict()}
 
     def contender(name: str, spec: dict[str, Any]) -> tuple[str, Any]:
-        if spec["kind"] == "hf":  # the recipe runs in the stock environment, also under `dapt bench` (whose CLI re-exec sets dapt's)
+        if spec["kind"] == "hf":  # the recipe runs in the stock environment, also when the bench runs in dapt's (the dapt CLI's re-exec sets its allocator settings)
             return name, lambda r: run_worker({**base, **spec, "seed": r}, {k: None for k in dapt_env}, force=True,
                                               inprocess=settings.inprocess)
         return name, lambda r: run_worker({**base, **spec, "seed": r}, dapt_env, inprocess=settings.inprocess)
@@ -308,9 +308,9 @@ def lever_stage(settings: BenchSettings) -> dict[str, Any]:
 def masking_stage(settings: BenchSettings) -> dict[str, Any]:
     """Masking tokens/s per strategy from the masking helper's benchmark, when it is installed."""
     try:
-        from dapt.masking.bench import benchmark_masking
+        from experiments.throughput.masking_bench import benchmark_masking
     except ImportError as exc:
-        return {"skipped": f"dapt.masking.bench not available ({exc})"}
+        return {"skipped": f"experiments.throughput.masking_bench not available ({exc})"}
     try:
         kwargs: dict[str, Any] = {"batch_size": settings.batch_size, "seq_len": settings.seq_len}
         if settings.tiny:
@@ -327,7 +327,7 @@ def _fmt(value: Any, spec: str = ",.0f") -> str:
 
 
 def print_report(r: dict[str, Any]) -> None:
-    h, d = r["hf_trainer"], r["dapt"]
+    d = r["dapt"]
     s = r["settings"]
     model_name = "tiny model" if s["tiny"] else (s["model_source"] if s["arch"] == "minilm" else f"{s['arch']} shape, random weights")
     print(f"\n== dapt vs HF Trainer recipe: {model_name}, seq {s['seq_len']}, "
@@ -384,7 +384,6 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
     quiet_libraries()
-    import torch
 
     from dapt.modeling.flops import flops_per_token, measured_peak_flops, mfu
     from dapt.modeling.loading import load_tokenizer

@@ -19,9 +19,9 @@ from typing import Any, Callable
 
 import torch
 
-from dapt.data.datamodule import collate_blocks
 from dapt.data.packing import BlockPacker
 from dapt.data.sources import iter_documents
+from dapt.data.stream import collate_blocks
 from dapt.masking import build_masker
 from dapt.modeling.optim import OptimizerConfig, build_optimizer
 from dapt.modeling.sparse_head import dense_mlm_loss, sparse_mlm_loss

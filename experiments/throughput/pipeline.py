@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from dapt.data.datamodule import DataConfig, PackedBlockStream, collate_blocks
+from dapt.data.config import DataConfig
 from dapt.data.sources import SourceConfig, iter_documents
+from dapt.data.stream import PackedBlockStream, collate_blocks
 from dapt.masking import build_masker
 from experiments.throughput.common import TRAIN_FILE, BenchSettings, median, peak_rss_mb, repo_root
 

@@ -15,8 +15,17 @@ from dataclasses import asdict
 from typing import Any
 
 from experiments.throughput.common import (
-    BenchSettings, StepClock, build_eval_batches, dapt_model_config, eval_loss, fresh_copy, load_base_model, peak_rss_mb,
-    quiet_libraries, train_texts, with_config,
+    BenchSettings,
+    StepClock,
+    build_eval_batches,
+    dapt_model_config,
+    eval_loss,
+    fresh_copy,
+    load_base_model,
+    peak_rss_mb,
+    quiet_libraries,
+    train_texts,
+    with_config,
 )
 
 

@@ -36,8 +36,8 @@ def preflight(run: Any, run_dir: Path) -> None:
     config = model_config(run.model)
     if config is not None:
         check_sequence_length(config, run.data.max_seq_length, "data.max_seq_length")
-        if run.base.mode != "never":
-            check_sequence_length(config, run.base.max_seq_length, "base.max_seq_length")
+        if run.base_prep.mode != "never":
+            check_sequence_length(config, run.base_prep.max_seq_length, "base_prep.max_seq_length")
     check_writable(run_dir)
     raw = run.raw
     writes_weights = bool(raw.get("save_model", True)) or bool((raw.get("checkpoint") or {}).get("enabled", False))

@@ -7,22 +7,18 @@ import json
 from typing import Any
 
 
-
 def _compose(overrides: list[str]) -> Any:
-    from hydra import compose, initialize_config_dir
+    from dapt.config import compose_config
 
-    from dapt.config import config_dir, register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=[*overrides, "paths.output_dir=."])
+    return compose_config([*overrides, "paths.output_dir=."])
 
 
 def diagnose(overrides: list[str], max_documents: int = 2000) -> dict[str, Any]:
     """Profile the configured domain corpus against general text; return findings + warnings."""
-    from dapt.data.sources import as_source, general_sources, iter_documents
+    from dapt.data.sources import as_source, iter_documents
     from dapt.diagnostics.corpus import domain_terms, fragmentation, profile, vocabulary_overlap
     from dapt.modeling.loading import load_tokenizer
+    from dapt.pipeline.run_config import general_sources
 
     cfg = _compose(overrides)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.source)
@@ -31,7 +27,7 @@ def diagnose(overrides: list[str], max_documents: int = 2000) -> dict[str, Any]:
     domain = profile(iter_documents(domain_sources, data_dir), tokenizer, max_documents=max_documents)
     general = profile(iter_documents(general_sources(cfg), data_dir), tokenizer, max_documents=max_documents)
     # An empty sample overlaps nothing: without this check it reads as "a real domain shift".
-    for what, key, sample, sources in (("domain", "data.train", domain, domain_sources), ("general", "base.data", general, general_sources(cfg))):
+    for what, key, sample, sources in (("domain", "data.train", domain, domain_sources), ("general", "base_prep.data", general, general_sources(cfg))):
         if sample.documents == 0 or sample.tokens == 0:
             from dapt.errors import DataError
 

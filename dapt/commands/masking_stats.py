@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides as for `dapt train` (data=cs, masking=pmi, masking.min_count=5, ...)")
     parser.add_argument("--kind", choices=(*KINDS, "all"), default=None,
                         help="which statistics (default: the kind named by a masking= override, else all)")
-    parser.add_argument("--domain", nargs="+", metavar="PATH", help="domain corpus files/folders (JSONL 'text' field or .txt files) instead of the config's data.train")
+    parser.add_argument("--domain", nargs="+", metavar="PATH", help="domain corpus files/folders (.jsonl 'text' field, .txt files, .parquet 'text' column) instead of the config's data.train")
     parser.add_argument("--general", nargs="+", metavar="PATH", help="general corpus (for salient) instead of the config's base data")
     parser.add_argument("--tokenizer", help="tokenizer source (hub id, path or package:NAME) instead of the config's model")
     parser.add_argument("--cache-dir", help="masking cache folder (default: <paths.cache_dir>/masking, as dapt train)")
@@ -57,21 +57,43 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _compose(overrides: list[str]) -> Any:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from dapt.config import compose_config
 
-    from dapt.config import config_dir, register_resolvers
+    return compose_config(overrides)
 
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        return compose("train", overrides=overrides)
+
+def path_sources(paths: list[str]) -> list[Any]:
+    """``SourceConfig``s for files/folders named on the command line, read by the data layer's reader.
+
+    ``.jsonl`` (``text`` field), ``.txt`` (one document per file) and ``.parquet`` (``text`` column)
+    files; a folder becomes one source per such kind of file it holds. Paths are taken relative to
+    the working directory, not ``paths.data_dir``.
+    """
+    from dapt.data.sources import SourceConfig
+    from dapt.errors import ConfigError, DataError
+
+    kinds = {".jsonl": {"type": "jsonl"}, ".txt": {"type": "text", "split_by": "file"}, ".parquet": {"type": "parquet"}}
+    sources = []
+    for raw in paths:
+        path = Path(raw).expanduser().absolute()
+        if path.is_dir():
+            found = [suffix for suffix in kinds if any(p.is_file() for p in path.rglob(f"*{suffix}"))]
+            if not found:
+                raise DataError(f"corpus folder has no {' / '.join(kinds)} files: {path}")
+            sources += [SourceConfig(path=str(path), glob=f"*{suffix}", **kinds[suffix]) for suffix in found]
+        elif path.suffix in kinds:
+            sources.append(SourceConfig(path=str(path), **kinds[path.suffix]))
+        elif not path.exists():
+            raise DataError(f"corpus path does not exist: {path}")
+        else:
+            raise ConfigError(f"{path}: not a {' / '.join(kinds)} file or a folder of them")
+    return sources
 
 
 def _setup(args: argparse.Namespace, kind: str) -> _Setup:
     from omegaconf import OmegaConf
 
-    from dapt.masking.corpus_stats import iter_documents
+    from dapt.data.sources import as_source, iter_documents
 
     overrides = [o for o in args.overrides if not o.startswith(("masking=", "+masking="))] + [f"masking={kind}"]
     try:
@@ -85,30 +107,26 @@ def _setup(args: argparse.Namespace, kind: str) -> _Setup:
     masking = OmegaConf.to_container(cfg.masking, resolve=True)
     data_dir = str(cfg.paths.data_dir)
     described = []
+    # Every corpus is read by dapt.data.sources (the reader and quality filters of training), so the
+    # statistics see exactly the documents a run's MaskingContext would pass.
     if args.domain:
-        paths = list(args.domain)
-        domain = lambda: iter_documents(paths)  # noqa: E731
-        described.append(f"domain: {' '.join(paths)}")
+        sources = path_sources(list(args.domain))
+        described.append(f"domain: {' '.join(args.domain)}")
     else:
-        from dapt.data.sources import as_source
-        from dapt.data.sources import iter_documents as iter_sources
-
         sources = [as_source(s) for s in cfg.data.train if s]
-        domain = lambda: iter_sources(sources, data_dir)  # noqa: E731
         described.append(f"domain: data={cfg.data.name} ({', '.join(s.path for s in sources)})")
+    domain = lambda: iter_documents(sources, data_dir)  # noqa: E731
     general = None
     if kind == "salient":
         if args.general:
-            gpaths = list(args.general)
-            general = lambda: iter_documents(gpaths)  # noqa: E731
-            described.append(f"general: {' '.join(gpaths)}")
+            gsources = path_sources(list(args.general))
+            described.append(f"general: {' '.join(args.general)}")
         else:
-            from dapt.data.sources import general_sources
-            from dapt.data.sources import iter_documents as iter_sources
+            from dapt.pipeline.run_config import general_sources
 
             gsources = general_sources(cfg)
-            general = lambda: iter_sources(gsources, data_dir)  # noqa: E731
             described.append(f"general: {', '.join(s.path for s in gsources)}")
+        general = lambda: iter_documents(gsources, data_dir)  # noqa: E731
     cache_dir = args.cache_dir or str(Path(str(cfg.paths.cache_dir)).expanduser() / "masking")
     tokenizer_source = args.tokenizer or cfg.model.get("tokenizer") or cfg.model.source
     return _Setup(tokenizer_source=str(tokenizer_source), masking=masking, domain=domain, general=general,

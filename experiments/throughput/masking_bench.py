@@ -5,63 +5,50 @@ compares these tokens/s with training tokens/s (MiniLM-L6 on 2 CPU cores trains 
 every strategy should be >= 20x faster). ``measure_achieved_rates`` checks, on the same blocks,
 that the fraction of maskable tokens each strategy masks is the configured rate.
 
-Run ``python -m dapt.masking.bench`` for a table.
+Run ``python -m experiments.throughput.masking_bench`` for a table.
 """
 
 from __future__ import annotations
 
-import json
+import itertools
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
+from dapt.data.packing import BlockPacker
+from dapt.data.sources import SourceConfig, iter_documents
 from dapt.masking.base import Masker, MaskingContext, achieved_rate, build_masker
 
-DEFAULT_TEXT = "biomed/corpus/ohsumed/train.jsonl"
-GENERAL_TEXT = "general/wikipedia/enwiki2015.jsonl"
+# The corpora of conf/data/biomed.yaml (PMI / salient statistics) and the OHSUMED test file (blocks),
+# relative to paths.data_dir, read by dapt.data.sources like a training run reads them.
+DOMAIN_SOURCES = [SourceConfig(type="jsonl", path="biomed/corpus/ohsumed/train.jsonl"),
+                  SourceConfig(type="text", path="biomed/corpus/craft", glob="*.txt", split_by="file")]
+GENERAL_SOURCES = [SourceConfig(type="jsonl", path="general/wikipedia/enwiki2015.jsonl")]
+BLOCK_SOURCE = SourceConfig(type="jsonl", path="biomed/corpus/ohsumed/test.jsonl")
 STRATEGIES = ("random", "whole_word", "span", "pmi", "salient")
 
 
-def read_jsonl_texts(path: str | Path, limit: int | None = None) -> list[str]:
-    texts = []
-    with Path(path).open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                texts.append(json.loads(line)["text"])
-                if limit is not None and len(texts) >= limit:
-                    break
-    return texts
+def read_texts(source: SourceConfig, limit: int | None = None) -> list[str]:
+    """The first ``limit`` documents of ``source``, read by the data layer (``dapt.data.sources``)."""
+    return list(itertools.islice(iter_documents(source, str(_data_dir())), limit))
 
 
 def pack_blocks(texts: Iterable[str], tokenizer: Any, seq_len: int, max_blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack documents like the training data: ``[CLS]`` + tokens of consecutive documents, each
-    followed by ``[SEP]``, cut into ``seq_len`` blocks. ``word_starts`` comes from ``word_ids()``.
+    """Pack documents exactly like the training data (``dapt.data.packing.BlockPacker``: ``[CLS]`` +
+    tokens of consecutive documents, each followed by ``[SEP]``, + ``[SEP]``, per ``seq_len`` block).
 
     Returns ``(input_ids, word_starts)``, both ``[n_blocks, seq_len]``; the remainder is dropped.
     """
-    cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-    sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-    texts = list(texts)
-    enc = tokenizer(texts, add_special_tokens=False)
-    ids: list[int] = []
-    starts: list[bool] = []
-    for i, doc_ids in enumerate(enc["input_ids"]):
-        wids = enc.word_ids(i)
-        ids.extend(doc_ids)
-        starts.extend(w is not None and (j == 0 or w != wids[j - 1]) for j, w in enumerate(wids))
-        ids.append(sep_id)
-        starts.append(False)
-    body = seq_len - 1
-    n_blocks = len(ids) // body
-    if max_blocks is not None:
-        n_blocks = min(n_blocks, max_blocks)
-    flat_ids = torch.tensor(ids[: n_blocks * body]).view(n_blocks, body)
-    flat_starts = torch.tensor(starts[: n_blocks * body]).view(n_blocks, body)
-    input_ids = torch.cat([torch.full((n_blocks, 1), cls_id), flat_ids], 1)
-    word_starts = torch.cat([torch.zeros(n_blocks, 1, dtype=torch.bool), flat_starts], 1)
-    return input_ids, word_starts
+    blocks = itertools.islice(BlockPacker(tokenizer, seq_len).pack(texts), max_blocks)
+    ids, starts = [], []
+    for block in blocks:
+        ids.append(torch.from_numpy(block["input_ids"]))
+        starts.append(torch.from_numpy(block["word_starts"]))
+    if not ids:
+        return torch.zeros(0, seq_len, dtype=torch.long), torch.zeros(0, seq_len, dtype=torch.bool)
+    return torch.stack(ids), torch.stack(starts)
 
 
 def _data_dir() -> Path:
@@ -74,19 +61,13 @@ def build_maskers(tokenizer: Any, rate: float = 0.15, strategies: Iterable[str] 
                   context: MaskingContext | None = None) -> dict[str, Masker]:
     """One masker per strategy; PMI / salient statistics from the biomedical corpus (cached)."""
     if context is None:
-        data = _data_dir()
-        domain = [str(data / DEFAULT_TEXT), str(data / "biomed/corpus/craft")]
-        general = [str(data / GENERAL_TEXT)]
+        data_dir = str(_data_dir())
 
         def domain_docs() -> Iterable[str]:
-            from dapt.masking.corpus_stats import iter_documents
-
-            return iter_documents(domain)
+            return iter_documents(DOMAIN_SOURCES, data_dir)
 
         def general_docs() -> Iterable[str]:
-            from dapt.masking.corpus_stats import iter_documents
-
-            return iter_documents(general)
+            return iter_documents(GENERAL_SOURCES, data_dir)
 
         context = MaskingContext(tokenizer=tokenizer, domain_documents=domain_docs, general_documents=general_docs)
     return {name: build_masker({"name": name, "rate": rate}, tokenizer, context=context) for name in strategies}
@@ -101,7 +82,7 @@ def _load_tokenizer(tokenizer: Any) -> Any:
 
 
 def _blocks(tokenizer: Any, seq_len: int, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    texts = read_jsonl_texts(_data_dir() / "biomed/corpus/ohsumed/test.jsonl", limit=max(50, n_blocks * seq_len // 150))
+    texts = read_texts(BLOCK_SOURCE, limit=max(50, n_blocks * seq_len // 150))
     input_ids, word_starts = pack_blocks(texts, tokenizer, seq_len, max_blocks=n_blocks)
     if input_ids.shape[0] < n_blocks:  # tiny n_blocks guess was short: repeat rows
         reps = -(-n_blocks // input_ids.shape[0])

@@ -1,19 +1,15 @@
 """``dapt train``: compose config → prepare base → stream, mask, adapt → evaluate → results.json.
 
 ``train(cfg)`` is a pure function of the composed config (the Hydra entry point is a thin wrapper in
-``dapt.cli``) returning ``(metrics, objects)`` so tests and sweepers can call it directly.
+``dapt.commands.train``) returning ``(metrics, objects)`` so tests and sweepers can call it directly.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
-import math
 import shutil
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,131 +17,43 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dapt.config import to_dataclass
-from dapt.data.datamodule import DataConfig, PackedCorpusDataModule
-from dapt.data.sources import as_source, describe, general_sources
-from dapt.errors import ConfigError, IncompleteRunError, RunInterrupted, RunInUseError
+from dapt.data.datamodule import PackedCorpusDataModule
+from dapt.data.sources import as_source, describe
+from dapt.errors import IncompleteRunError, RunInterrupted, RunInUseError
 from dapt.io import atomic_save_dir, atomic_write_json, non_finite_keys
+from dapt.launch.ddp import debug_callbacks, local_ranks
+from dapt.launch.ddp import rank_overrides as rank_overrides_for
 from dapt.masking import MaskingContext, build_eval_masker, build_masker
-from dapt.modeling.base_prep import BaseConfig, BaseInfo, base_stream, model_fingerprint, needs_preparation, prepare_base
-from dapt.modeling.callbacks import RngStateCheckpoint, ThroughputMonitor
+from dapt.modeling.callbacks import RngStateCheckpoint, ThroughputMeter
 from dapt.modeling.loading import load_mlm_model, load_tokenizer
-from dapt.modeling.optim import OptimizerConfig, SchedulerConfig
+from dapt.pipeline.base_prep import BaseInfo, base_stream, model_fingerprint, needs_preparation, prepare_base
 from dapt.pipeline.control import control_config, run_control
+from dapt.pipeline.fit import DOCUMENTS, cached_start_evaluation, evaluate_heldout, make_module, make_trainer, stage_keys
+from dapt.pipeline.preflight import preflight
+from dapt.pipeline.results import flat_metrics, log_summary, perplexity_changes, print_summary, stage_failure
 from dapt.pipeline.resume import (
-    CHECKPOINT_DIR, LAST_CHECKPOINT, LOCK_WAIT_SECONDS, CheckpointConfig, ResumePoint, RunClock, RunLock, StopOnSignal, checkpoint_callback, find_resume_point,
-    keep_csv_history, restore_csv_history, resume_command, wandb_run_id, write_run_config,
+    CHECKPOINT_DIR,
+    LAST_CHECKPOINT,
+    CheckpointConfig,
+    ResumePoint,
+    RunClock,
+    checkpoint_callback,
+    find_resume_point,
+    keep_csv_history,
+    restore_csv_history,
+    resume_command,
+    wandb_run_id,
+    write_run_config,
 )
-from dapt.pipeline.fit import DOCUMENTS, cached_start_evaluation, evaluate_heldout, make_module, make_trainer, relative_change, stage_keys
-from dapt.precision import Precision, matmul_dtype, on_cuda, resolve_precision
-from dapt.preflight import check_writable, preflight
-from dapt.tracking.loggers import LoggerConfig, build_loggers, finish_wandb, wandb_run_of
-from dapt.tracking.ddp import debug_callbacks, local_ranks
-from dapt.tracking.ddp import rank_overrides as rank_overrides_for
-from dapt.tracking.progress import StepProgressBar
+from dapt.pipeline.run_config import RunConfig, checkpoint_config, general_sources, run_dir_of, validate
+from dapt.pipeline.run_lock import LOCK_WAIT_SECONDS, RunLock
+from dapt.pipeline.stop_signal import StopOnSignal
+from dapt.precision import matmul_dtype, on_cuda
+from dapt.progress import StepProgressBar
+from dapt.tracking.loggers import build_loggers, finish_wandb, wandb_run_of
 from dapt.versioning import provenance
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelConfig:
-    """The ``model`` group.
-
-    Attributes:
-        name: short label. source: hub id, local ``save_pretrained`` dir, or ``package:<module>``.
-        tokenizer: tokenizer source when it differs from ``source``.
-        random_init: build the architecture from config without weights (tests, from-scratch runs).
-        config_overrides: ``AutoConfig`` fields to override (e.g. 2 layers, hidden 64 for tests).
-        attn_implementation: transformers attention backend (``sdpa``, ``eager``, ``flash_attention_2``).
-        compile: wrap the model in ``torch.compile``.
-    """
-
-    name: str = "model"
-    source: str = ""
-    tokenizer: str | None = None
-    random_init: bool = False
-    config_overrides: dict[str, Any] = field(default_factory=dict)
-    attn_implementation: str | None = "sdpa"
-    compile: bool = False
-
-
-@dataclass
-class RunConfig:
-    """The validated, typed view of a composed train config."""
-
-    model: ModelConfig
-    data: DataConfig
-    optimizer: OptimizerConfig
-    scheduler: SchedulerConfig
-    base: BaseConfig
-    logger: LoggerConfig
-    trainer: dict[str, Any]
-    precision: Precision
-    raw: DictConfig
-
-
-_TOP_LEVEL = {
-    "model", "data", "masking", "optimizer", "scheduler", "trainer", "logger", "paths", "base", "control",
-    "experiment_name", "seed", "tasks", "downstream", "optimized_metric", "save_model", "tags",
-    "checkpoint", "resume", "hydra", "hparams_search", "experiment",
-}
-
-
-def validate(cfg: DictConfig) -> RunConfig:
-    """Check every group against its schema; raise ``ConfigError`` naming the first bad key."""
-    unknown = sorted(set(cfg.keys()) - _TOP_LEVEL)
-    if unknown:
-        raise ConfigError(f"unknown top-level config key '{unknown[0]}'")
-    trainer = OmegaConf.to_container(cfg.trainer, resolve=True) or {}
-    valid = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self", "callbacks", "logger", "plugins"}
-    for key in trainer:
-        if key not in valid:
-            raise ConfigError(f"unknown config key 'trainer.{key}' (not a Lightning Trainer argument)")
-    if not trainer.get("max_steps") or trainer["max_steps"] < 1:
-        raise ConfigError("trainer.max_steps must be >= 1 (streamed corpora have no epoch length)")
-    # `auto` becomes a concrete precision here, in the config too: cache keys, the saved run config,
-    # resume identity and W&B all see what the run computes in, never "auto".
-    precision = resolve_precision(trainer.get("precision"), trainer.get("accelerator"))
-    trainer["precision"] = precision.value
-    with open_dict(cfg):
-        cfg.trainer.precision = precision.value
-    run = RunConfig(
-        model=to_dataclass(ModelConfig, cfg.model, prefix="model"),
-        data=to_dataclass(DataConfig, cfg.data, prefix="data"),
-        optimizer=to_dataclass(OptimizerConfig, cfg.optimizer, prefix="optimizer"),
-        scheduler=to_dataclass(SchedulerConfig, cfg.scheduler, prefix="scheduler"),
-        base=to_dataclass(BaseConfig, cfg.base, prefix="base"),
-        logger=to_dataclass(LoggerConfig, cfg.logger, prefix="logger"),
-        trainer=trainer,
-        precision=precision,
-        raw=cfg,
-    )
-    for i, s in enumerate(run.data.train):
-        as_source(s, f"data.train[{i}]")
-    if cfg.get("tasks"):  # a typo in a task name or a missing task file must not surface after DAPT
-        from dapt.evaluation.downstream import check_downstream
-
-        check_downstream(cfg)
-    return run
-
-
-def run_dir_of(cfg: DictConfig) -> Path:
-    out = OmegaConf.select(cfg, "paths.output_dir", default=None)
-    if out is None:
-        try:
-            from hydra.core.hydra_config import HydraConfig
-
-            out = HydraConfig.get().runtime.output_dir
-        except ValueError:
-            out = "outputs/manual"
-    path = Path(out)
-    check_writable(path)  # created here; a read-only or impossible path is a one-line error
-    return path
-
-
-def checkpoint_config(cfg: DictConfig) -> CheckpointConfig:
-    return to_dataclass(CheckpointConfig, cfg.get("checkpoint") or {}, prefix="checkpoint")
 
 
 def resolve_run_dir(cfg: DictConfig) -> tuple[Path, ResumePoint | None, RunLock | None]:
@@ -154,7 +62,7 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, ResumePoint | None, RunLock 
     lock that this process (global rank 0) now holds on it (None for a finished run, which is only
     read, and on other ranks). The lock is taken before ``paths.output_dir`` moves, so a run held by
     another live process is left untouched (its failure is recorded in this job's own folder)."""
-    from dapt.tracking.ddp import secondary_rank_process
+    from dapt.launch.ddp import secondary_rank_process
 
     run_dir = run_dir_of(cfg)
     point = find_resume_point(cfg, run_dir)
@@ -253,15 +161,15 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
     )
     model = loaded.model
     base = BaseInfo(source=run.model.source, path=loaded.path, steps=0, cache_key=None, cached=False)
-    if needs_preparation(run.base, loaded.has_pretrained_head):
+    if needs_preparation(run.base_prep, loaded.has_pretrained_head):
         base = prepare_base(
-            model=model, tokenizer=tokenizer, model_cfg=run.model, model_path=loaded.path, base_cfg=run.base,
+            model=model, tokenizer=tokenizer, model_cfg=run.model, model_path=loaded.path, base_cfg=run.base_prep,
             data_dir=data_dir, cache_dir=cache_dir, trainer_kwargs=run.trainer,
         )
         if base.cached:
             model = load_mlm_model(base.path, attn_implementation=run.model.attn_implementation).model
     elif not loaded.has_pretrained_head:
-        log.warning("model has no pretrained MLM head and base.mode=never: 'before' numbers use a random head")
+        log.warning("model has no pretrained MLM head and base_prep.mode=never: 'before' numbers use a random head")
     start_fingerprint = base.cache_key or {**model_fingerprint(run.model, loaded.path), "init_seed": seed}
 
     datamodule.setup()  # held-out sets are sampled once and shared by DAPT and the control arm
@@ -270,7 +178,7 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
         control = run_control(
             cfg=cfg, run=run, control=control_cfg, start_model=model, start_fingerprint=start_fingerprint,
             tokenizer=tokenizer, masker=masker, datamodule=datamodule, data_dir=data_dir, cache_dir=cache_dir,
-            root_dir=str(run_dir), base=base_stream(run.base) if base.cache_key else None,
+            root_dir=str(run_dir), base=base_stream(run.base_prep) if base.cache_key else None,
         )
 
     module = make_module(model, run, eval_names=datamodule.eval_names, test_names=datamodule.test_names)
@@ -370,7 +278,7 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
             if checkpoint.enabled and not checkpoint.keep:
                 shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
             (run_dir / "failure.json").unlink(missing_ok=True)
-        _log_summary(loggers, results["metrics"])
+        log_summary(loggers, results["metrics"])
         print_summary(results)
         print(f"results: {run_dir / 'results.json'}", flush=True)
         if isinstance(late, RunInterrupted):  # a signal during the downstream stage: its exit status, not 2
@@ -385,29 +293,6 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
     return metrics, objects
 
 
-def stage_failure(stage: str, exc: BaseException) -> dict[str, str]:
-    """The ``error`` block of results.json for a stage that failed after training finished."""
-    return {"stage": stage, "type": type(exc).__name__, "message": str(exc)}
-
-
-def perplexity_changes(after: dict[str, Any], before: dict[str, Any], control: dict[str, Any] | None) -> dict[str, Any]:
-    """Relative perplexity changes of the adapted model, each with a paired document-bootstrap CI.
-
-    ``domain_ppl_change`` / ``forgetting`` against the start, ``*_vs_control`` against the control
-    arm (``ppl_after / ppl_control - 1``: negative = DAPT lowered perplexity more than the same steps
-    on general text did); ``_dev`` variants on the dev sets. Values are fractions (-0.05 = -5%).
-    """
-    out: dict[str, Any] = {}
-    for split in ("", "_dev"):
-        for name, label in (("domain", f"domain{split}_ppl_change"), ("general", f"forgetting{split}")):
-            for suffix, reference in (("", before), ("_vs_control", control)):
-                change = relative_change(after, reference, f"{name}{split}_ppl") if reference else None
-                if change is not None:
-                    out[f"{label}{suffix}"] = change[0]
-                    out[f"{label}{suffix}_ci"] = [None if math.isnan(x) else x for x in change[1:]]
-    return out
-
-
 def _gathered_model_state(trainer: pl.Trainer) -> dict[str, torch.Tensor]:
     """The full (unsharded) state dict of ``MLMModule.model``; a collective call on every rank."""
     state = trainer.strategy.lightning_module_state_dict()
@@ -415,7 +300,7 @@ def _gathered_model_state(trainer: pl.Trainer) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _throughput_monitor(model: torch.nn.Module, run: RunConfig, mask_rate: float) -> ThroughputMonitor:
+def _throughput_monitor(model: torch.nn.Module, run: RunConfig, mask_rate: float) -> ThroughputMeter:
     """Tokens/s for every run, plus MFU (model FLOP/s ÷ the measured, disk-cached matmul peak)."""
     from dapt.modeling.flops import flops_per_token, measured_peak_flops
 
@@ -436,7 +321,7 @@ def _throughput_monitor(model: torch.nn.Module, run: RunConfig, mask_rate: float
 
     # On a GPU the peak is one device's and each rank has its own; on a CPU it is measured with all of
     # this process's threads before any rank starts, i.e. the host's, which local ranks share.
-    return ThroughputMonitor(flops_per_token=flops_per_token(model, run.data.max_seq_length, mask_rate), peak_flops=peak,
+    return ThroughputMeter(flops_per_token=flops_per_token(model, run.data.max_seq_length, mask_rate), peak_flops=peak,
                              remeasure_peak=remeasure, peak_per_rank=device == "cuda")
 
 
@@ -461,138 +346,3 @@ def _downstream(cfg: DictConfig, base: BaseInfo, model_dir: str | None, run_dir:
         before = None if bool(cfg.model.get("random_init", False)) else base.source
     return evaluate_downstream(cfg, before=before, after=model_dir, control=control, run_dir=run_dir, wandb_run=wandb_run_of(loggers))
 
-
-HELDOUT_KEYS = tuple(
-    f"{name}{split}_{stat}_{stage}"
-    for name in ("domain", "general") for split in ("", "_dev") for stat in ("ppl", "acc") for stage in ("before", "after")
-)
-
-
-def flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
-    """Scalar metrics as a flat ``key -> value`` dict (the objective a sweeper optimises is one key).
-
-    Relative changes (``perplexity_changes``): ``domain_ppl_change`` / ``forgetting`` against the start,
-    ``domain_ppl_change_vs_control`` / ``forgetting_vs_control`` against the control arm, each with
-    ``_ci_low``/``_ci_high``; ``_dev`` variants read the dev sets (what a sweep should select on).
-    """
-    flat: dict[str, Any] = {}
-    for key in (*HELDOUT_KEYS, "tokens_per_s", "mfu", "train_tokens", "steps"):
-        if results.get(key) is not None:
-            flat[key] = results[key]
-    for key, value in results.items():
-        if key.endswith("_ci") and isinstance(value, list) and len(value) == 2 and None not in value:
-            flat[f"{key}_low"], flat[f"{key}_high"] = value
-    for key, value in (results.get("control") or {}).items():
-        if key.endswith("_ppl_after") and value is not None:
-            flat[f"control/{key}"] = value
-    for key, value in (results.get("changes") or {}).items():
-        if key.endswith("_ci"):
-            if isinstance(value, list) and len(value) == 2 and None not in value:
-                flat[f"{key}_low"], flat[f"{key}_high"] = value
-        elif value is not None:
-            flat[key] = value
-    for name, label in (("domain", "domain_ppl_change"), ("general", "forgetting")):  # results without "changes"
-        after, before = results.get(f"{name}_ppl_after"), results.get(f"{name}_ppl_before")
-        if label not in flat and after and before:
-            flat[label] = after / before - 1
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if k == "delta_ci" and isinstance(v, list) and len(v) == 2 and None not in v:
-                    flat[f"{prefix}/delta_ci_low"], flat[f"{prefix}/delta_ci_high"] = v
-                    continue
-                walk(f"{prefix}/{k}", v)
-        elif isinstance(node, (int, float)) and not isinstance(node, bool):
-            flat[prefix] = node
-
-    for task, entry in (results.get("downstream") or {}).items():
-        walk(f"downstream/{task}", {k: v for k, v in entry.items() if k != "per_seed"})
-    return flat
-
-
-def _log_summary(loggers: list[Any], metrics: dict[str, Any]) -> None:
-    run = wandb_run_of(loggers)
-    if run is not None:
-        for key, value in metrics.items():
-            run.summary[key] = value
-
-
-def _ppl_cell(value: Any, ci: Any) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "—"
-    text = f"{value:.2f}"
-    if isinstance(ci, list) and len(ci) == 2 and None not in ci:
-        text += f" [{ci[0]:.1f}, {ci[1]:.1f}]"
-    return text
-
-
-def _change_cell(changes: dict[str, Any], key: str) -> str:
-    value, ci = changes.get(key), changes.get(f"{key}_ci")
-    if value is None:
-        return "—"
-    text = f"{value * 100:+.1f}%"
-    if isinstance(ci, list) and None not in ci:
-        text += f" [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]"
-    return text
-
-
-def print_summary(results: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    def fmt(v: Any, spec: str = ".2f") -> str:
-        return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-
-    control = results.get("control") or {}
-    table = Table(title=f"dapt: {results.get('experiment')} ({results['steps']} steps): perplexity [95% CI over documents]",
-                  caption="general = forgetting set; dev selects, test reports; changes with paired 95% CIs",
-                  caption_justify="left")
-    table.add_column("held-out set", no_wrap=True)
-    table.add_column("before", justify="right")
-    if control:
-        table.add_column("control", justify="right")
-    table.add_column("after DAPT", justify="right")
-    table.add_column("vs before", justify="right")
-    if control:
-        table.add_column("vs control", justify="right")
-    changes = results.get("changes") or {}
-    for name in ("domain", "general"):
-        for split, split_label in (("", "test"), ("_dev", "dev")):
-            key = f"{name}{split}_ppl"
-            change = f"domain{split}_ppl_change" if name == "domain" else f"forgetting{split}"
-            row = [f"{name} {split_label}", _ppl_cell(results.get(f"{key}_before"), results.get(f"{key}_before_ci"))]
-            if control:
-                row.append(_ppl_cell(control.get(f"{key}_after"), control.get(f"{key}_after_ci")))
-            row += [_ppl_cell(results.get(f"{key}_after"), results.get(f"{key}_after_ci")), _change_cell(changes, change)]
-            if control:
-                row.append(_change_cell(changes, f"{change}_vs_control"))
-            table.add_row(*row)
-    # Not a terminal (a log file, CI): rich would assume 80 columns and cut the tables' cells.
-    console = Console() if sys.stdout.isatty() else Console(width=120)
-    console.print(table)
-    base = results["base"]
-    random_init = bool(results.get("config", {}).get("model", {}).get("random_init"))
-    if base.get("cache_key"):
-        origin = f"{'cached' if base['cached'] else 'prepared now'}, {base['steps']} general-MLM steps"
-    else:
-        origin = "random initialisation, no base preparation" if random_init else "as loaded, no base preparation"
-    console.print(f"base: {base['source']} ({origin})")
-    if control:
-        console.print(f"control: {control['steps']} steps from the same start on general text "
-                      f"({'cached' if control.get('cached') else 'trained now'}); 'vs control' isolates the domain's effect")
-    sources = results.get("train_sources") or {}
-    if sources:
-        total = sum(sources.values()) or 1
-        console.print("trained on: " + ", ".join(f"{Path(k).name} {v / total:.0%}" for k, v in sources.items()))
-    console.print(
-        f"throughput: {fmt(results.get('tokens_per_s'), ',.0f')} tokens/s (MFU {fmt(results.get('mfu'), '.1%')}), "
-        f"{results['train_tokens']:,} training tokens"
-    )
-    if results.get("downstream"):
-        try:
-            from dapt.evaluation.downstream import format_downstream_table
-
-            console.print(format_downstream_table(results["downstream"]))
-        except ImportError:
-            pass

@@ -5,10 +5,10 @@ model, a hub model, or compare (``base_model=<source>`` and/or ``control_model=<
 fine-tuned with the same seeds and compared with the model: paired t-test, CI, minimum detectable
 effect, Holm-corrected verdicts). Writes ``results.json`` in the Hydra run dir and prints ``results: <path>`` last.
 
-``model`` and ``base`` are also names of ``dapt train`` config groups, and Hydra reads ``model=X`` as
-"pick option X of group model". So ``main`` rewrites ``model=<source>`` to ``model.source=<source>``
-(a ``conf/model`` option name such as ``minilm_l6`` is replaced by that option's source) and the
-comparison model is ``base_model=<source>``.
+``model`` is also a ``dapt train`` config group, and Hydra reads ``model=X`` as "pick option X of
+group model". So ``main`` rewrites ``model=<source>`` to ``model.source=<source>`` (a ``conf/model``
+option name such as ``minilm_l6`` is replaced by that option's source); the comparison models are
+plain keys, ``base_model=<source>`` and ``control_model=<source>``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ adaptation" on a freshly initialised head is meaningless (perplexity in the thou
 there mostly re-learns MLM, which hides forgetting. So dapt first trains MLM on *general* text (the
 raw Wikipedia in the shared data), caches the result on disk keyed by a hash of everything that
 determines it, and every later run or sweep job starts from that cached base. Models that ship an
-MLM head (bert-base, roberta-base) skip this under ``base.mode=auto``.
+MLM head (bert-base, roberta-base) skip this under ``base_prep.mode=auto``.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ MARKER = "dapt_base.json"
 
 
 @dataclass
-class BaseConfig:
-    """The ``base`` config group.
+class BasePrepConfig:
+    """The ``base_prep`` config group: how the general-MLM base is prepared.
 
     Attributes:
         mode: ``auto`` (prepare only when the checkpoint has no MLM head), ``always``, ``never``.
@@ -61,13 +61,13 @@ class BaseConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "always", "never"):
-            raise ConfigError(f"base.mode={self.mode!r}: choose auto, always or never")
+            raise ConfigError(f"base_prep.mode={self.mode!r}: choose auto, always or never")
         if self.trainable not in ("all", "head", "top_k"):
-            raise ConfigError(f"base.trainable={self.trainable!r}: choose all, head or top_k")
+            raise ConfigError(f"base_prep.trainable={self.trainable!r}: choose all, head or top_k")
         if self.steps < 1 or self.batch_size < 1:
-            raise ConfigError("base.steps and base.batch_size must be >= 1")
+            raise ConfigError("base_prep.steps and base_prep.batch_size must be >= 1")
         if not 0 < self.rate < 1:
-            raise ConfigError(f"base.rate={self.rate} must be in (0, 1)")
+            raise ConfigError(f"base_prep.rate={self.rate} must be in (0, 1)")
 
 
 @dataclass
@@ -85,7 +85,7 @@ class BaseInfo:
         return asdict(self)
 
 
-def needs_preparation(cfg: BaseConfig, has_pretrained_head: bool) -> bool:
+def needs_preparation(cfg: BasePrepConfig, has_pretrained_head: bool) -> bool:
     return cfg.mode == "always" or (cfg.mode == "auto" and not has_pretrained_head)
 
 
@@ -105,21 +105,21 @@ def model_fingerprint(model_cfg: Any, model_path: str) -> dict[str, Any]:
 
 def recipe_fingerprint() -> str:
     """The code that trains a base; pinned with ``BASE_PREP_VERSION`` by a test."""
-    from dapt.data import datamodule, mixing, packing, sources
+    from dapt.data import config, datamodule, mixing, packing, sources, stream
     from dapt.masking import base as masking_base
     from dapt.masking import random as random_masking
     from dapt.modeling import mlm_module, optim, sparse_head
     from dapt.versioning import source_fingerprint
 
     return source_fingerprint(_train_base, freeze_for, base_data_config, mlm_module.MLMModule, sparse_head, optim,
-                              datamodule, mixing, packing, sources, masking_base, random_masking)
+                              config, datamodule, stream, mixing, packing, sources, masking_base, random_masking)
 
 
 # Trainer settings that change how a base is trained (and so what it is); the rest only change logging.
 BASE_TRAINER_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision", "gradient_clip_val")
 
 
-def cache_key(model_cfg: Any, model_path: str, base_cfg: BaseConfig, data_fingerprint: Any, tokenizer_len: int,
+def cache_key(model_cfg: Any, model_path: str, base_cfg: BasePrepConfig, data_fingerprint: Any, tokenizer_len: int,
               trainer_kwargs: dict[str, Any] | None = None) -> str:
     from dapt.versioning import library_versions
 
@@ -135,9 +135,9 @@ def cache_key(model_cfg: Any, model_path: str, base_cfg: BaseConfig, data_finger
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def base_data_config(cfg: BaseConfig, sources: list[Any]) -> Any:
+def base_data_config(cfg: BasePrepConfig, sources: list[Any]) -> Any:
     """The data config of the base's general-text stream (the control arm continues this stream)."""
-    from dapt.data.datamodule import DataConfig
+    from dapt.data.config import DataConfig
 
     return DataConfig(name="general", train=sources, max_seq_length=cfg.max_seq_length, batch_size=cfg.batch_size)
 
@@ -151,10 +151,10 @@ class BaseStream:
     blocks: int  # blocks consumed (steps x batch size, one process)
 
 
-def base_stream(cfg: BaseConfig) -> BaseStream:
+def base_stream(cfg: BasePrepConfig) -> BaseStream:
     from dapt.data.sources import as_source
 
-    sources = [as_source(s, f"base.data[{i}]") for i, s in enumerate(cfg.data)]
+    sources = [as_source(s, f"base_prep.data[{i}]") for i, s in enumerate(cfg.data)]
     return BaseStream(data=base_data_config(cfg, sources), seed=cfg.seed, blocks=cfg.steps * cfg.batch_size)
 
 
@@ -175,7 +175,7 @@ def freeze_for(model: torch.nn.Module, trainable: str, top_k: int) -> None:
         encoder = getattr(base, "encoder", None) or getattr(base, "transformer", None)
         layers = getattr(encoder, "layer", None) or getattr(encoder, "layers", None)
         if layers is None:
-            raise ConfigError(f"base.trainable=top_k: cannot find the layer list of {type(base).__name__}")
+            raise ConfigError(f"base_prep.trainable=top_k: cannot find the layer list of {type(base).__name__}")
         for layer in list(layers)[-top_k:]:
             for p in layer.parameters():
                 p.requires_grad_(True)
@@ -187,7 +187,7 @@ def prepare_base(
     tokenizer: Any,
     model_cfg: Any,
     model_path: str,
-    base_cfg: BaseConfig,
+    base_cfg: BasePrepConfig,
     data_dir: str | None,
     cache_dir: str,
     trainer_kwargs: dict[str, Any] | None = None,
@@ -201,9 +201,9 @@ def prepare_base(
     from dapt.data.sources import as_source, describe
     from dapt.io import cache_build_lock
 
-    sources = [as_source(s, f"base.data[{i}]") for i, s in enumerate(base_cfg.data)]
+    sources = [as_source(s, f"base_prep.data[{i}]") for i, s in enumerate(base_cfg.data)]
     if not sources:
-        raise ConfigError("base.data lists no general-text source for base preparation")
+        raise ConfigError("base_prep.data lists no general-text source for base preparation")
     key = cache_key(model_cfg, model_path, base_cfg, describe(sources, data_dir), len(tokenizer), trainer_kwargs)
     target = Path(cache_dir) / "bases" / key
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -230,7 +230,7 @@ def prepare_base(
     return BaseInfo(source=model_cfg.source, path=str(target), steps=base_cfg.steps, cache_key=key, cached=False, seconds=seconds)
 
 
-def _train_base(model: torch.nn.Module, tokenizer: Any, sources: list[Any], cfg: BaseConfig, data_dir: str | None, trainer_kwargs: dict[str, Any]) -> bool:
+def _train_base(model: torch.nn.Module, tokenizer: Any, sources: list[Any], cfg: BasePrepConfig, data_dir: str | None, trainer_kwargs: dict[str, Any]) -> bool:
     """Train the base in place; returns whether this process is global rank 0 (the one that saves)."""
     import pytorch_lightning as pl
 
@@ -238,7 +238,7 @@ def _train_base(model: torch.nn.Module, tokenizer: Any, sources: list[Any], cfg:
     from dapt.masking import build_masker
     from dapt.modeling.mlm_module import MLMModule
     from dapt.modeling.optim import OptimizerConfig, SchedulerConfig
-    from dapt.tracking.progress import StepProgressBar
+    from dapt.progress import StepProgressBar
 
     freeze_for(model, cfg.trainable, cfg.top_k)
     masker = build_masker({"name": "random", "rate": cfg.rate}, tokenizer)

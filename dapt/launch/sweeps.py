@@ -7,8 +7,6 @@
   (it is recorded as FAIL; a NaN value would abort optuna 2.x), the basic sweeper gets NaN.
 * ``check_overrides()``: before Hydra starts, an override naming an unknown config option or key is
   rejected with the valid choices listed (Hydra itself names only the bad key).
-* ``agent_command()``: the command line a W&B sweep agent builds from a sweep YAML (for tests and
-  ``docs/sweeps.md``; mirrors ``wandb.wandb_agent.Agent._command_run``).
 """
 
 from __future__ import annotations
@@ -161,15 +159,16 @@ def check_overrides(argv: list[str], config_dir: Path, config_name: str = "train
         overrides = OverridesParser.create().parse_overrides(args.overrides)
     except Exception:  # noqa: BLE001 - unparsable: Hydra reports it
         return
-    from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.types import ChoiceSweep
     from omegaconf import OmegaConf
 
+    from dapt.config import compose_config, hydra_config_dir
+
     if GlobalHydra.instance().is_initialized():
         return
     plain = [o for o in overrides if not (o.is_add() or o.is_force_add() or o.is_delete())]
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+    with hydra_config_dir(config_dir):
         loader = GlobalHydra.instance().config_loader()
         group_args: list[str] = []
         key_overrides = []
@@ -190,12 +189,11 @@ def check_overrides(argv: list[str], config_dir: Path, config_name: str = "train
                     group_args.append(f"{o.get_key_element()}={values[0]}")
             elif not key.startswith("hydra.") and key != "hydra":
                 key_overrides.append(key)
-        if not key_overrides:
-            return
-        try:
-            cfg = compose(config_name=config_name, overrides=group_args)
-        except Exception:  # noqa: BLE001 - Hydra will report it with the full override list
-            return
+    try:
+        cfg = compose_config(group_args, config_name, directory=config_dir)
+    except Exception as exc:  # noqa: BLE001 - a schema error in a chosen YAML: one line; else Hydra reports it
+        _raise_schema_error(exc)
+        return
     tree = OmegaConf.to_container(cfg, resolve=False)
     for key in key_overrides:
         parent, missing = _deepest_existing(tree, key.split("."))
@@ -205,6 +203,27 @@ def check_overrides(argv: list[str], config_dir: Path, config_name: str = "train
         where = f"under '{'.'.join(parent)}'" if parent else "at top level"
         valid = ", ".join(sorted(str(k) for k in node)) if isinstance(node, dict) else "none (not a mapping)"
         raise ConfigError(f"unknown config key '{key}' (valid keys {where}: {valid}; use +{key}=... to add a new key)")
+    values = [f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in plain
+              if not o.is_sweep_override() and o.key_or_group in key_overrides]
+    if values:  # a value the group's schema rejects (a word for a bool, text for a float): one line
+        try:
+            compose_config([*group_args, *values], config_name, directory=config_dir)
+        except Exception as exc:  # noqa: BLE001 - anything else: Hydra reports it
+            _raise_schema_error(exc)
+
+
+def _raise_schema_error(exc: BaseException) -> None:
+    """Raise ``ConfigError`` with one line when ``exc`` comes from a schema check (the group schemas of
+    ``dapt.pipeline.schemas``); Hydra's own report of it spans several lines and a stack hint."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from dapt.config import describe_config_error
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OmegaConfBaseException):
+            raise ConfigError(describe_config_error(seen)) from None
+        seen = seen.__cause__ or seen.__context__
 
 
 def _get(tree: Any, parts: list[str]) -> Any:
@@ -227,37 +246,3 @@ def _deepest_existing(tree: Any, parts: list[str]) -> tuple[list[str], str | Non
         else:
             return parts[:i], part
     return parts, None
-
-
-# ----------------------------------------------------------------------------- W&B sweep agents
-
-def agent_command(sweep: dict[str, Any], values: dict[str, Any], env: dict[str, str] | None = None) -> list[str]:
-    """The command a ``wandb agent`` runs for one set of parameter ``values`` of sweep YAML ``sweep``.
-
-    Uses the wandb package's own helpers for ``${args_no_hyphens}`` etc. and the same macro expansion
-    as the agent, so a test can check that the sweep YAML drives the Hydra CLI as intended.
-    """
-    import os
-
-    from wandb.sdk.launch.sweeps import utils as sweep_utils
-
-    unknown = sorted(set(values) - set(sweep.get("parameters", {})))
-    if unknown:
-        raise ConfigError(f"sweep has no parameter {unknown[0]!r}")
-    saved = dict(os.environ)
-    try:
-        os.environ.update(env or {})
-        command = sweep_utils.create_sweep_command(list(sweep.get("command") or sweep_utils.DEFAULT_SWEEP_COMMAND))
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    sweep_vars: dict[str, Any] = sweep_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in values.items()}})
-    sweep_vars.update({"interpreter": ["python"], "program": [sweep.get("program", "")], "env": ["/usr/bin/env"]})
-    out: list[str] = []
-    for chunk in command:
-        chunk = str(chunk)
-        if chunk.startswith("${") and chunk.endswith("}"):
-            out += sweep_vars.get(chunk[2:-1]) or []
-        else:
-            out.append(chunk)
-    return out

@@ -1,0 +1,121 @@
+"""The typed view of a composed ``dapt train`` config: every group validated against its schema.
+
+``validate`` runs before any data or model work, so a misspelt key or an impossible value is a one-line
+error at start-up, not a traceback an hour into a run.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from dapt.config import to_dataclass
+from dapt.data.config import DataConfig
+from dapt.data.sources import SourceConfig, as_source
+from dapt.errors import ConfigError
+from dapt.modeling.loading import ModelConfig
+from dapt.modeling.optim import OptimizerConfig, SchedulerConfig
+from dapt.pipeline.base_prep import BasePrepConfig
+from dapt.pipeline.preflight import check_writable
+from dapt.pipeline.resume import CheckpointConfig
+from dapt.precision import Precision, resolve_precision
+from dapt.tracking.loggers import LoggerConfig
+
+
+@dataclass
+class RunConfig:
+    """The validated, typed view of a composed train config."""
+
+    model: ModelConfig
+    data: DataConfig
+    optimizer: OptimizerConfig
+    scheduler: SchedulerConfig
+    base_prep: BasePrepConfig
+    logger: LoggerConfig
+    trainer: dict[str, Any]
+    precision: Precision
+    raw: DictConfig
+
+
+_TOP_LEVEL = {
+    "model", "data", "masking", "optimizer", "scheduler", "trainer", "logger", "paths", "base_prep", "control",
+    "experiment_name", "seed", "tasks", "downstream", "optimized_metric", "save_model", "tags",
+    "checkpoint", "resume", "hydra", "hparams_search", "experiment",
+}
+
+
+def validate(cfg: DictConfig) -> RunConfig:
+    """Check every group against its schema; raise ``ConfigError`` naming the first bad key."""
+    unknown = sorted(set(cfg.keys()) - _TOP_LEVEL)
+    if unknown:
+        raise ConfigError(f"unknown top-level config key '{unknown[0]}'")
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True) or {}
+    valid = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self", "callbacks", "logger", "plugins"}
+    for key in trainer:
+        if key not in valid:
+            raise ConfigError(f"unknown config key 'trainer.{key}' (not a Lightning Trainer argument)")
+    if not trainer.get("max_steps") or trainer["max_steps"] < 1:
+        raise ConfigError("trainer.max_steps must be >= 1 (streamed corpora have no epoch length)")
+    # `auto` becomes a concrete precision here, in the config too: cache keys, the saved run config,
+    # resume identity and W&B all see what the run computes in, never "auto".
+    precision = resolve_precision(trainer.get("precision"), trainer.get("accelerator"))
+    trainer["precision"] = precision.value
+    with open_dict(cfg):
+        cfg.trainer.precision = precision.value
+    run = RunConfig(
+        model=to_dataclass(ModelConfig, cfg.model, prefix="model"),
+        data=to_dataclass(DataConfig, cfg.data, prefix="data"),
+        optimizer=to_dataclass(OptimizerConfig, cfg.optimizer, prefix="optimizer"),
+        scheduler=to_dataclass(SchedulerConfig, cfg.scheduler, prefix="scheduler"),
+        base_prep=to_dataclass(BasePrepConfig, cfg.base_prep, prefix="base_prep"),
+        logger=to_dataclass(LoggerConfig, cfg.logger, prefix="logger"),
+        trainer=trainer,
+        precision=precision,
+        raw=cfg,
+    )
+    for i, s in enumerate(run.data.train):
+        as_source(s, f"data.train[{i}]")
+    if cfg.get("tasks"):  # a typo in a task name or a missing task file must not surface after DAPT
+        from dapt.evaluation.downstream import check_downstream
+
+        check_downstream(cfg)
+    return run
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    out = OmegaConf.select(cfg, "paths.output_dir", default=None)
+    if out is None:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            out = HydraConfig.get().runtime.output_dir
+        except ValueError:
+            out = "outputs/manual"
+    path = Path(out)
+    check_writable(path)  # created here; a read-only or impossible path is a one-line error
+    return path
+
+
+def checkpoint_config(cfg: DictConfig) -> CheckpointConfig:
+    return to_dataclass(CheckpointConfig, cfg.get("checkpoint") or {}, prefix="checkpoint")
+
+
+def general_sources(cfg: Any) -> list[SourceConfig]:
+    """The general-text *training* corpus of a composed config: ``base_prep.data``, else ``data.replay``.
+
+    One definition for every consumer (salient-term statistics, corpus diagnosis, the control arm),
+    so their cache keys cannot drift apart. Held-out sets are never used: statistics or training on
+    them would leak into the forgetting measurement.
+    """
+    base = cfg.get("base_prep") if hasattr(cfg, "get") else None
+    data = cfg.get("data") if hasattr(cfg, "get") else None
+    raw = list((base or {}).get("data") or []) or list((data or {}).get("replay") or [])
+    sources = [as_source(s, "base_prep.data") for s in raw if s]
+    if not sources:
+        raise ConfigError("no general-text training source: set base_prep.data (or data.replay)")
+    return sources

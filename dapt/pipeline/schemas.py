@@ -1,0 +1,43 @@
+"""The config groups' schemas, registered with Hydra's ConfigStore.
+
+Each group YAML (``conf/model/*.yaml``, ``conf/data/common.yaml``, ...) starts with
+``defaults: [schema, _self_]``, so Hydra itself types the group at composition: an unknown key or a
+value of the wrong type in a YAML file or an override is rejected before any run starts, and
+``--cfg job`` shows typed values. ``dapt.launch.sweeps.check_overrides`` turns Hydra's multi-line
+report into dapt's one-line error; ``dapt.pipeline.run_config.validate`` still runs each group's
+range checks (``__post_init__``), which Hydra does not call.
+
+Groups without a fixed schema are left to their validators: ``masking`` (each strategy has its
+own dataclass, chosen by ``masking.strategy``), ``trainer`` (Lightning ``Trainer`` arguments, checked
+against its signature) and ``paths``.
+"""
+
+from __future__ import annotations
+
+from hydra.core.config_store import ConfigStore
+
+from dapt.data.config import DataConfig
+from dapt.evaluation.finetuning import DownstreamConfig
+from dapt.modeling.loading import ModelConfig
+from dapt.modeling.optim import OptimizerConfig, SchedulerConfig
+from dapt.pipeline.base_prep import BasePrepConfig
+from dapt.tracking.loggers import LoggerConfig
+
+SCHEMA = "schema"  # the option name each group's YAML files list first in their defaults
+
+GROUP_SCHEMAS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "scheduler": SchedulerConfig,
+    "base_prep": BasePrepConfig,
+    "logger": LoggerConfig,
+    "downstream": DownstreamConfig,
+}
+
+
+def register_schemas() -> None:
+    """Store every group's schema as ``<group>/schema``; idempotent (Hydra replaces same-name entries)."""
+    store = ConfigStore.instance()
+    for group, schema in GROUP_SCHEMAS.items():
+        store.store(group=group, name=SCHEMA, node=schema)
