@@ -90,7 +90,7 @@ def compose_config(
     ``dapt`` commands would, outside a Hydra application (diagnostics, scripts, override checks).
 
     A Hydra instance left initialised by earlier code is cleared first (composing twice in one
-    process must work); Hydra's state is restored when the composition ends. The group YAMLs extend
+    process must work) and left uninitialised afterwards: do not call this inside a running Hydra job. The group YAMLs extend
     schemas that ``dapt.pipeline.schemas.register_schemas()`` registers (this layer cannot import
     it; the commands do, and a missing registration is a one-line error saying so).
     """
@@ -105,10 +105,27 @@ def compose_config(
         try:
             return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
         except MissingConfigException as exc:
-            if "/schema" not in str(exc):
+            if "_schema'" not in str(exc):
                 raise
             raise ConfigError("the config groups' schemas are not registered: call "
                               "dapt.pipeline.schemas.register_schemas() (or import dapt.commands) before composing") from exc
+
+
+# Keys earlier versions of dapt read, and what became of them: an old config or command line gets the
+# new name in its error instead of "unknown key" alone.
+RENAMED_KEYS: dict[str, str] = {
+    "base": "renamed 'base_prep' (the general-MLM base preparation group)",
+    "model.name": "removed: nothing read it",
+    "domain": "removed from task configs: nothing read it",
+}
+
+
+def renamed_hint(key: str) -> str:
+    """``" (<what became of it>)"`` when ``key`` or its first part is in ``RENAMED_KEYS``, else ``""``."""
+    for candidate in (key, key.split(".")[0], key.split(".")[-1]):
+        if candidate in RENAMED_KEYS:
+            return f" ({candidate}: {RENAMED_KEYS[candidate]})"
+    return ""
 
 
 def describe_config_error(exc: OmegaConfBaseException, prefix: str = "") -> str:
@@ -137,7 +154,8 @@ def to_dataclass(cls: type[T], cfg: Any, *, prefix: str = "") -> T:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(
-            f"unknown config key '{prefix + '.' if prefix else ''}{unknown[0]}' (valid keys: {', '.join(sorted(known))})"
+            f"unknown config key '{prefix + '.' if prefix else ''}{unknown[0]}'{renamed_hint(f'{prefix}.{unknown[0]}' if prefix else unknown[0])}"
+            f" (valid keys: {', '.join(sorted(known))})"
         )
     try:
         merged = OmegaConf.merge(OmegaConf.structured(cls), data)

@@ -38,3 +38,15 @@ def test_the_contract_catches_an_upward_import(tmp_path):
     (tmp_path / "pyproject.toml").write_text(swapped)
     rc, out = _lint(tmp_path / "pyproject.toml")
     assert rc != 0 and "BROKEN" in out and "dapt.data" in out, out
+
+
+def test_the_foundation_contract_catches_a_layer_import(tmp_path):
+    """A module that imports a layer, listed as foundation, must break the second contract."""
+    text = (REPO / "pyproject.toml").read_text()
+    config = text[text.index("[tool.importlinter]"):]
+    widened = config.replace('source_modules = [\n', 'source_modules = [\n    "dapt.data.datamodule",\n', 1)
+    assert widened != config
+    (tmp_path / "pyproject.toml").write_text(widened)
+    rc, out = _lint(tmp_path / "pyproject.toml")
+    assert rc != 0 and "BROKEN" in out and "dapt.data.datamodule" in out, out
+

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from dapt.evaluation import cache as cache_mod
-from dapt.evaluation.cache import CACHE_VERSION, cache_key, recipe_fingerprint
+from dapt.evaluation.cache import CACHE_VERSION, recipe_fingerprint, score_cache_key
 
 # The fine-tuning + scoring recipe's code (cache.recipe_sources()) pinned next to its version.
 # If this fails you changed that code: if cached scores may differ, bump CACHE_VERSION in
 # dapt/evaluation/cache.py and add {new version: new fingerprint} here; if the edit cannot change a
 # score (comments, docstrings, a pure refactor), update the fingerprint of the current version.
-PINNED_RECIPE = {2: "387667ab406e64d9"}  # re-pinned: the one-way restructuring (issue 13) moved code and removed the unread task `domain` key (its cache key changes once; scores do not)
+PINNED_RECIPE = {2: "63b3e3e9325b4249"}  # re-pinned: the one-way restructuring (issue 13) moved code and removed the unread task `domain` key (its cache key changes once; scores do not)
 
 
 def test_recipe_code_is_pinned_to_cache_version():
@@ -36,13 +36,13 @@ KEY_ARGS = dict(model_fp="m" * 64, task_fp={"spec": {"name": "t"}, "data": "d"},
 
 
 def test_key_depends_on_recipe_version_and_library_versions(monkeypatch):
-    key = cache_key(**KEY_ARGS)
-    assert key == cache_key(**KEY_ARGS)
+    key = score_cache_key(**KEY_ARGS)
+    assert key == score_cache_key(**KEY_ARGS)
     for changed in ({"seed": 1}, {"hyperparameters": {"lr": 2e-4}}, {"model_fp": "n" * 64},
                     {"task_fp": {"spec": {"name": "t"}, "data": "e"}}):
-        assert cache_key(**{**KEY_ARGS, **changed}) != key, changed
+        assert score_cache_key(**{**KEY_ARGS, **changed}) != key, changed
     monkeypatch.setattr(cache_mod, "CACHE_VERSION", CACHE_VERSION + 1)
-    assert cache_key(**KEY_ARGS) != key
+    assert score_cache_key(**KEY_ARGS) != key
     monkeypatch.setattr(cache_mod, "CACHE_VERSION", CACHE_VERSION)
     real = cache_mod.library_versions
 
@@ -50,7 +50,7 @@ def test_key_depends_on_recipe_version_and_library_versions(monkeypatch):
         return {**real(names), "transformers": "99.0.0"}
 
     monkeypatch.setattr(cache_mod, "library_versions", upgraded)
-    assert cache_key(**KEY_ARGS) != key
+    assert score_cache_key(**KEY_ARGS) != key
     assert {"torch", "transformers", "tokenizers"} <= set(real(cache_mod.SCORE_LIBRARIES))
 
 

@@ -153,22 +153,57 @@ def test_schema_rejects_an_unknown_key_inside_a_group_yaml(tmp_path):
 
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)
-    (conf / "model" / "typo.yaml").write_text("defaults:\n  - schema\n  - _self_\nsource: x\nrandom_int: true\n")
+    (conf / "model" / "typo.yaml").write_text("defaults:\n  - /model_schema@_here_\n  - _self_\nsource: x\nrandom_int: true\n")
     with pytest.raises(ConfigError, match="random_int"):
         check_overrides(["model=typo"], conf)
 
 
 def test_every_schema_group_yaml_extends_its_schema():
-    """A new option file without ``defaults: [schema, _self_]`` would silently skip Hydra's typing."""
+    """A new option file without ``defaults: [/<group>_schema@_here_, _self_]`` would skip Hydra's typing
+    (``validate`` would still catch unknown keys, later and without the types)."""
     from omegaconf import OmegaConf
 
-    from dapt.pipeline.schemas import GROUP_SCHEMAS, SCHEMA
+    from dapt.pipeline.schemas import GROUP_SCHEMAS, schema_name
 
     for group in GROUP_SCHEMAS:
+        siblings = {p.stem for p in (CONF / group).glob("*.yaml")}
         for path in sorted((CONF / group).glob("*.yaml")):
-            defaults = OmegaConf.load(path).get("defaults") or []
-            extends_schema = SCHEMA in defaults or any(str(d) in {p.stem for p in (CONF / group).glob("*.yaml")} for d in defaults)
-            assert extends_schema, f"{path} does not list '{SCHEMA}' (or a sibling that does) in its defaults"
+            defaults = [str(d) for d in OmegaConf.load(path).get("defaults") or []]
+            assert f"/{schema_name(group)}@_here_" in defaults or any(d in siblings for d in defaults), (
+                f"{path} does not list '/{schema_name(group)}@_here_' (or a sibling that does) in its defaults")
+
+
+def test_schema_is_not_an_option_of_its_group(compose):
+    """The schemas are not offered as options (``--help``, ``model=<option>``)."""
+    from dapt.launch.sweeps import check_overrides
+
+    with pytest.raises(ConfigError, match="unknown option 'model=model_schema'") as info:
+        check_overrides(["model=model_schema"], CONF)
+    assert "schema" not in str(info.value).split("choices for model:")[1]
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("optimizer.lr=1e-4,abc", "invalid value for 'optimizer.lr'"),
+    ("model=tiny,minilm_l6 model.random_init=true,maybe", "invalid value for 'model.random_init'"),
+])
+def test_every_choice_of_a_sweep_is_type_checked(override, expected):
+    """``-m optimizer.lr=1e-4,abc`` fails at start-up in one line, not in the middle of a sweep."""
+    from dapt.launch.sweeps import check_overrides
+
+    with pytest.raises(ConfigError, match=expected):
+        check_overrides(["-m", *override.split()], CONF)
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("base.steps=3", "renamed 'base_prep'"),
+    ("base=none", "renamed 'base_prep'"),
+    ("model.name=x", "model.name: removed"),
+])
+def test_renamed_keys_say_what_they_became(override, expected):
+    from dapt.launch.sweeps import check_overrides
+
+    with pytest.raises(ConfigError, match=expected):
+        check_overrides([override], CONF)
 
 
 def test_composing_without_registered_schemas_says_how(tmp_path):

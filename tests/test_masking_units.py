@@ -11,12 +11,21 @@ from hypothesis import strategies as st
 from dapt.labels import IGNORE_INDEX
 from dapt.masking import MaskingContext, MaskingInput, build_masker
 from dapt.masking.corpus_stats import tokenize_corpus
-from dapt.masking.span import SpanMasking, SpanMaskingConfig, sample_span_lengths, span_length_probs
+from dapt.masking.span import SpanMasking, SpanMaskingConfig, sample_span_lengths
 from dapt.masking.units import WordTable, select_units, word_hashes
 from experiments.throughput.masking_bench import pack_blocks
 from tests.helpers import OHSUMED, WIKI, texts
 from tests.helpers import minilm_tokenizer as tokenizer
 from tests.helpers import needs_shared_data as needs_data
+
+
+def span_length_probs(p: float, max_len: int) -> torch.Tensor:
+    """The reference law the sampler must follow: P(length = 1..max_len) of the truncated,
+    renormalised geometric distribution (index 0 is length 1), written out independently."""
+    k = torch.arange(1, max_len + 1, dtype=torch.float64)
+    probs = p * (1.0 - p) ** (k - 1)
+    return probs / probs.sum()
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

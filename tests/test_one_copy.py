@@ -17,7 +17,7 @@ SCANNED = ("dapt", "experiments")
 # Where each rule may be written out: (path relative to the repo, enclosing function or None for the module).
 ATOMIC_WRITES = {("dapt/io.py", None)}
 COMPOSE = {("dapt/config.py", "hydra_config_dir"), ("dapt/config.py", "compose_config")}
-STD = {("dapt/modeling/perplexity.py", "sample_std")}
+STD = {("dapt/sample_stats.py", "sample_std")}
 MFU = {("dapt/modeling/flops.py", "mfu")}
 # dapt/reporting works on pandas tables and takes column spreads with pandas' own Series.std
 # (the same n - 1 rule, applied to a DataFrame column); it is not a second hand-written copy.
@@ -92,9 +92,9 @@ def test_sample_std_only_in_one_helper():
         if isinstance(node, ast.Call):
             name = _called_name(node)
             if name in ("stdev", "pstdev"):
-                return f"{name}(): use dapt.modeling.perplexity.sample_std"
+                return f"{name}(): use dapt.sample_stats.sample_std"
             if any(k.arg == "ddof" for k in node.keywords):
-                return f"{name}(ddof=...): use dapt.modeling.perplexity.sample_std"
+                return f"{name}(ddof=...): use dapt.sample_stats.sample_std"
         return None
 
     assert not _offences(check), "\n".join(_offences(check))
@@ -178,9 +178,15 @@ def test_sample_std():
 
     import numpy as np
 
-    from dapt.modeling.perplexity import sample_std
+    from dapt.evaluation.stats import paired_comparison, summarize
+    from dapt.sample_stats import sample_std
 
     assert sample_std([0.7, 0.72, 0.75]) == pytest.approx(statistics.stdev([0.7, 0.72, 0.75]))
+    # A constant sample has no spread, exactly: numpy's mean of three 0.7s is off in the last bit, and a
+    # ~1e-16 "spread" would send identical per-seed differences to a t-test on constants.
+    assert sample_std([0.7, 0.7, 0.7]) == 0.0 and summarize([0.7, 0.7, 0.7])["std"] == 0.0
+    same = paired_comparison([0.0] * 3, [0.1] * 3)
+    assert same["delta_std"] == 0.0 and same["p_value"] is None and "significant" not in same["verdict"]
     assert sample_std(np.arange(10.0)) == pytest.approx(np.arange(10.0).std(ddof=1))
     assert sample_std([0.5]) == 0.0 and sample_std([]) == 0.0
 

@@ -328,7 +328,7 @@ def test_control_continues_the_base_stream_on_text_the_base_has_not_seen(compose
 
 def test_base_cache_key_changes_with_weight_contents_not_only_size(tmp_path):
     from dapt.modeling.loading import ModelConfig
-    from dapt.pipeline.base_prep import BasePrepConfig, cache_key
+    from dapt.pipeline.base_prep import BasePrepConfig, base_cache_key
 
     model_dir = tmp_path / "m"
     model_dir.mkdir()
@@ -336,9 +336,9 @@ def test_base_cache_key_changes_with_weight_contents_not_only_size(tmp_path):
     weights = model_dir / "model.safetensors"
     weights.write_bytes(b"\x00" * 1024)
     model_cfg = ModelConfig(source=str(model_dir))
-    key = cache_key(model_cfg, str(model_dir), BasePrepConfig(), [], 100)
+    key = base_cache_key(model_cfg, str(model_dir), BasePrepConfig(), [], 100)
     weights.write_bytes(b"\x00" * 1023 + b"\x01")  # same size, different content
-    assert cache_key(model_cfg, str(model_dir), BasePrepConfig(), [], 100) != key
+    assert base_cache_key(model_cfg, str(model_dir), BasePrepConfig(), [], 100) != key
 
 
 def test_changing_only_the_dapt_seed_reuses_the_cached_base(compose):

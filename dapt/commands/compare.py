@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(to_markdown(table), end="")
     else:
         failed = sum(r.status != "ok" for r in runs)
-        title = f"{len(runs)} runs" + (f" ({failed} failed or unfinished)" if failed else "")
+        title = f"{len(runs)} run{'' if len(runs) == 1 else 's'}" + (f" ({failed} failed or unfinished)" if failed else "")
         if args.average_seeds:
             shown = table.copy()
             config_cols = [c for c in table.columns if c != "runs" and not c.endswith(" std") and f"{c} std" not in table.columns]

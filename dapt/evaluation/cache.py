@@ -69,10 +69,11 @@ def recipe_sources() -> tuple[Any, ...]:
     """The code that turns (model, task data, seed, hyperparameters) into a cached per-seed result:
     reading and subsetting the task, tokenizing (including how tokenizers are loaded for words),
     the fine-tuning loop and modules, and the metrics."""
+    from dapt import labels
     from dapt.evaluation import encoding, finetuning, metrics, modules, readers, tasks
     from dapt.modeling import loading
 
-    return (readers, tasks, encoding, finetuning, modules, metrics, loading.load_tokenizer, loading._byte_level_nodes,
+    return (labels, readers, tasks, encoding, finetuning, modules, metrics, loading.load_tokenizer, loading._byte_level_nodes,
             loading.needs_prefix_space, loading.words_encode_like_text, loading._prefix_space_for_words)
 
 
@@ -81,7 +82,7 @@ def recipe_fingerprint() -> str:
     return source_fingerprint(*recipe_sources())
 
 
-def cache_key(*, model_fp: str, task_fp: dict[str, Any], seed: int, hyperparameters: dict[str, Any]) -> str:
+def score_cache_key(*, model_fp: str, task_fp: dict[str, Any], seed: int, hyperparameters: dict[str, Any]) -> str:
     """Keyed on the model's files, not its name: ``package:X`` and its directory are the same model.
 
     Also on ``CACHE_VERSION`` and ``library_versions()``: a recipe change or a torch / transformers

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dapt.config import to_dataclass
 from dapt.errors import ConfigError
-from dapt.evaluation.cache import ResultCache, atomic_write_json, cache_key, model_fingerprint, recipe_fingerprint, task_fingerprint
+from dapt.evaluation.cache import ResultCache, atomic_write_json, model_fingerprint, recipe_fingerprint, score_cache_key, task_fingerprint
 from dapt.evaluation.finetuning import DownstreamConfig, finetune_seed, prepare
 from dapt.evaluation.report import format_downstream_table, print_downstream_table
 from dapt.evaluation.stats import aggregate_seeds, apply_holm, paired_comparison, summarize
@@ -91,7 +91,7 @@ def _run_model(
         task_fp = task_fingerprint(task, data_dir)
         hp = dcfg.fingerprint()
         for seed in dcfg.seeds:
-            keys[seed] = cache_key(model_fp=model_fp, task_fp=task_fp, seed=seed, hyperparameters=hp)
+            keys[seed] = score_cache_key(model_fp=model_fp, task_fp=task_fp, seed=seed, hyperparameters=hp)
     prepared = None
     started = time.perf_counter()
     for seed in dcfg.seeds:

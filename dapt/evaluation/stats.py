@@ -23,6 +23,8 @@ import math
 import statistics
 from typing import Any, Mapping, MutableMapping, Sequence
 
+from dapt.sample_stats import sample_std
+
 # 1 F1 point. Don't Stop Pretraining's DAPT gains are ~0.5-3+ points, and single-seed fine-tuning
 # noise on these tasks is of the same order, so a difference that is shown to be under one point is
 # one a paper would not claim; a smaller margin needs far more seeds to ever be demonstrated.
@@ -34,8 +36,6 @@ def summarize(values: Sequence[float]) -> dict[str, Any]:
     vals = [float(v) for v in values]
     if not vals:
         return {"mean": None, "std": None, "values": [], "n": 0}
-    from dapt.modeling.perplexity import sample_std
-
     return {"mean": statistics.fmean(vals), "std": sample_std(vals), "values": vals, "n": len(vals)}
 
 
@@ -170,8 +170,6 @@ def paired_comparison(
         out["verdict"] = "no seeds"
         return out
     out["delta"] = statistics.fmean(diffs)
-    from dapt.modeling.perplexity import sample_std
-
     out["delta_std"] = sample_std(diffs)
     if n > 1 and out["delta_std"] > 0:
         res = ttest_rel([float(a) for a in after], [float(b) for b in before])

@@ -163,7 +163,7 @@ def check_overrides(argv: list[str], config_dir: Path, config_name: str = "train
     from hydra.core.override_parser.types import ChoiceSweep
     from omegaconf import OmegaConf
 
-    from dapt.config import compose_config, hydra_config_dir
+    from dapt.config import compose_config, hydra_config_dir, renamed_hint
 
     if GlobalHydra.instance().is_initialized():
         return
@@ -202,14 +202,25 @@ def check_overrides(argv: list[str], config_dir: Path, config_name: str = "train
         node = _get(tree, parent)
         where = f"under '{'.'.join(parent)}'" if parent else "at top level"
         valid = ", ".join(sorted(str(k) for k in node)) if isinstance(node, dict) else "none (not a mapping)"
+        hint = renamed_hint(key)
+        if hint:
+            raise ConfigError(f"unknown config key '{key}'{hint}")
         raise ConfigError(f"unknown config key '{key}' (valid keys {where}: {valid}; use +{key}=... to add a new key)")
-    values = [f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in plain
-              if not o.is_sweep_override() and o.key_or_group in key_overrides]
-    if values:  # a value the group's schema rejects (a word for a bool, text for a float): one line
-        try:
-            compose_config([*group_args, *values], config_name, directory=config_dir)
-        except Exception as exc:  # noqa: BLE001 - anything else: Hydra reports it
-            _raise_schema_error(exc)
+    # A value the group's schema rejects (a word for a bool, text for a float): one line, before any job
+    # runs. Each choice of a swept key or group is composed once, with the first choice of the others.
+    choices: list[tuple[str, list[str]]] = []
+    for o in plain:
+        if o.key_or_group.startswith("hydra") or (o.is_sweep_override() and not isinstance(o.value(), ChoiceSweep)):
+            continue  # range/glob sweeps: Hydra expands and checks them
+        listed = list(o.sweep_string_iterator()) if isinstance(o.value(), ChoiceSweep) else [o.get_value_element_as_str()]
+        choices.append((o.get_key_element(), listed))
+    first = [f"{key}={listed[0]}" for key, listed in choices]
+    for i, (key, listed) in enumerate(choices):
+        for value in listed[1:] if i else listed:  # the first choices are composed with override 0
+            try:
+                compose_config([*first[:i], f"{key}={value}", *first[i + 1:]], config_name, directory=config_dir)
+            except Exception as exc:  # noqa: BLE001 - anything but a schema error: Hydra reports it
+                _raise_schema_error(exc)
 
 
 def _raise_schema_error(exc: BaseException) -> None:

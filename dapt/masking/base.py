@@ -286,11 +286,9 @@ class Masker:
     def config(self) -> MaskingConfig:
         return self.strategy.config
 
-    def maskable(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        ok = ~torch.isin(input_ids, self.special_ids.to(input_ids.device))
-        if attention_mask is not None:
-            ok &= attention_mask.bool()
-        return ok
+    def maskable(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Positions that may be masked: every non-special token (packed blocks have no padding)."""
+        return ~torch.isin(input_ids, self.special_ids.to(input_ids.device))
 
     def random_token_ids(self) -> torch.Tensor:
         if self._random_ids is None:
@@ -305,10 +303,9 @@ class Masker:
         generator: torch.Generator,
         *,
         step: int = 0,
-        attention_mask: torch.Tensor | None = None,
         rate: float | None = None,
     ) -> dict[str, torch.Tensor]:
-        maskable = self.maskable(input_ids, attention_mask)
+        maskable = self.maskable(input_ids)
         batch = MaskingInput.from_word_starts(input_ids, word_starts, maskable)
         rate = rate if rate is not None else rate_at(self.config, step, self.default_schedule_steps)
         selected = self.strategy.select(batch, rate, generator) & maskable
@@ -323,10 +320,7 @@ class Masker:
             random_token_ids=self.random_token_ids(),
         )
         # n_maskable lets the training loop log the achieved rate (masked / maskable) per batch.
-        out = {"input_ids": inputs, "labels": labels, "n_maskable": maskable.sum()}
-        if attention_mask is not None:
-            out["attention_mask"] = attention_mask
-        return out
+        return {"input_ids": inputs, "labels": labels, "n_maskable": maskable.sum()}
 
 
 def build_masker(

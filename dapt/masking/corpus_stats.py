@@ -43,7 +43,7 @@ class CorpusStatsConfig:
             the run's corpus (cached under ``paths.cache_dir``).
         stats_max_documents: read at most this many documents per corpus.
         stats_max_words: ... and at most this many whitespace-separated words per corpus; bounds the
-            start-up cost (about 1.2M words, the default biomedical corpus, takes ~10 s on 2 cores).
+            start-up cost (the statistics are cached after the first computation).
     """
 
     stats_path: str | None = None
@@ -91,9 +91,9 @@ def take_documents(documents: Callable[[], Iterable[str]] | Iterable[str], max_d
 def single_threaded() -> Iterator[None]:
     """Run corpus-sized torch ops on one thread, then restore the setting.
 
-    Sorting and hashing a few million int64 on one core takes well under a second; with intra-op
-    threads on a busy 2-core machine (a sweep, a DataLoader, another run) the same ops were measured
-    10x slower from thread contention, so one thread is both fast enough and predictable.
+    Sorting and hashing a few million int64 is cheap on one core, while intra-op threads on a busy
+    machine (a sweep, a DataLoader, another run) contend with each other: one thread is fast enough
+    and predictable.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -43,13 +43,6 @@ class SpanMaskingConfig(MaskingConfig):
             raise ConfigError(f"masking.max_span_words={self.max_span_words} must be >= 1")
 
 
-def span_length_probs(p: float, max_len: int) -> torch.Tensor:
-    """P(length = 1..max_len) of the truncated, renormalised geometric law (index 0 is length 1)."""
-    k = torch.arange(1, max_len + 1, dtype=torch.float64)
-    probs = p * (1.0 - p) ** (k - 1)
-    return probs / probs.sum()
-
-
 def sample_span_lengths(shape: tuple[int, ...], p: float, max_len: int, generator: torch.Generator,
                         device: torch.device | str = "cpu") -> torch.Tensor:
     """Draw lengths from the truncated geometric law by inverting its CDF (vectorised, seeded)."""

@@ -194,7 +194,6 @@ def load_mlm_model(
     random_init: bool = False,
     config_overrides: Mapping[str, Any] | None = None,
     attn_implementation: str | None = "sdpa",
-    vocab_size: int | None = None,
 ) -> LoadedModel:
     """Load ``AutoModelForMaskedLM`` for ``source``.
 
@@ -211,8 +210,6 @@ def load_mlm_model(
         config = AutoConfig.from_pretrained(path, **overrides)
     except (OSError, ValueError) as exc:
         raise _hub_error(source, exc) from exc
-    if vocab_size is not None and getattr(config, "vocab_size", vocab_size) < vocab_size:
-        config.vocab_size = vocab_size
     config.tie_word_embeddings = True
     kwargs: dict[str, Any] = {}
     if attn_implementation:

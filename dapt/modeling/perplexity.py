@@ -19,18 +19,10 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from dapt.sample_stats import sample_std
+
 BOOTSTRAP_REPLICATES = 2000
 BOOTSTRAP_SEED = 0
-
-
-def sample_std(values: Any) -> float:
-    """The sample standard deviation (``n - 1`` denominator) of ``values``; 0.0 for fewer than two.
-
-    dapt's one standard-deviation rule: the bootstrap standard error here and the seed spreads of
-    ``dapt.evaluation.stats`` (which imports it from this module, the lowest layer that needs it).
-    """
-    arr = np.asarray(values, dtype=np.float64).ravel()
-    return float(arr.std(ddof=1)) if arr.size > 1 else 0.0
 
 
 def document_sums(doc_ids: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

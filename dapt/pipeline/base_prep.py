@@ -105,21 +105,23 @@ def model_fingerprint(model_cfg: Any, model_path: str) -> dict[str, Any]:
 
 def recipe_fingerprint() -> str:
     """The code that trains a base; pinned with ``BASE_PREP_VERSION`` by a test."""
+    from dapt import labels
     from dapt.data import config, datamodule, mixing, packing, sources, stream
     from dapt.masking import base as masking_base
     from dapt.masking import random as random_masking
+    from dapt.masking import units as masking_units
     from dapt.modeling import mlm_module, optim, sparse_head
     from dapt.versioning import source_fingerprint
 
     return source_fingerprint(_train_base, freeze_for, base_data_config, mlm_module.MLMModule, sparse_head, optim,
-                              config, datamodule, stream, mixing, packing, sources, masking_base, random_masking)
+                              config, datamodule, stream, mixing, packing, sources, masking_base, masking_units, random_masking, labels)
 
 
 # Trainer settings that change how a base is trained (and so what it is); the rest only change logging.
 BASE_TRAINER_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision", "gradient_clip_val")
 
 
-def cache_key(model_cfg: Any, model_path: str, base_cfg: BasePrepConfig, data_fingerprint: Any, tokenizer_len: int,
+def base_cache_key(model_cfg: Any, model_path: str, base_cfg: BasePrepConfig, data_fingerprint: Any, tokenizer_len: int,
               trainer_kwargs: dict[str, Any] | None = None) -> str:
     from dapt.versioning import library_versions
 
@@ -204,7 +206,7 @@ def prepare_base(
     sources = [as_source(s, f"base_prep.data[{i}]") for i, s in enumerate(base_cfg.data)]
     if not sources:
         raise ConfigError("base_prep.data lists no general-text source for base preparation")
-    key = cache_key(model_cfg, model_path, base_cfg, describe(sources, data_dir), len(tokenizer), trainer_kwargs)
+    key = base_cache_key(model_cfg, model_path, base_cfg, describe(sources, data_dir), len(tokenizer), trainer_kwargs)
     target = Path(cache_dir) / "bases" / key
     target.parent.mkdir(parents=True, exist_ok=True)
     with cache_build_lock(target):

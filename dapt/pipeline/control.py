@@ -77,6 +77,7 @@ class ControlResult:
 def recipe_fingerprint() -> str:
     """The code that trains and evaluates a control; pinned with ``CONTROL_VERSION`` by a test."""
     import dapt.masking as masking
+    from dapt import labels, sample_stats
     from dapt.data import config, datamodule, heldout, mixing, packing, sources, stream
     from dapt.modeling import loading, mlm_module, optim, perplexity, sparse_head
     from dapt.pipeline import base_prep, fit
@@ -86,7 +87,7 @@ def recipe_fingerprint() -> str:
                   masking.salient, masking.term_scores, masking.corpus_stats]
     return source_fingerprint(run_control, control_stream, fit, mlm_module.MLMModule, sparse_head, optim, perplexity, heldout,
                               config, datamodule, stream, mixing, packing, sources, loading, base_prep.base_stream, base_prep.BaseStream,
-                              base_prep.base_data_config, *strategies)
+                              base_prep.base_data_config, labels, sample_stats, *strategies)
 
 
 # Trainer settings that never change the control's weights (evaluation and logging only).

@@ -121,13 +121,14 @@ def evaluation_code_fingerprint() -> str:
     """The code that turns fixed weights into held-out numbers (part of the cache key of a start
     model's evaluation, so that any change to it recomputes rather than serves an old number)."""
     import dapt.masking as masking
+    from dapt import labels, sample_stats
     from dapt.data import datamodule, heldout, packing, sources
     from dapt.modeling import mlm_module, perplexity, sparse_head
     from dapt.versioning import source_fingerprint
 
     return source_fingerprint(evaluate_heldout, stage_keys, mlm_module.MLMModule, sparse_head, perplexity, heldout, datamodule,
                               packing, sources, masking.base, masking.units, masking.random, masking.whole_word, masking.span,
-                              masking.pmi, masking.ngrams, masking.salient, masking.term_scores)
+                              masking.pmi, masking.ngrams, masking.salient, masking.term_scores, labels, sample_stats)
 
 
 def _read_cached_evaluation(path: Path) -> dict[str, Any] | None:

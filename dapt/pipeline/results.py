@@ -9,11 +9,71 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from dapt.pipeline.fit import relative_change
+from dapt.pipeline.fit import relative_change, stage_keys
 from dapt.tracking.loggers import wandb_run_of
+
+
+@dataclass
+class RunResults:
+    """results.json of one ``dapt train`` run: every top-level field, written by ``to_json`` alone.
+
+    Held-out numbers of the start model (``before``) and the adapted one (``after``) are
+    ``fit.evaluate_heldout`` results; they become ``<set>[_dev]_{ppl,acc}_{before,after}`` keys
+    (``*_ci``: 95% bootstrap CI over documents). ``changes`` are the relative perplexity changes with
+    paired CIs (``perplexity_changes``), ``control`` the control arm's block (``ControlResult``).
+    ``metrics`` (``flat_metrics``: what sweeps optimise, W&B's run summary and ``dapt compare`` read)
+    and ``non_finite`` (keys written as null) are derived when the JSON is made.
+    """
+
+    experiment: str
+    before: dict[str, Any]
+    before_cached: bool
+    after: dict[str, Any]
+    control: dict[str, Any] | None
+    changes: dict[str, Any]
+    tokens_per_s: float | None
+    mfu: float | None
+    train_tokens: int
+    train_sources: dict[str, int]
+    data_quality: dict[str, Any]
+    steps: int
+    resumed_from_step: int | None
+    train_seconds: float
+    attempts: int
+    precision: dict[str, str]
+    provenance: dict[str, Any]
+    heldout_sets: Any
+    base: dict[str, Any]
+    model_dir: str | None
+    data: dict[str, Any]
+    config: dict[str, Any]
+    downstream: dict[str, Any] | None = None
+    error: dict[str, str] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The results.json object (strict JSON once written: non-finite numbers are listed in
+        ``non_finite`` and written as null by ``dapt.io.atomic_write_json``)."""
+        from dapt.io import non_finite_keys
+
+        out: dict[str, Any] = {"experiment": self.experiment, **stage_keys(self.before, "before"),
+                               "before_cached": self.before_cached, **stage_keys(self.after, "after")}
+        if self.control is not None:
+            out["control"] = self.control
+        out["changes"] = self.changes
+        for f in fields(self):
+            if f.name not in ("experiment", "before", "before_cached", "after", "control", "changes", "downstream", "error"):
+                out[f.name] = getattr(self, f.name)
+        if self.downstream:
+            out["downstream"] = self.downstream
+        if self.error is not None:
+            out["error"] = self.error
+        out["metrics"] = flat_metrics(out)
+        out["non_finite"] = non_finite_keys(out)
+        return out
 
 
 def stage_failure(stage: str, exc: BaseException) -> dict[str, str]:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from dapt.data.datamodule import PackedCorpusDataModule
 from dapt.data.sources import as_source, describe
 from dapt.errors import IncompleteRunError, RunInterrupted, RunInUseError
-from dapt.io import atomic_save_dir, atomic_write_json, non_finite_keys
+from dapt.io import atomic_save_dir, atomic_write_json
 from dapt.launch.ddp import debug_callbacks, local_ranks
 from dapt.launch.ddp import rank_overrides as rank_overrides_for
 from dapt.masking import MaskingContext, build_eval_masker, build_masker
@@ -28,9 +28,9 @@ from dapt.modeling.callbacks import RngStateCheckpoint, ThroughputMeter
 from dapt.modeling.loading import load_mlm_model, load_tokenizer
 from dapt.pipeline.base_prep import BaseInfo, base_stream, model_fingerprint, needs_preparation, prepare_base
 from dapt.pipeline.control import control_config, run_control
-from dapt.pipeline.fit import DOCUMENTS, cached_start_evaluation, evaluate_heldout, make_module, make_trainer, stage_keys
+from dapt.pipeline.fit import DOCUMENTS, cached_start_evaluation, evaluate_heldout, make_module, make_trainer
 from dapt.pipeline.preflight import preflight
-from dapt.pipeline.results import flat_metrics, log_summary, perplexity_changes, print_summary, stage_failure
+from dapt.pipeline.results import RunResults, flat_metrics, log_summary, perplexity_changes, print_summary, stage_failure
 from dapt.pipeline.resume import (
     CHECKPOINT_DIR,
     LAST_CHECKPOINT,
@@ -230,49 +230,43 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
                 )
             except Exception as exc:  # noqa: BLE001 - disk full: the perplexities are still written below
                 failure, late = stage_failure("save_model", exc), exc
-        results = {"experiment": experiment}
-        results.update(stage_keys(before, "before"))
-        results["before_cached"] = before_cached
-        results.update(stage_keys(after, "after"))
-        if control is not None:
-            results["control"] = control.as_results()
-        results["changes"] = perplexity_changes(after, before, control.heldout if control else None)
         # Per-document loss sums of every arm, beside results.json: other runs scored on the same
         # held-out sets (a sweep) can be compared with paired CIs from them.
         atomic_write_json(run_dir / "heldout_documents.json", {
             "before": before[DOCUMENTS], "after": after[DOCUMENTS], "control": control.heldout.get(DOCUMENTS) if control else None,
         })
-        results.update({
-            "tokens_per_s": throughput.tokens_per_s,
-            "mfu": throughput.mfu,
-            "train_tokens": throughput.tokens,
-            "train_sources": train_sources,
-            "data_quality": datamodule.data_quality(),
-            "steps": trainer.global_step,
-            "resumed_from_step": resume.step if resume else None,
-            "train_seconds": train_seconds,
-            "attempts": clock.attempts,
-            "precision": {"value": run.precision.value, "reason": run.precision.reason},
-            "provenance": provenance(),  # git commit, code digest, libraries, CPU/GPU, host, time
-            "heldout_sets": datamodule.eval_info,
-            "base": base.as_dict(),
-            "model_dir": str(model_dir) if cfg.get("save_model", True) else None,
-            "data": {"name": run.data.name, "train": describe([as_source(s) for s in run.data.train], data_dir)},
-            "config": resolved,
-        })
-        if failure is not None:
-            results["model_dir"] = None  # no adapted model to fine-tune: downstream is skipped
-        else:
+        record = RunResults(
+            experiment=experiment,
+            before=before,
+            before_cached=before_cached,
+            after=after,
+            control=control.as_results() if control is not None else None,
+            changes=perplexity_changes(after, before, control.heldout if control else None),
+            tokens_per_s=throughput.tokens_per_s,
+            mfu=throughput.mfu,
+            train_tokens=throughput.tokens,
+            train_sources=train_sources,
+            data_quality=datamodule.data_quality(),
+            steps=trainer.global_step,
+            resumed_from_step=resume.step if resume else None,
+            train_seconds=train_seconds,
+            attempts=clock.attempts,
+            precision={"value": run.precision.value, "reason": run.precision.reason},
+            provenance=provenance(),  # git commit, code digest, libraries, CPU/GPU, host, time
+            heldout_sets=datamodule.eval_info,
+            base=base.as_dict(),
+            # no adapted model to fine-tune after a failed save: downstream is skipped
+            model_dir=str(model_dir) if cfg.get("save_model", True) and failure is None else None,
+            data={"name": run.data.name, "train": describe([as_source(s) for s in run.data.train], data_dir)},
+            config=resolved,
+        )
+        if failure is None:
             try:
-                downstream = _downstream(cfg, base, results.get("model_dir"), run_dir, loggers, control=control.path if control else None)
+                record.downstream = _downstream(cfg, base, record.model_dir, run_dir, loggers, control=control.path if control else None) or None
             except Exception as exc:  # noqa: BLE001 - hours of pretraining must not be lost to a late error
-                failure, late, downstream = stage_failure("downstream", exc), exc, {}
-            if downstream:
-                results["downstream"] = downstream
-        if failure is not None:
-            results["error"] = failure
-        results["metrics"] = flat_metrics(results)
-        results["non_finite"] = non_finite_keys(results)  # written as null: results.json stays strict JSON
+                failure, late = stage_failure("downstream", exc), exc
+        record.error = failure
+        results = record.to_json()
         atomic_write_json(run_dir / "results.json", results)
         if failure is None:  # finished: nothing left to resume, and an earlier attempt's failure is history
             if checkpoint.enabled and not checkpoint.keep:

@@ -14,7 +14,7 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dapt.config import to_dataclass
+from dapt.config import renamed_hint, to_dataclass
 from dapt.data.config import DataConfig
 from dapt.data.sources import SourceConfig, as_source
 from dapt.errors import ConfigError
@@ -53,7 +53,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     """Check every group against its schema; raise ``ConfigError`` naming the first bad key."""
     unknown = sorted(set(cfg.keys()) - _TOP_LEVEL)
     if unknown:
-        raise ConfigError(f"unknown top-level config key '{unknown[0]}'")
+        raise ConfigError(f"unknown top-level config key '{unknown[0]}'{renamed_hint(unknown[0])}")
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True) or {}
     valid = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self", "callbacks", "logger", "plugins"}
     for key in trainer:

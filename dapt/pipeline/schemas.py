@@ -1,7 +1,7 @@
 """The config groups' schemas, registered with Hydra's ConfigStore.
 
 Each group YAML (``conf/model/*.yaml``, ``conf/data/common.yaml``, ...) starts with
-``defaults: [schema, _self_]``, so Hydra itself types the group at composition: an unknown key or a
+``defaults: [/<group>_schema@_here_, _self_]``, so Hydra itself types the group at composition: an unknown key or a
 value of the wrong type in a YAML file or an override is rejected before any run starts, and
 ``--cfg job`` shows typed values. ``dapt.launch.sweeps.check_overrides`` turns Hydra's multi-line
 report into dapt's one-line error; ``dapt.pipeline.run_config.validate`` still runs each group's
@@ -23,7 +23,12 @@ from dapt.modeling.optim import OptimizerConfig, SchedulerConfig
 from dapt.pipeline.base_prep import BasePrepConfig
 from dapt.tracking.loggers import LoggerConfig
 
-SCHEMA = "schema"  # the option name each group's YAML files list first in their defaults
+
+def schema_name(group: str) -> str:
+    """The ConfigStore name of ``group``'s schema. Stored at the top level, not inside the group, so it
+    is never offered as an option of the group (``--help``, ``model=<option>``)."""
+    return f"{group}_schema"
+
 
 GROUP_SCHEMAS: dict[str, type] = {
     "model": ModelConfig,
@@ -37,7 +42,7 @@ GROUP_SCHEMAS: dict[str, type] = {
 
 
 def register_schemas() -> None:
-    """Store every group's schema as ``<group>/schema``; idempotent (Hydra replaces same-name entries)."""
+    """Store every group's schema as ``<group>_schema``; idempotent (Hydra replaces same-name entries)."""
     store = ConfigStore.instance()
     for group, schema in GROUP_SCHEMAS.items():
-        store.store(group=group, name=SCHEMA, node=schema)
+        store.store(name=schema_name(group), node=schema)

@@ -131,7 +131,7 @@ def _hydra_overrides(run_dir: Path) -> list[str] | None:
     return [str(o) for o in items or [] if isinstance(o, (str, int, float))]
 
 
-def _frame_by_step(frame: Any) -> Any:
+def frame_by_step(frame: Any) -> Any:
     import pandas as pd
 
     if "trainer/global_step" in frame.columns and "step" not in frame.columns:
@@ -149,7 +149,7 @@ def _csv_history(path: Path) -> Any:
         frame = pd.read_csv(path)
     except Exception:  # noqa: BLE001 - empty or torn file
         return pd.DataFrame()
-    return _frame_by_step(frame)
+    return frame_by_step(frame)
 
 
 def _wandb_history(run_dir: Path) -> Any:
@@ -164,7 +164,7 @@ def _wandb_history(run_dir: Path) -> Any:
         rows = read_offline_run(files[-1]).history
     except Exception:  # noqa: BLE001
         return pd.DataFrame()
-    return _frame_by_step(pd.DataFrame(rows))
+    return frame_by_step(pd.DataFrame(rows))
 
 
 def _history_loader(run_dir: Path) -> Any:
@@ -172,17 +172,17 @@ def _history_loader(run_dir: Path) -> Any:
     return (lambda: _csv_history(csv)) if csv.is_file() else (lambda: _wandb_history(run_dir))
 
 
-def _scalar(value: Any) -> bool:
+def is_scalar(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _metrics_from_results(results: dict[str, Any]) -> dict[str, Any]:
     metrics = results.get("metrics")
     if isinstance(metrics, dict):
-        return {k: v for k, v in metrics.items() if _scalar(v)}
+        return {k: v for k, v in metrics.items() if is_scalar(v)}
     from dapt.pipeline.results import flat_metrics  # older results.json without "metrics"
 
-    return {k: v for k, v in flat_metrics(results).items() if _scalar(v)}
+    return {k: v for k, v in flat_metrics(results).items() if is_scalar(v)}
 
 
 def load_run(run_dir: Path, name: str | None = None) -> Run:
@@ -227,7 +227,7 @@ def _offline_summary(run_dir: Path) -> dict[str, Any]:
         summary = read_offline_run(files[-1]).summary
     except Exception:  # noqa: BLE001
         return {}
-    return {k: v for k, v in summary.items() if not k.startswith("_") and _scalar(v)}
+    return {k: v for k, v in summary.items() if not k.startswith("_") and is_scalar(v)}
 
 
 # ----------------------------------------------------------------------------- filters
@@ -313,6 +313,6 @@ def _matches(run: Run, key: str, value: Any) -> bool:
     actual = run.config.get(key, run.metrics.get(key))
     if actual is None:
         return value is None
-    if _scalar(actual) and _scalar(value):
+    if is_scalar(actual) and is_scalar(value):
         return math.isclose(float(actual), float(value), rel_tol=1e-9, abs_tol=1e-12)
     return str(actual) == str(value)

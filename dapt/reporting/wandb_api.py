@@ -11,7 +11,7 @@ import os
 from typing import Any, Sequence
 
 from dapt.errors import DaptError
-from dapt.reporting.runs import CURVE_KEYS, Run, _frame_by_step, _scalar
+from dapt.reporting.runs import CURVE_KEYS, Run, frame_by_step, is_scalar
 from dapt.reporting.table import flatten
 
 
@@ -60,7 +60,7 @@ def load_wandb_runs(project: str, filters: Sequence[tuple[str, Any]] = (), api: 
             name=getattr(r, "name", None) or r.id,
             status={"finished": "ok", "failed": "failed", "crashed": "failed"}.get(state, state),
             config=flatten(_unflatten_wandb(config)),
-            metrics={k: v for k, v in summary.items() if not k.startswith("_") and _scalar(v)},
+            metrics={k: v for k, v in summary.items() if not k.startswith("_") and is_scalar(v)},
             wandb_name=getattr(r, "name", None) or None,
             _history_loader=_remote_history(r),
         ))
@@ -98,6 +98,6 @@ def _remote_history(run: Any) -> Any:
             frame = run.history(keys=list(CURVE_KEYS), x_axis="trainer/global_step", pandas=True)
         except Exception:  # noqa: BLE001
             return pd.DataFrame()
-        return _frame_by_step(frame)
+        return frame_by_step(frame)
 
     return load
