@@ -15,17 +15,8 @@ import torch
 from omegaconf import OmegaConf
 
 from dapt.errors import ConfigError
-from dapt.masking import (
-    IGNORE_INDEX,
-    MaskingConfig,
-    achieved_rate,
-    available_strategies,
-    build_eval_masker,
-    build_masker,
-    eval_generator,
-    rate_at,
-    strategy_class,
-)
+from dapt.labels import IGNORE_INDEX
+from dapt.masking import MaskingConfig, achieved_rate, available_strategies, build_eval_masker, build_masker, eval_generator, rate_at, strategy_class
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

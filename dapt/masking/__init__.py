@@ -7,14 +7,11 @@ here, and add ``conf/masking/<name>.yaml``.
 
 from dapt.masking import pmi, random, salient, span, whole_word  # noqa: F401  (register the strategies)
 from dapt.masking.base import (
-    IGNORE_INDEX,
     Masker,
     MaskingConfig,
     MaskingContext,
     MaskingInput,
     MaskingStrategy,
-    achieved_rate,
-    apply_corruption,
     available_strategies,
     build_eval_masker,
     build_masker,
@@ -24,9 +21,9 @@ from dapt.masking.base import (
     register,
     strategy_class,
 )
+from dapt.masking.selection import achieved_rate, apply_corruption
 
 __all__ = [
-    "IGNORE_INDEX",
     "Masker",
     "MaskingConfig",
     "MaskingContext",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dapt.masking.base import MaskingInput, MaskingStrategy, exact_count_selection, register, stochastic_round
+from dapt.masking.base import MaskingInput, MaskingStrategy, register
+from dapt.masking.selection import exact_count_selection, stochastic_round
 
 
 @register("random")

@@ -109,12 +109,13 @@ def recipe_fingerprint() -> str:
     from dapt.data import config, datamodule, mixing, packing, sources, stream
     from dapt.masking import base as masking_base
     from dapt.masking import random as random_masking
+    from dapt.masking import selection as masking_selection
     from dapt.masking import units as masking_units
     from dapt.modeling import mlm_module, optim, sparse_head
     from dapt.versioning import source_fingerprint
 
     return source_fingerprint(_train_base, freeze_for, base_data_config, mlm_module.MLMModule, sparse_head, optim,
-                              config, datamodule, stream, mixing, packing, sources, masking_base, masking_units, random_masking, labels)
+                              config, datamodule, stream, mixing, packing, sources, masking_base, masking_selection, masking_units, random_masking, labels)
 
 
 # Trainer settings that change how a base is trained (and so what it is); the rest only change logging.

@@ -83,7 +83,7 @@ def recipe_fingerprint() -> str:
     from dapt.pipeline import base_prep, fit
     from dapt.versioning import source_fingerprint
 
-    strategies = [masking.base, masking.units, masking.random, masking.whole_word, masking.span, masking.pmi, masking.ngrams,
+    strategies = [masking.base, masking.selection, masking.units, masking.random, masking.whole_word, masking.span, masking.pmi, masking.ngrams,
                   masking.salient, masking.term_scores, masking.corpus_stats]
     return source_fingerprint(run_control, control_stream, fit, mlm_module.MLMModule, sparse_head, optim, perplexity, heldout,
                               config, datamodule, stream, mixing, packing, sources, loading, base_prep.base_stream, base_prep.BaseStream,

@@ -127,7 +127,7 @@ def evaluation_code_fingerprint() -> str:
     from dapt.versioning import source_fingerprint
 
     return source_fingerprint(evaluate_heldout, stage_keys, mlm_module.MLMModule, sparse_head, perplexity, heldout, datamodule,
-                              packing, sources, masking.base, masking.units, masking.random, masking.whole_word, masking.span,
+                              packing, sources, masking.base, masking.selection, masking.units, masking.random, masking.whole_word, masking.span,
                               masking.pmi, masking.ngrams, masking.salient, masking.term_scores, labels, sample_stats)
 
 

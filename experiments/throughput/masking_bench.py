@@ -19,7 +19,8 @@ import torch
 
 from dapt.data.packing import BlockPacker
 from dapt.data.sources import SourceConfig, iter_documents
-from dapt.masking.base import Masker, MaskingContext, achieved_rate, build_masker
+from dapt.masking.base import Masker, MaskingContext, build_masker
+from dapt.masking.selection import achieved_rate
 
 # The corpora of conf/data/biomed.yaml (PMI / salient statistics) and the OHSUMED test file (blocks),
 # relative to paths.data_dir, read by dapt.data.sources like a training run reads them.
