@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from dapt.errors import ConfigError
 
@@ -111,20 +111,25 @@ def compose_config(
                               "dapt.pipeline.schemas.register_schemas() (or import dapt.commands) before composing") from exc
 
 
-# Keys earlier versions of dapt read, and what became of them: an old config or command line gets the
-# new name in its error instead of "unknown key" alone.
+# Keys earlier versions of dapt read, and what became of them: an old command line or config gets the
+# new name in its error instead of "unknown key" alone. Patterns are full key paths (``*`` = one part).
 RENAMED_KEYS: dict[str, str] = {
     "base": "renamed 'base_prep' (the general-MLM base preparation group)",
+    "base.*": "the 'base' group was renamed 'base_prep'",
     "model.name": "removed: nothing read it",
-    "domain": "removed from task configs: nothing read it",
+    "task.*.domain": "removed from task configs: nothing read it",
 }
 
 
 def renamed_hint(key: str) -> str:
-    """``" (<what became of it>)"`` when ``key`` or its first part is in ``RENAMED_KEYS``, else ``""``."""
-    for candidate in (key, key.split(".")[0], key.split(".")[-1]):
-        if candidate in RENAMED_KEYS:
-            return f" ({candidate}: {RENAMED_KEYS[candidate]})"
+    """``" (<what became of it>)"`` when ``key`` matches a ``RENAMED_KEYS`` pattern exactly, else ``""``."""
+    parts = key.split(".")
+    for pattern, note in RENAMED_KEYS.items():
+        wanted = pattern.split(".")
+        if len(wanted) == len(parts) and all(w in ("*", p) for w, p in zip(wanted, parts)):
+            return f" ({key}: {note})"
+        if pattern == "base.*" and parts[0] == "base" and len(parts) > 1:
+            return f" ({key}: {note})"
     return ""
 
 
@@ -133,8 +138,8 @@ def describe_config_error(exc: OmegaConfBaseException, prefix: str = "") -> str:
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or ""
     full = f"{prefix}.{key}" if prefix and key else (key or prefix)
     msg = str(exc).splitlines()[0]
-    if isinstance(exc, ConfigKeyError):
-        return f"unknown config key '{full}'"
+    if isinstance(exc, (ConfigKeyError, ConfigAttributeError)) or "not in struct" in msg or "not in '" in msg:
+        return f"unknown config key '{full}'{renamed_hint(full)}"
     return f"invalid value for '{full}': {msg}"
 
 

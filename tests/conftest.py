@@ -21,7 +21,7 @@ TINY_OVERRIDES = ["model=tiny", "base_prep=none", "tasks=[]", "trainer.max_steps
                   "data.eval_tokens=256", "data.dev_eval_tokens=256", "data.batch_size=4", "data.max_seq_length=64", "data.shuffle_buffer=16",
                   "logger.wandb.enabled=false"]
 
-register_schemas()  # the group YAMLs extend <group>/schema: every test that composes needs them
+register_schemas()  # the group YAMLs extend <group>_schema: every test that composes needs them
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -206,6 +206,15 @@ def test_renamed_keys_say_what_they_became(override, expected):
         check_overrides([override], CONF)
 
 
+@pytest.mark.parametrize("override", ["data.domain=x", "logger.wandb.base=1", "control.name=x"])
+def test_unrelated_unknown_keys_get_no_rename_hint(override):
+    from dapt.launch.sweeps import check_overrides
+
+    with pytest.raises(ConfigError) as info:
+        check_overrides([override], CONF)
+    assert "removed" not in str(info.value) and "renamed" not in str(info.value) and "valid keys" in str(info.value)
+
+
 def test_composing_without_registered_schemas_says_how(tmp_path):
     """Code that composes conf/ without dapt's commands gets told to register the schemas."""
     import subprocess

@@ -207,7 +207,7 @@ def test_ablation_multirun_launches_every_combination(tmp_path: Path) -> None:
         from dapt.config import register_resolvers
         from dapt.pipeline.schemas import register_schemas
         register_resolvers()
-        register_schemas()  # conf/'s group YAMLs extend <group>/schema
+        register_schemas()  # conf/'s group YAMLs extend <group>_schema
 
         @hydra.main(config_path={str(CONF)!r}, config_name="train", version_base=None)
         def main(cfg):

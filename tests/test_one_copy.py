@@ -187,6 +187,11 @@ def test_sample_std():
     assert sample_std([0.7, 0.7, 0.7]) == 0.0 and summarize([0.7, 0.7, 0.7])["std"] == 0.0
     same = paired_comparison([0.0] * 3, [0.1] * 3)
     assert same["delta_std"] == 0.0 and same["p_value"] is None and "significant" not in same["verdict"]
+    # The realistic case: the same +0.01 on every seed, whose float differences disagree in the last bits.
+    shifted = paired_comparison([0.684, 0.700, 0.675], [0.694, 0.710, 0.685])
+    assert shifted["delta_std"] == 0.0 and shifted["p_value"] is None and "no variance" in shifted["verdict"]
+    real = paired_comparison([0.684, 0.700, 0.675], [0.694, 0.712, 0.683])  # a real spread is kept
+    assert real["delta_std"] == pytest.approx(0.002) and real["p_value"] is not None
     assert sample_std(np.arange(10.0)) == pytest.approx(np.arange(10.0).std(ddof=1))
     assert sample_std([0.5]) == 0.0 and sample_std([]) == 0.0
 

@@ -53,7 +53,8 @@ def test_derived_blocks_come_from_the_same_object():
 
 def test_readme_documents_every_top_level_key():
     text = README.read_text()
-    section = text[text.index("results.json"):]
+    start = text.index("## Outputs of a run")
+    section = text[start:text.index("\n## ", start + 1)]
     documented = set(re.findall(r"`([a-z_]+)`", section))
     for f in fields(RunResults):
         if f.name not in ("experiment", "config", "precision", "data", "mfu"):  # documented elsewhere in the README

@@ -71,9 +71,9 @@ def recipe_sources() -> tuple[Any, ...]:
     the fine-tuning loop and modules, and the metrics."""
     from dapt import labels
     from dapt.evaluation import encoding, finetuning, metrics, modules, readers, tasks
-    from dapt.modeling import loading
+    from dapt.modeling import loading, optim
 
-    return (labels, readers, tasks, encoding, finetuning, modules, metrics, loading.load_tokenizer, loading._byte_level_nodes,
+    return (labels, optim, readers, tasks, encoding, finetuning, modules, metrics, loading.load_tokenizer, loading._byte_level_nodes,
             loading.needs_prefix_space, loading.words_encode_like_text, loading._prefix_space_for_words)
 
 

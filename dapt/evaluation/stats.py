@@ -170,7 +170,8 @@ def paired_comparison(
         out["verdict"] = "no seeds"
         return out
     out["delta"] = statistics.fmean(diffs)
-    out["delta_std"] = sample_std(diffs)
+    # Rounding in a - b is relative to the scores, not to their (small) difference.
+    out["delta_std"] = sample_std(diffs, scale=max((abs(float(x)) for x in (*before, *after)), default=0.0))
     if n > 1 and out["delta_std"] > 0:
         res = ttest_rel([float(a) for a in after], [float(b) for b in before])
         out["t"], out["p_value"] = _finite(res.statistic), _finite(res.pvalue)

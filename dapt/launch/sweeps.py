@@ -203,9 +203,8 @@ def check_overrides(argv: list[str], config_dir: Path, config_name: str = "train
         where = f"under '{'.'.join(parent)}'" if parent else "at top level"
         valid = ", ".join(sorted(str(k) for k in node)) if isinstance(node, dict) else "none (not a mapping)"
         hint = renamed_hint(key)
-        if hint:
-            raise ConfigError(f"unknown config key '{key}'{hint}")
-        raise ConfigError(f"unknown config key '{key}' (valid keys {where}: {valid}; use +{key}=... to add a new key)")
+        add = "" if hint else f"; use +{key}=... to add a new key"  # an old key is not a new one to add
+        raise ConfigError(f"unknown config key '{key}'{hint} (valid keys {where}: {valid}{add})")
     # A value the group's schema rejects (a word for a bool, text for a float): one line, before any job
     # runs. Each choice of a swept key or group is composed once, with the first choice of the others.
     choices: list[tuple[str, list[str]]] = []
@@ -220,10 +219,11 @@ def check_overrides(argv: list[str], config_dir: Path, config_name: str = "train
             try:
                 compose_config([*first[:i], f"{key}={value}", *first[i + 1:]], config_name, directory=config_dir)
             except Exception as exc:  # noqa: BLE001 - anything but a schema error: Hydra reports it
-                _raise_schema_error(exc)
+                _raise_schema_error(exc, f"{key}={value}" if len(listed) > 1 else None)
+                return  # not a schema error: the other compositions would fail the same way
 
 
-def _raise_schema_error(exc: BaseException) -> None:
+def _raise_schema_error(exc: BaseException, choice: str | None = None) -> None:
     """Raise ``ConfigError`` with one line when ``exc`` comes from a schema check (the group schemas of
     ``dapt.pipeline.schemas``); Hydra's own report of it spans several lines and a stack hint."""
     from omegaconf.errors import OmegaConfBaseException
@@ -233,7 +233,7 @@ def _raise_schema_error(exc: BaseException) -> None:
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, OmegaConfBaseException):
-            raise ConfigError(describe_config_error(seen)) from None
+            raise ConfigError(describe_config_error(seen) + (f" (in the sweep's choice {choice})" if choice else "")) from None
         seen = seen.__cause__ or seen.__context__
 
 

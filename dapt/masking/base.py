@@ -4,7 +4,7 @@ Masking is data, not model. A ``MaskingStrategy`` looks at a batch of packed tok
 index of every token and a mask of never-maskable positions) and returns a boolean matrix of positions
 to predict. ``apply_corruption`` then replaces them mask/random/keep (80/10/10 by default) and builds
 labels. Keeping the two apart means every strategy gets the same corruption, the same guarantees
-(specials and padding never masked, seeded ``torch.Generator``, vectorised torch) and the same tests.
+(special tokens never masked; packed blocks have no padding; seeded ``torch.Generator``, vectorised torch) and the same tests.
 """
 
 from __future__ import annotations

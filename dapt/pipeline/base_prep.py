@@ -106,15 +106,15 @@ def model_fingerprint(model_cfg: Any, model_path: str) -> dict[str, Any]:
 def recipe_fingerprint() -> str:
     """The code that trains a base; pinned with ``BASE_PREP_VERSION`` by a test."""
     from dapt import labels
-    from dapt.data import config, datamodule, mixing, packing, sources, stream
+    from dapt.data import config, datamodule, mixing, packing, quality, sources, stream
     from dapt.masking import base as masking_base
     from dapt.masking import random as random_masking
     from dapt.masking import selection as masking_selection
     from dapt.masking import units as masking_units
-    from dapt.modeling import mlm_module, optim, sparse_head
+    from dapt.modeling import loading, mlm_module, optim, sparse_head
     from dapt.versioning import source_fingerprint
 
-    return source_fingerprint(_train_base, freeze_for, base_data_config, mlm_module.MLMModule, sparse_head, optim,
+    return source_fingerprint(_train_base, freeze_for, base_data_config, mlm_module, loading, sparse_head, optim, quality,
                               config, datamodule, stream, mixing, packing, sources, masking_base, masking_selection, masking_units, random_masking, labels)
 
 
