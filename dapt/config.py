@@ -90,9 +90,10 @@ def compose_config(
     ``dapt`` commands would, outside a Hydra application (diagnostics, scripts, override checks).
 
     A Hydra instance left initialised by earlier code is cleared first (composing twice in one
-    process must work) and left uninitialised afterwards: do not call this inside a running Hydra job. The group YAMLs extend
-    schemas that ``dapt.pipeline.schemas.register_schemas()`` registers (this layer cannot import
-    it; the commands do, and a missing registration is a one-line error saying so).
+    process must work) and left uninitialised afterwards: do not call this inside a running Hydra
+    job. The group YAMLs extend schemas that ``dapt.pipeline.schemas.register_schemas()`` registers
+    (this layer cannot import it; the commands do, and a missing registration is a one-line error
+    saying so).
     """
     from hydra import compose
     from hydra.core.global_hydra import GlobalHydra

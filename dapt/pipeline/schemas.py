@@ -1,14 +1,14 @@
 """The config groups' schemas, registered with Hydra's ConfigStore.
 
 Each group YAML (``conf/model/*.yaml``, ``conf/data/common.yaml``, ...) starts with
-``defaults: [/<group>_schema@_here_, _self_]``, so Hydra itself types the group at composition: an unknown key or a
-value of the wrong type in a YAML file or an override is rejected before any run starts, and
-``--cfg job`` shows typed values. ``dapt.launch.sweeps.check_overrides`` turns Hydra's multi-line
+``defaults: [/<group>_schema@_here_, _self_]``, so Hydra itself types the group at composition: an
+unknown key or a value of the wrong type in a YAML file or an override is rejected before any run
+starts, and ``--cfg job`` shows typed values. ``dapt.launch.sweeps.check_overrides`` turns Hydra's multi-line
 report into dapt's one-line error; ``dapt.pipeline.run_config.validate`` still runs each group's
 range checks (``__post_init__``), which Hydra does not call.
 
 Groups without a fixed schema are left to their validators: ``masking`` (each strategy has its
-own dataclass, chosen by ``masking.strategy``), ``trainer`` (Lightning ``Trainer`` arguments, checked
+own dataclass, chosen by ``masking.name``), ``trainer`` (Lightning ``Trainer`` arguments, checked
 against its signature) and ``paths``.
 """
 
