@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -113,23 +114,19 @@ def compose_config(
 
 
 # Keys earlier versions of dapt read, and what became of them: an old command line or config gets the
-# new name in its error instead of "unknown key" alone. Patterns are full key paths (``*`` = one part).
+# new name in its error instead of "unknown key" alone. Keys are regular expressions over the whole key path.
 RENAMED_KEYS: dict[str, str] = {
-    "base": "renamed 'base_prep' (the general-MLM base preparation group)",
-    "base.*": "the 'base' group was renamed 'base_prep'",
-    "model.name": "removed: nothing read it",
-    "task.*.domain": "removed from task configs: nothing read it",
+    r"base": "renamed 'base_prep' (the general-MLM base preparation group)",
+    r"base\..+": "the 'base' group was renamed 'base_prep'",
+    r"model\.name": "removed: nothing read it",
+    r"task\.[^.]+\.domain": "removed from task configs: nothing read it",
 }
 
 
 def renamed_hint(key: str) -> str:
-    """``" (<what became of it>)"`` when ``key`` matches a ``RENAMED_KEYS`` pattern exactly, else ``""``."""
-    parts = key.split(".")
+    """``" (<what became of it>)"`` when the whole ``key`` matches a ``RENAMED_KEYS`` pattern, else ``""``."""
     for pattern, note in RENAMED_KEYS.items():
-        wanted = pattern.split(".")
-        if len(wanted) == len(parts) and all(w in ("*", p) for w, p in zip(wanted, parts)):
-            return f" ({key}: {note})"
-        if pattern == "base.*" and parts[0] == "base" and len(parts) > 1:
+        if re.fullmatch(pattern, key):
             return f" ({key}: {note})"
     return ""
 
