@@ -10,6 +10,7 @@ from __future__ import annotations
 
 TRAIN_LOSS = "train/loss"
 TRAIN_MASK_RATE = "train/mask_rate"
+TRAIN_PENALTY = "train/penalty"  # L2-SP / EWC term added to the MLM loss (remedies)
 TOKENS_PER_S = "train/tokens_per_s"
 MFU = "train/mfu"
 CPU_THREADS = "train/cpu_threads"

@@ -163,9 +163,16 @@ def test_every_schema_group_yaml_extends_its_schema():
     (``validate`` would still catch unknown keys, later and without the types)."""
     from omegaconf import OmegaConf
 
-    from dapt.pipeline.schemas import GROUP_SCHEMAS, schema_name
+    from dapt.pipeline.schemas import COMBINABLE_GROUPS, GROUP_SCHEMAS, schema_name
 
+    train = [str(d) for d in OmegaConf.load(CONF / "train.yaml").defaults]
     for group in GROUP_SCHEMAS:
+        if group in COMBINABLE_GROUPS:  # the schema once in train.yaml, before the options; none in an option
+            at = train.index(f"{schema_name(group)}@{group}")
+            assert any(d.startswith(f"{{'{group}':") for d in train[at + 1:]), f"train.yaml lists no {group} option after its schema"
+            for path in sorted((CONF / group).glob("*.yaml")):
+                assert not OmegaConf.load(path).get("defaults"), f"{path}: an option of a combinable group must not extend the schema"
+            continue
         siblings = {p.stem for p in (CONF / group).glob("*.yaml")}
         for path in sorted((CONF / group).glob("*.yaml")):
             defaults = [str(d) for d in OmegaConf.load(path).get("defaults") or []]

@@ -24,14 +24,15 @@ def _record(**overrides):
         control={"steps": 3, "domain_ppl_after": 110.0}, changes={"domain_ppl_change": -0.16, "domain_ppl_change_ci": [-0.2, -0.1]},
         tokens_per_s=1000.0, mfu=0.3, train_tokens=4096, train_sources={"a.jsonl": 4096}, data_quality={}, steps=3,
         resumed_from_step=None, train_seconds=1.5, attempts=1, precision={"value": "32-true", "reason": "test"},
-        provenance={}, heldout_sets={}, base={"source": "s", "cache_key": None}, model_dir="m", data={"name": "d"}, config={},
+        provenance={}, heldout_sets={}, base={"source": "s", "cache_key": None}, remedies={"active": []}, model_dir="m", data={"name": "d"}, config={},
     )
     values.update(overrides)
     return RunResults(**values)
 
 
 def test_every_field_reaches_results_json():
-    out = _record(downstream={"t": {"metric": "f1"}}, error={"stage": "downstream", "type": "X", "message": "m"}).to_json()
+    out = _record(downstream={"t": {"metric": "f1"}}, error={"stage": "downstream", "type": "X", "message": "m"},
+                  vocabulary={"added": 3}, selection={"documents": 5}).to_json()
     stage_fields = {"before", "after"}  # spread into <set>_<stat>_<stage> keys
     for f in fields(RunResults):
         if f.name not in stage_fields:
@@ -49,6 +50,7 @@ def test_derived_blocks_come_from_the_same_object():
     assert set(out["non_finite"]) == {"general_ppl_after", "metrics.general_ppl_after", "metrics.forgetting"}
     empty = _record(control=None).to_json()
     assert "control" not in empty and "downstream" not in empty and "error" not in empty
+    assert "vocabulary" not in empty and "selection" not in empty
 
 
 def test_readme_documents_every_top_level_key():

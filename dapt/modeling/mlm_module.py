@@ -19,6 +19,7 @@ from dapt.errors import TrainingError
 from dapt.labels import IGNORE_INDEX
 from dapt.modeling.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler, clip_gradients, clips_scaled_gradients
 from dapt.modeling.perplexity import HeldoutPerplexity
+from dapt.modeling.remedies import llrd_scales
 from dapt.modeling.sparse_head import sparse_mlm_loss
 
 HELDOUT_KEYS = ("ppl", "ppl_low", "ppl_high", "loss", "acc", "masked_tokens", "documents")
@@ -38,9 +39,15 @@ class MLMModule(pl.LightningModule):
         test_names: Sequence[str] | None = None,
         compile_model: bool = False,
         tune_cpu_threads: bool = True,
+        penalty: torch.nn.Module | None = None,
+        layer_decay: float = 1.0,
     ) -> None:
         super().__init__()
         self.model = model
+        # Remedies (dapt.modeling.remedies): a penalty on the weights added to the MLM loss (L2-SP/EWC;
+        # a submodule, so its anchors follow the device) and layer-wise learning-rate decay.
+        self.penalty = penalty
+        self.layer_decay = layer_decay
         self.tune_cpu_threads = tune_cpu_threads
         self.optimizer_cfg = optimizer or OptimizerConfig()
         self.scheduler_cfg = scheduler or SchedulerConfig()
@@ -104,6 +111,10 @@ class MLMModule(pl.LightningModule):
         self.log(metric_names.TRAIN_LOSS, loss, prog_bar=True, batch_size=max(n_masked, 1))
         if "n_maskable" in batch:
             self.log(metric_names.TRAIN_MASK_RATE, n_masked / max(float(batch["n_maskable"]), 1.0), batch_size=1)
+        if self.penalty is not None:  # train/loss stays the MLM loss; the penalty is logged beside it
+            penalty = self.penalty(self.model)
+            self.log(metric_names.TRAIN_PENALTY, penalty, batch_size=1)
+            loss = loss + penalty
         return loss
 
     def _heldout_step(self, split: str, names: list[str], batch: dict[str, torch.Tensor], dataloader_idx: int) -> None:
@@ -136,7 +147,8 @@ class MLMModule(pl.LightningModule):
         self._log_heldout(metric_names.TEST_LOOP, self.test_names)
 
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self.model, self.optimizer_cfg, scaled_clipping=clips_scaled_gradients(self))
+        scales = llrd_scales(self.model, self.layer_decay) if self.layer_decay != 1.0 else None
+        optimizer = build_optimizer(self.model, self.optimizer_cfg, scaled_clipping=clips_scaled_gradients(self), lr_scales=scales)
         scheduler = build_scheduler(optimizer, self.scheduler_cfg, self.total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

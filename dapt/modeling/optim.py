@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import pytorch_lightning as pl
 import torch
@@ -48,11 +48,17 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
-    """Warmup then decay. ``warmup_steps`` wins over ``warmup_ratio`` when both are set."""
+    """Warmup then decay. ``warmup_steps`` wins over ``warmup_ratio`` when both are set.
+
+    ``min_lr_ratio`` (cosine only): decay to ``min_lr_ratio * lr`` instead of 0. Continued
+    pretraining that re-warms and re-decays to a floor of 0.1x the peak is the recipe Ibrahim et al.
+    (2024) found to match re-training from scratch (``remedy=rewarm``).
+    """
 
     name: str = "linear"
     warmup_steps: int | None = None
     warmup_ratio: float = 0.06
+    min_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if self.name not in SCHEDULES:
@@ -61,6 +67,10 @@ class SchedulerConfig:
             raise ConfigError(f"scheduler.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ConfigError(f"scheduler.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0 <= self.min_lr_ratio < 1:
+            raise ConfigError(f"scheduler.min_lr_ratio={self.min_lr_ratio} must be in [0, 1)")
+        if self.min_lr_ratio and self.name != "cosine":
+            raise ConfigError(f"scheduler.min_lr_ratio={self.min_lr_ratio} needs scheduler.name=cosine (got {self.name})")
 
 
 def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -69,22 +79,34 @@ def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
     return param.ndim < 2 or name.endswith("bias") or "layernorm" in lowered or "layer_norm" in lowered or ".norm" in lowered
 
 
-def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: decayed weights, and biases/LayerNorm params that are not decayed (BERT recipe)."""
-    decay, no_decay = [], []
+def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float, *, lr: float | None = None,
+                 lr_scales: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+    """Decayed weights and biases/LayerNorm params that are not decayed (BERT recipe); with
+    ``lr_scales`` (layer-wise decay: parameter name -> multiplier of ``lr``) one such pair per rate."""
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     seen: set[int] = set()
     for name, param in named_params:
         if not param.requires_grad or id(param) in seen:  # tied weights appear twice
             continue
         seen.add(id(param))
-        (no_decay if _no_decay(name, param) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        scale = 1.0 if lr_scales is None else float(lr_scales[name])
+        groups.setdefault((scale, _no_decay(name, param)), []).append(param)
+    out = []
+    for (scale, no_decay), params in sorted(groups.items(), key=lambda item: (-item[0][0], item[0][1])):
+        group: dict[str, Any] = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay}
+        if lr_scales is not None:
+            if lr is None:
+                raise ConfigError("param_groups: lr_scales needs the base lr")
+            group["lr"] = lr * scale
+        out.append(group)
+    return out
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, *, scaled_clipping: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, *, scaled_clipping: bool = False,
+                    lr_scales: Mapping[str, float] | None = None) -> torch.optim.Optimizer:
     """AdamW over ``param_groups``. ``scaled_clipping``: gradients are clipped while a GradScaler
-    scales them (fp16 mixed precision), which a fused AdamW cannot take part in."""
+    scales them (fp16 mixed precision), which a fused AdamW cannot take part in. ``lr_scales``:
+    per-parameter multipliers of ``cfg.lr`` (layer-wise learning-rate decay)."""
     kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
     impl = cfg.implementation
     if impl == "auto":
@@ -101,7 +123,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, *, scaled_clip
         kwargs["foreach"] = True
     else:
         kwargs["foreach"] = False
-    groups = param_groups(model.named_parameters(), cfg.weight_decay)
+    groups = param_groups(model.named_parameters(), cfg.weight_decay, lr=cfg.lr, lr_scales=lr_scales)
     if not groups:
         raise ConfigError("no trainable parameters (check base_prep.trainable / freezing)")
     return torch.optim.AdamW(groups, **kwargs)
@@ -146,4 +168,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, tota
     from transformers import get_scheduler
 
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * total_steps))
+    if cfg.min_lr_ratio:
+        return get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1),
+                             scheduler_specific_kwargs={"min_lr_rate": cfg.min_lr_ratio})
     return get_scheduler(cfg.name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1))

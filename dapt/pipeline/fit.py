@@ -52,7 +52,10 @@ def relative_change(new: dict[str, Any], reference: dict[str, Any], key: str) ->
     return paired_change_ci(np.asarray(a["sums"]), np.asarray(b["sums"]), np.asarray(a["counts"]))
 
 
-def make_module(model: torch.nn.Module, run: Any, *, eval_names: Sequence[str], test_names: Sequence[str]) -> MLMModule:
+def make_module(model: torch.nn.Module, run: Any, *, eval_names: Sequence[str], test_names: Sequence[str],
+                remedies: Any = None) -> MLMModule:
+    """The ``MLMModule`` of a fit; ``remedies`` (``dapt.pipeline.remedies.AppliedRemedies``, DAPT only)
+    adds its penalty and layer-wise learning-rate decay."""
     return MLMModule(
         model,
         optimizer=run.optimizer,
@@ -61,6 +64,8 @@ def make_module(model: torch.nn.Module, run: Any, *, eval_names: Sequence[str], 
         eval_names=eval_names,
         test_names=test_names,
         compile_model=run.model.compile,
+        penalty=remedies.penalty if remedies is not None else None,
+        layer_decay=remedies.layer_decay if remedies is not None else 1.0,
     )
 
 

@@ -48,9 +48,12 @@ class RunResults:
     provenance: dict[str, Any]
     heldout_sets: Any
     base: dict[str, Any]
+    remedies: dict[str, Any]
     model_dir: str | None
     data: dict[str, Any]
     config: dict[str, Any]
+    vocabulary: dict[str, Any] | None = None
+    selection: dict[str, Any] | None = None
     downstream: dict[str, Any] | None = None
     error: dict[str, str] | None = None
 
@@ -65,6 +68,8 @@ class RunResults:
             out["control"] = self.control
         out["changes"] = self.changes
         for f in fields(self):
+            if f.name in ("vocabulary", "selection") and getattr(self, f.name) is None:
+                continue  # written only when the run extended its vocabulary / selected its data
             if f.name not in ("experiment", "before", "before_cached", "after", "control", "changes", "downstream", "error"):
                 out[f.name] = getattr(self, f.name)
         if self.downstream:

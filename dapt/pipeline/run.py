@@ -10,6 +10,7 @@ import json
 import logging
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from dapt.pipeline.base_prep import BaseInfo, base_stream, model_fingerprint, ne
 from dapt.pipeline.control import control_config, run_control
 from dapt.pipeline.fit import DOCUMENTS, cached_start_evaluation, evaluate_heldout, make_module, make_trainer
 from dapt.pipeline.preflight import preflight
+from dapt.pipeline.remedies import apply_remedies
+from dapt.pipeline.selection import select_documents
 from dapt.pipeline.results import RunResults, flat_metrics, log_summary, perplexity_changes, print_summary, stage_failure
 from dapt.pipeline.resume import (
     CHECKPOINT_DIR,
@@ -48,6 +51,7 @@ from dapt.pipeline.resume import (
 from dapt.pipeline.run_config import RunConfig, checkpoint_config, general_sources, run_dir_of, validate
 from dapt.pipeline.run_lock import LOCK_WAIT_SECONDS, RunLock
 from dapt.pipeline.stop_signal import StopOnSignal
+from dapt.pipeline.vocabulary import prepare_vocabulary
 from dapt.precision import matmul_dtype, on_cuda
 from dapt.progress import StepProgressBar
 from dapt.tracking.loggers import build_loggers, finish_wandb, wandb_run_of
@@ -141,15 +145,25 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
 
     tokenizer = load_tokenizer(run.model.tokenizer or run.model.source)
     max_steps = int(run.trainer["max_steps"])
-    context = MaskingContext(
-        tokenizer=tokenizer,
-        domain_documents=lambda: _documents(run.data.train, data_dir),
-        general_documents=lambda: _documents(general_sources(cfg), data_dir),
-        cache_dir=str(Path(cache_dir) / "masking"),
-    )
-    masker = build_masker(cfg.masking, tokenizer, default_schedule_steps=max_steps, context=context)
-    eval_masker = build_eval_masker(cfg.masking, tokenizer, context=context)
-    datamodule = PackedCorpusDataModule(run.data, tokenizer, masker, data_dir=data_dir, seed=seed, eval_masker=eval_masker)
+    selection = None
+    if run.selection.enabled:  # kNN-TAPT / DSIR: train on the corpus documents most like the task's train text
+        selection = select_documents(run.selection, sources=[as_source(s) for s in run.data.train], data_dir=data_dir, cache_dir=cache_dir)
+        run.data = replace(run.data, train=[selection.as_source()])
+        log.info("selection.%s: training on %d selected documents (%s)", run.selection.method, selection.documents, selection.path)
+
+    def data_for(tokenizer: Any) -> tuple[Any, PackedCorpusDataModule]:
+        """The masker and datamodule of this run for ``tokenizer`` (rebuilt when the vocabulary is extended)."""
+        context = MaskingContext(
+            tokenizer=tokenizer,
+            domain_documents=lambda: _documents(run.data.train, data_dir),
+            general_documents=lambda: _documents(general_sources(cfg), data_dir),
+            cache_dir=str(Path(cache_dir) / "masking"),
+        )
+        masker = build_masker(cfg.masking, tokenizer, default_schedule_steps=max_steps, context=context)
+        eval_masker = build_eval_masker(cfg.masking, tokenizer, context=context)
+        return masker, PackedCorpusDataModule(run.data, tokenizer, masker, data_dir=data_dir, seed=seed, eval_masker=eval_masker)
+
+    masker, datamodule = data_for(tokenizer)
     datamodule.check_inputs()  # missing/empty/binary/malformed corpora fail here, before any model work
     datamodule.plan_batches(max_steps * int(run.trainer.get("accumulate_grad_batches") or 1))  # repetition warning
 
@@ -172,6 +186,20 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
         log.warning("model has no pretrained MLM head and base_prep.mode=never: 'before' numbers use a random head")
     start_fingerprint = base.cache_key or {**model_fingerprint(run.model, loaded.path), "init_seed": seed}
 
+    vocabulary = None
+    if run.vocabulary.name != "none":
+        # Domain tokens added to the start model: the whole run (held-out sets, masks, the control arm,
+        # the "before" numbers) then uses the extended tokenizer, so its perplexities compare with each
+        # other; across tokenizers only downstream scores compare (see README, Remedies).
+        vocabulary = prepare_vocabulary(
+            run.vocabulary, model=model, tokenizer=tokenizer, start_fingerprint=start_fingerprint,
+            domain_documents=lambda: _documents(run.data.train, data_dir), general_documents=lambda: _documents(general_sources(cfg), data_dir),
+            domain_description=describe([as_source(s) for s in run.data.train], data_dir), cache_dir=cache_dir,
+        )
+        model, tokenizer = vocabulary.model, vocabulary.tokenizer
+        start_fingerprint = {"vocabulary": vocabulary.cache_key}
+        masker, datamodule = data_for(tokenizer)
+
     datamodule.setup()  # held-out sets are sampled once and shared by DAPT and the control arm
     control = None
     if control_cfg.enabled:
@@ -181,7 +209,12 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
             root_dir=str(run_dir), base=base_stream(run.base_prep) if base.cache_key else None,
         )
 
-    module = make_module(model, run, eval_names=datamodule.eval_names, test_names=datamodule.test_names)
+    # Remedies change DAPT's model in place (freezing, LoRA), so they come after the control arm took its copy.
+    remedies = apply_remedies(
+        run.remedy, model=model, run=run, general_sources=general_sources(cfg) if run.remedy.ewc.weight else [], masker=masker,
+        tokenizer=tokenizer, data_dir=data_dir, cache_dir=cache_dir, start_fingerprint=start_fingerprint, seed=seed,
+    )
+    module = make_module(model, run, eval_names=datamodule.eval_names, test_names=datamodule.test_names, remedies=remedies)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     experiment = str(cfg.experiment_name)
     tags = [str(t) for t in (cfg.get("tags") or [])]
@@ -226,7 +259,8 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
             try:
                 atomic_save_dir(
                     model_dir,
-                    lambda tmp: (module.model.save_pretrained(tmp, state_dict=full_state), tokenizer.save_pretrained(tmp)),
+                    # LoRA: adapters merged into the weights first, so from_pretrained loads a plain model
+                    lambda tmp: (remedies.export(module.model).save_pretrained(tmp, state_dict=full_state), tokenizer.save_pretrained(tmp)),
                 )
             except Exception as exc:  # noqa: BLE001 - disk full: the perplexities are still written below
                 failure, late = stage_failure("save_model", exc), exc
@@ -255,6 +289,9 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
             provenance=provenance(),  # git commit, code digest, libraries, CPU/GPU, host, time
             heldout_sets=datamodule.eval_info,
             base=base.as_dict(),
+            remedies=remedies.as_results(run),
+            vocabulary=vocabulary.as_results() if vocabulary is not None else None,
+            selection=selection.as_results() if selection is not None else None,
             # no adapted model to fine-tune after a failed save: downstream is skipped
             model_dir=str(model_dir) if cfg.get("save_model", True) and failure is None else None,
             data={"name": run.data.name, "train": describe([as_source(s) for s in run.data.train], data_dir)},
@@ -262,7 +299,8 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
         )
         if failure is None:
             try:
-                record.downstream = _downstream(cfg, base, record.model_dir, run_dir, loggers, control=control.path if control else None) or None
+                record.downstream = _downstream(cfg, base, record.model_dir, run_dir, loggers, control=control.path if control else None,
+                                                start=vocabulary.path if vocabulary is not None else None) or None
             except Exception as exc:  # noqa: BLE001 - hours of pretraining must not be lost to a late error
                 failure, late = stage_failure("downstream", exc), exc
         record.error = failure
@@ -326,16 +364,19 @@ def _documents(sources: list[Any], data_dir: str) -> Any:
 
 
 def _downstream(cfg: DictConfig, base: BaseInfo, model_dir: str | None, run_dir: Path, loggers: list[Any], *,
-                control: str | None = None) -> dict[str, Any]:
+                control: str | None = None, start: str | None = None) -> dict[str, Any]:
     tasks = cfg.get("tasks") or []
     if not tasks:
         return {}
     from dapt.evaluation.downstream import evaluate_downstream
 
-    # The "before" model is what DAPT started from: the prepared base, or the checkpoint itself.
-    # A randomly initialised model without a base has no saved starting point to fine-tune.
-    if base.cache_key:
-        before: str | None = base.path
+    # The "before" model is what DAPT started from: the vocabulary-extended start (``start``), the
+    # prepared base, or the checkpoint itself. A randomly initialised model without a base has no
+    # saved starting point to fine-tune.
+    if start is not None:
+        before: str | None = start
+    elif base.cache_key:
+        before = base.path
     else:
         before = None if bool(cfg.model.get("random_init", False)) else base.source
     return evaluate_downstream(cfg, before=before, after=model_dir, control=control, run_dir=run_dir, wandb_run=wandb_run_of(loggers))

@@ -20,9 +20,12 @@ from dapt.data.sources import SourceConfig, as_source
 from dapt.errors import ConfigError
 from dapt.modeling.loading import ModelConfig
 from dapt.modeling.optim import OptimizerConfig, SchedulerConfig
+from dapt.modeling.remedies import RemedyConfig
 from dapt.pipeline.base_prep import BasePrepConfig
 from dapt.pipeline.preflight import check_writable
 from dapt.pipeline.resume import CheckpointConfig
+from dapt.pipeline.selection import SelectionConfig
+from dapt.pipeline.vocabulary import VocabularyConfig
 from dapt.precision import Precision, resolve_precision
 from dapt.tracking.loggers import LoggerConfig
 
@@ -37,6 +40,9 @@ class RunConfig:
     scheduler: SchedulerConfig
     base_prep: BasePrepConfig
     logger: LoggerConfig
+    remedy: RemedyConfig
+    vocabulary: VocabularyConfig
+    selection: SelectionConfig
     trainer: dict[str, Any]
     precision: Precision
     raw: DictConfig
@@ -45,7 +51,7 @@ class RunConfig:
 _TOP_LEVEL = {
     "model", "data", "masking", "optimizer", "scheduler", "trainer", "logger", "paths", "base_prep", "control",
     "experiment_name", "seed", "tasks", "downstream", "optimized_metric", "save_model", "tags",
-    "checkpoint", "resume", "hydra", "hparams_search", "experiment",
+    "checkpoint", "resume", "hydra", "hparams_search", "experiment", "remedy", "vocabulary", "selection",
 }
 
 
@@ -74,6 +80,9 @@ def validate(cfg: DictConfig) -> RunConfig:
         scheduler=to_dataclass(SchedulerConfig, cfg.scheduler, prefix="scheduler"),
         base_prep=to_dataclass(BasePrepConfig, cfg.base_prep, prefix="base_prep"),
         logger=to_dataclass(LoggerConfig, cfg.logger, prefix="logger"),
+        remedy=to_dataclass(RemedyConfig, cfg.get("remedy") or {}, prefix="remedy"),
+        vocabulary=to_dataclass(VocabularyConfig, cfg.get("vocabulary") or {}, prefix="vocabulary"),
+        selection=to_dataclass(SelectionConfig, cfg.get("selection") or {}, prefix="selection"),
         trainer=trainer,
         precision=precision,
         raw=cfg,

@@ -20,7 +20,10 @@ from dapt.data.config import DataConfig
 from dapt.evaluation.finetuning import DownstreamConfig
 from dapt.modeling.loading import ModelConfig
 from dapt.modeling.optim import OptimizerConfig, SchedulerConfig
+from dapt.modeling.remedies import RemedyConfig
 from dapt.pipeline.base_prep import BasePrepConfig
+from dapt.pipeline.selection import SelectionConfig
+from dapt.pipeline.vocabulary import VocabularyConfig
 from dapt.tracking.loggers import LoggerConfig
 
 
@@ -38,7 +41,15 @@ GROUP_SCHEMAS: dict[str, type] = {
     "base_prep": BasePrepConfig,
     "logger": LoggerConfig,
     "downstream": DownstreamConfig,
+    "remedy": RemedyConfig,
+    "vocabulary": VocabularyConfig,
+    "selection": SelectionConfig,
 }
+
+# Groups whose options combine (Hydra's multi-select, ``remedy=[l2sp,llrd]``): their schema is listed
+# once in conf/train.yaml (``remedy_schema@remedy``) before the options, because an option that
+# extended the schema itself would reset the keys set by the options merged before it.
+COMBINABLE_GROUPS = ("remedy",)
 
 
 def register_schemas() -> None:
