@@ -273,3 +273,14 @@ def test_lora_run_saves_a_merged_model_that_loads_with_from_pretrained(compose, 
     state = load_mlm_model(model_dir).model.state_dict()
     assert not any("lora" in k or "base_layer" in k for k in state)
     assert objects["results"]["remedies"]["active"] == ["lora"]
+
+
+def test_an_unknown_option_inside_a_remedy_list_is_a_one_line_error():
+    from dapt.config import REPO_ROOT
+    from dapt.launch.sweeps import check_overrides
+
+    with pytest.raises(ConfigError, match="unknown option 'remedy=llrdd' \\(choices for remedy: ewc, freeze, l2sp, llrd, lora, none, replay, rewarm\\)"):
+        check_overrides(["remedy=[l2sp,llrdd]"], REPO_ROOT / "conf")
+    with pytest.raises(ConfigError, match="unknown option 'remedy=l2spp'"):
+        check_overrides(["-m", "remedy=none,l2spp"], REPO_ROOT / "conf")
+    check_overrides(["remedy=[l2sp,llrd]"], REPO_ROOT / "conf")  # valid lists pass

@@ -180,7 +180,9 @@ def check_overrides(argv: list[str], config_dir: Path, config_name: str = "train
                     values: list[Any] = list(o.sweep_string_iterator())
                 else:
                     values = [] if o.is_sweep_override() else [o.value()]  # glob/range sweeps: Hydra checks
-                for value in values:
+                # a combinable group takes a list of options (remedy=[l2sp,llrd]): each is checked
+                choices = [c for v in values for c in (v if isinstance(v, list) else [v])]
+                for value in choices:
                     if value is not None and str(value) != "null" and isinstance(value, str) and value not in options:
                         raise ConfigError(
                             f"unknown option '{key}={value}' (choices for {key}: {', '.join(sorted(options)) or 'none'})"

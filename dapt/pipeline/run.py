@@ -32,7 +32,6 @@ from dapt.pipeline.control import control_config, run_control
 from dapt.pipeline.fit import DOCUMENTS, cached_start_evaluation, evaluate_heldout, make_module, make_trainer
 from dapt.pipeline.preflight import preflight
 from dapt.pipeline.remedies import apply_remedies
-from dapt.pipeline.selection import select_documents
 from dapt.pipeline.results import RunResults, flat_metrics, log_summary, perplexity_changes, print_summary, stage_failure
 from dapt.pipeline.resume import (
     CHECKPOINT_DIR,
@@ -50,6 +49,7 @@ from dapt.pipeline.resume import (
 )
 from dapt.pipeline.run_config import RunConfig, checkpoint_config, general_sources, run_dir_of, validate
 from dapt.pipeline.run_lock import LOCK_WAIT_SECONDS, RunLock
+from dapt.pipeline.selection import select_documents
 from dapt.pipeline.stop_signal import StopOnSignal
 from dapt.pipeline.vocabulary import prepare_vocabulary
 from dapt.precision import matmul_dtype, on_cuda

@@ -1,0 +1,46 @@
+"""experiments/forgetting/table.py reports what the jobs' files say: one row per remedy set, the plain
+DAPT row as the reference, paired changes computed from the per-document sums."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def _job(folder: Path, active: list[str], sums: list[float], counts: list[int], control_key: str = "c1") -> None:
+    folder.mkdir(parents=True)
+    ppl = math.exp(sum(sums) / sum(counts))
+    docs = {"domain_ppl": {"ids": list(range(len(sums))), "sums": sums, "counts": counts},
+            "general_ppl": {"ids": list(range(len(sums))), "sums": [s * 0.9 for s in sums], "counts": counts}}
+    results = {"domain_ppl_after": ppl, "domain_ppl_after_ci": [ppl * 0.9, ppl * 1.1], "general_ppl_after": ppl, "general_ppl_after_ci": [ppl * 0.9, ppl * 1.1],
+               "domain_ppl_before": 50.0, "domain_ppl_before_ci": [45.0, 55.0], "general_ppl_before": 40.0, "general_ppl_before_ci": [36.0, 44.0],
+               "changes": {"domain_ppl_change": -0.2, "domain_ppl_change_ci": [-0.25, -0.15], "forgetting": 0.05, "forgetting_ci": [0.01, 0.09]},
+               "remedies": {"active": active, "trainable_parameters": 50, "parameters": 100}, "control": {"cache_key": control_key},
+               "steps": 200, "provenance": {"git_commit": "abcdef0123", "git_dirty": False, "code_digest": "d1"},
+               "precision": {"value": "bf16-mixed"}}
+    (folder / "results.json").write_text(json.dumps(results))
+    (folder / "heldout_documents.json").write_text(json.dumps({"after": docs}))
+
+
+def test_rows_reference_and_paired_changes(tmp_path):
+    from experiments.forgetting.table import table
+
+    rng = np.random.default_rng(0)
+    counts = [int(c) for c in rng.integers(20, 60, size=30)]
+    plain = [float(c * 3.0 + rng.normal()) for c in counts]
+    l2sp = [s * 1.05 for s in plain]
+    _job(tmp_path / "s" / "0", [], plain, counts)
+    _job(tmp_path / "s" / "1", ["l2sp"], l2sp, counts)
+    (tmp_path / "s" / "2").mkdir()  # unfinished
+    text = table([tmp_path / "s"])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| ")}
+    assert rows["plain"][8] == "reference" and rows["l2sp"][1] == "50.0%"
+    expected = 100 * (math.exp(sum(l2sp) / sum(counts)) / math.exp(sum(plain) / sum(counts)) - 1)
+    assert rows["l2sp"][8].startswith(f"{expected:+.1f}% [")
+    assert rows["l2sp"][5] == "+5.0% [+1.0, +9.0]"
+    assert "one, shared by every job" in text and "Not finished" in text and "All cells: commit abcdef0" in text
+    _job(tmp_path / "s" / "3", ["llrd"], plain, counts, control_key="c2")
+    assert "2 different (not comparable!)" in table([tmp_path / "s"])
