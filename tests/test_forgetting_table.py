@@ -43,4 +43,7 @@ def test_rows_reference_and_paired_changes(tmp_path):
     assert rows["l2sp"][5] == "+5.0% [+1.0, +9.0]"
     assert "one, shared by every job" in text and "Not finished" in text and "All cells: commit abcdef0" in text
     _job(tmp_path / "s" / "3", ["llrd"], plain, counts, control_key="c2")
-    assert "2 different (not comparable!)" in table([tmp_path / "s"])
+    text = table([tmp_path / "s"])
+    assert "2 different (rows marked 'own control'" in text
+    llrd = next(line for line in text.splitlines() if line.startswith("| llrd"))
+    assert llrd.count("(own control)") == 2 and "own control" not in next(line for line in text.splitlines() if line.startswith("| l2sp"))

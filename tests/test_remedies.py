@@ -152,9 +152,22 @@ def test_llrd_gives_each_layer_its_documented_rate():
         assert rate[id(p)] == pytest.approx(expected), name
         checked.add(expected)
     assert len(checked) == n + 2  # head, three layers, embeddings
-    # weight decay is still off for biases and LayerNorm in every rate group
+    # weight decay stays on for weight matrices and off for biases and LayerNorm in every rate group
     for group in optimizer.param_groups:
-        assert all(p.ndim >= 2 for p in group["params"]) or group["weight_decay"] == 0.0
+        if group["weight_decay"] == 0.0:
+            assert all(p.ndim < 2 for p in group["params"])
+        else:
+            assert group["weight_decay"] == 0.01 and all(p.ndim >= 2 for p in group["params"])
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0, 0.01}
+    # the schedule scales every group alike: the layer ratios hold at every step
+    scheduler = module.configure_optimizers()
+    opt, sched = scheduler["optimizer"], scheduler["lr_scheduler"]["scheduler"]
+    head = next(g for g in opt.param_groups if g["initial_lr"] == pytest.approx(1e-3))
+    for _ in range(3):
+        opt.step()
+        sched.step()
+        for g in opt.param_groups:
+            assert g["lr"] / head["lr"] == pytest.approx(g["initial_lr"] / 1e-3)
     assert depth_of("distilbert.transformer.layer.1.attention.q_lin.weight", 6) == 5
 
 
@@ -265,14 +278,100 @@ def test_remedies_change_dapt_but_not_the_shared_control(compose, one_thread, tm
     assert math.isfinite(t["domain_ppl_after"])
 
 
-def test_lora_run_saves_a_merged_model_that_loads_with_from_pretrained(compose, one_thread, tmp_path):
+def test_lora_run_saves_a_merged_model_that_loads_with_from_pretrained(compose, one_thread, tmp_path, monkeypatch):
+    """The saved model computes what the trained adapter model computed, and not what the start did."""
+    from dapt.pipeline import remedies as pipeline_remedies
     from dapt.pipeline.run import train
 
+    ids = torch.randint(1000, 30000, (2, 16), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    original_export = pipeline_remedies.AppliedRemedies.export
+    original_apply = pipeline_remedies.apply_remedies
+
+    def logits(model):
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model(input_ids=ids).logits.clone()
+        model.train(was)
+        return out
+
+    def apply(remedy, *, model, **kwargs):
+        seen["start"] = logits(model)
+        return original_apply(remedy, model=model, **kwargs)
+
+    def export(self, model):
+        seen["adapters"] = logits(model)
+        return original_export(self, model)
+
+    monkeypatch.setattr(pipeline_remedies.AppliedRemedies, "export", export)
+    monkeypatch.setattr("dapt.pipeline.run.apply_remedies", apply)
     _, objects = train(compose([*TINY_OVERRIDES, "remedy=lora", "control.enabled=false", "optimizer.lr=5e-3"]))
     model_dir = objects["results"]["model_dir"]
-    state = load_mlm_model(model_dir).model.state_dict()
-    assert not any("lora" in k or "base_layer" in k for k in state)
+    saved = load_mlm_model(model_dir).model
+    assert not any("lora" in k or "base_layer" in k for k in saved.state_dict())
+    assert torch.allclose(logits(saved), seen["adapters"], atol=1e-4)
+    assert not torch.allclose(seen["adapters"], seen["start"], atol=1e-4)
     assert objects["results"]["remedies"]["active"] == ["lora"]
+
+
+def test_anchors_stay_at_the_start_weights_when_a_run_resumes_from_a_checkpoint(tmp_path):
+    """A resumed run pulls toward the base, not toward its checkpoint: the penalty is built from the
+    start model before Lightning loads the checkpoint into it."""
+    model = _tiny_model()
+    module = _module(model, penalty=AnchorPenalty(model, l2sp=0.5))
+    trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, num_sanity_val_steps=0, accelerator="cpu")
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_batches(3), batch_size=None))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    expected = float(module.penalty(model))
+    assert expected > 0
+    fresh = _tiny_model()  # the start model, as a resumed run rebuilds it
+    resumed = _module(fresh, penalty=AnchorPenalty(fresh, l2sp=0.5))
+    logged = []
+    original = resumed.log
+    resumed.log = lambda name, value, *a, **k: (logged.append(float(value)) if name == "train/penalty" else None, original(name, value, *a, **k))[1]
+    pl.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+               limit_val_batches=0, num_sanity_val_steps=0, accelerator="cpu").fit(
+        resumed, train_dataloaders=torch.utils.data.DataLoader(_batches(4), batch_size=None), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert logged and logged[0] == pytest.approx(expected, rel=1e-5)  # not 0: the anchor is the start, not the checkpoint
+
+
+def test_the_fisher_is_estimated_on_general_text(compose, tmp_path, monkeypatch):
+    import json
+
+    from dapt.masking import build_masker
+    from dapt.pipeline import remedies as pipeline_remedies
+    from dapt.pipeline.run_config import general_sources, validate
+    from tests.helpers import minilm_tokenizer
+
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(json.dumps({"text": "zebra giraffe savanna " * 60}) + "\n" for _ in range(20)))
+    cfg = compose([*TINY_OVERRIDES, "remedy=ewc", "remedy.ewc.batches=2", f"base_prep.data=[{{type: jsonl, path: {general}}}]"])
+    run = validate(cfg)
+    tok = minilm_tokenizer()
+    seen = []
+    original = pipeline_remedies.diagonal_fisher
+
+    def capture(model, batches, loss_fn):
+        batches = list(batches)
+        seen.extend(tok.decode(b["input_ids"].flatten()) for b in batches)
+        return original(model, batches, loss_fn)
+
+    monkeypatch.setattr(pipeline_remedies, "diagonal_fisher", capture)
+    pipeline_remedies.estimate_fisher(_tiny_model(), 2, run=run, general_sources=general_sources(cfg), masker=build_masker(cfg.masking, tok),
+                                      tokenizer=tok, data_dir=str(cfg.paths.data_dir), seed=0)
+    assert len(seen) == 2 and all("zebra" in text and "patient" not in text for text in seen)
+
+
+def test_vocabulary_extension_with_lora_or_frozen_embeddings_is_refused(compose):
+    from dapt.pipeline.run_config import validate
+
+    for remedy in ("remedy=lora", "remedy=freeze"):
+        with pytest.raises(ConfigError, match="new tokens' embeddings would never train"):
+            validate(compose([*TINY_OVERRIDES, "vocabulary=extend", remedy]))
+    with pytest.raises(ConfigError, match="not supported with trainer.strategy=fsdp"):
+        validate(compose([*TINY_OVERRIDES, "remedy=l2sp", "+trainer.strategy=fsdp"]))
 
 
 def test_an_unknown_option_inside_a_remedy_list_is_a_one_line_error():

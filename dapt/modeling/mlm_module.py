@@ -48,6 +48,8 @@ class MLMModule(pl.LightningModule):
         # a submodule, so its anchors follow the device) and layer-wise learning-rate decay.
         self.penalty = penalty
         self.layer_decay = layer_decay
+        if penalty is not None:  # DDP would broadcast these model-sized, never-changing buffers at every forward
+            self._ddp_params_and_buffers_to_ignore = [f"penalty.{name}" for name, _ in penalty.named_buffers()]
         self.tune_cpu_threads = tune_cpu_threads
         self.optimizer_cfg = optimizer or OptimizerConfig()
         self.scheduler_cfg = scheduler or SchedulerConfig()

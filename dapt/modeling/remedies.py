@@ -15,8 +15,12 @@ Each remedy changes *how* DAPT updates the weights, never the data or the start:
 
 General-text replay lives in the data mixer (``data.replay_fraction``) and learning-rate re-warming
 in the scheduler (``scheduler.min_lr_ratio``); the pipeline combines all of them
-(``dapt.pipeline.remedies``). None of them applies to the control arm, which stays "plain MLM on
-general text with the same optimizer and schedule", so one cached control serves a sweep over remedies.
+(``dapt.pipeline.remedies``). None of the weight-side remedies here applies to the control arm, which
+stays "plain MLM on general text with the same optimizer and schedule", so one cached control serves a
+sweep over them (replay leaves the control unchanged too; a re-warmed schedule is shared with it).
+
+The L2-SP/EWC gradient passes through AdamW's normalisation like the MLM loss's (a coupled penalty,
+as in the papers' SGD/Adam setups), and AdamW's decoupled weight decay toward zero stays on beside it.
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ CONTROL_IRRELEVANT_TRAINER_KEYS = (
 )
 
 
-def _stats_digest(masker: Any) -> str | None:
+def stats_digest(masker: Any) -> str | None:
     """Content hash of the corpus statistics (PMI n-grams, salient terms) a masker's strategy uses."""
     from dapt.versioning import file_digest
 
@@ -167,7 +167,7 @@ def run_control(
         "optimizer": asdict(run.optimizer),
         "scheduler": asdict(run.scheduler),
         "masking": asdict(masker.config),
-        "masking_stats": _stats_digest(masker),  # PMI n-grams / salient terms the masks depend on
+        "masking_stats": stats_digest(masker),  # PMI n-grams / salient terms the masks depend on
         "trainer": {k: v for k, v in run.trainer.items() if k not in CONTROL_IRRELEVANT_TRAINER_KEYS},
         "data": {k: v for k, v in asdict(data_cfg).items() if not k.startswith(("domain_", "general_", "eval_", "dev_eval_", "name", "train"))},
         "sources": describe(sources, data_dir),

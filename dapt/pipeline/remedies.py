@@ -2,8 +2,9 @@
 
 ``apply_remedies`` runs after the control arm has been trained or loaded from its start copy, so no
 remedy reaches the control (see ``dapt.pipeline.control``): DAPT with a remedy is read against the
-same control as plain DAPT, and a sweep over remedies shares one cached control. The EWC Fisher is
-estimated once per start model on general text and cached like the base.
+same control as plain DAPT, and a sweep over the weight-side remedies shares one cached control (the
+schedule-side ``rewarm`` changes the schedule the control shares with DAPT, so it has its own). The
+EWC Fisher is estimated once per start model and seed on general text and cached like the base.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Any
 
 import torch
 
-from dapt.errors import ConfigError
 from dapt.modeling.remedies import AnchorPenalty, RemedyConfig, add_lora, diagonal_fisher, freeze, merge_lora
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,6 @@ def apply_remedies(remedy: RemedyConfig, *, model: torch.nn.Module, run: Any, ge
                    data_dir: str, cache_dir: str, start_fingerprint: Any, seed: int) -> AppliedRemedies:
     """Freeze, inject LoRA and build the L2-SP/EWC penalty on ``model`` (in place), in that order: the
     penalty anchors exactly the weights that still train, at their start values."""
-    strategy = str(run.trainer.get("strategy") or "")
-    if remedy.lora.enabled and ("fsdp" in strategy or "deepspeed" in strategy):
-        raise ConfigError(f"remedy.lora is not supported with trainer.strategy={strategy} (the merged weights are gathered unsharded)")
     applied = AppliedRemedies(config=remedy, model=model)
     if remedy.freeze.embeddings or remedy.freeze.layers:
         applied.frozen = freeze(model, remedy.freeze)
@@ -92,13 +89,15 @@ def fisher_key(remedy: RemedyConfig, *, run: Any, general_sources: list[Any], ma
     masked, which weights train (freezing), the estimate's size and code, and the libraries."""
     from dapt.data.sources import describe
     from dapt.modeling import remedies, sparse_head
+    from dapt.pipeline.control import stats_digest
     from dapt.pipeline.fit import content_key
     from dapt.versioning import library_versions, source_fingerprint
 
+    stream = {k: v for k, v in asdict(_fisher_data(run, general_sources)).items() if k not in ("name", "train")}
     return content_key({
         "version": FISHER_VERSION, "start": start_fingerprint, "sources": describe(general_sources, data_dir),
-        "masking": asdict(masker.config), "batches": remedy.ewc.batches, "batch_size": run.data.batch_size,
-        "max_seq_length": run.data.max_seq_length, "freeze": asdict(remedy.freeze), "seed": seed,
+        "masking": asdict(masker.config), "masking_stats": stats_digest(masker), "batches": remedy.ewc.batches,
+        "stream": stream, "freeze": asdict(remedy.freeze), "seed": seed,
         "code": source_fingerprint(remedies.diagonal_fisher, sparse_head, estimate_fisher), "libraries": library_versions(),
     })
 
@@ -127,6 +126,13 @@ def cached_fisher(model: torch.nn.Module, remedy: RemedyConfig, *, run: Any, gen
     return fisher, {**info, "cached": False}
 
 
+def _fisher_data(run: Any, general_sources: list[Any]) -> Any:
+    """The data config of the Fisher's stream: DAPT's batch shape, stream and quality settings on the
+    general sources, without replay or held-out sets."""
+    return replace(run.data, name="fisher", train=list(general_sources), replay=[], replay_fraction=0.0,
+                   domain_dev=None, domain_test=None, general_dev=None, general_test=None, num_workers=0)
+
+
 def estimate_fisher(model: torch.nn.Module, batches: int, *, run: Any, general_sources: list[Any], masker: Any, tokenizer: Any,
                     data_dir: str, seed: int) -> dict[str, torch.Tensor]:
     """``batches`` masked general-text batches of DAPT's shape (blocks of ``data.max_seq_length``,
@@ -134,9 +140,7 @@ def estimate_fisher(model: torch.nn.Module, batches: int, *, run: Any, general_s
     from dapt.data.datamodule import PackedCorpusDataModule
     from dapt.modeling.sparse_head import sparse_mlm_loss
 
-    data_cfg = replace(run.data, name="fisher", train=list(general_sources), replay=[], replay_fraction=0.0,
-                       domain_dev=None, domain_test=None, general_dev=None, general_test=None, num_workers=0)
-    dm = PackedCorpusDataModule(data_cfg, tokenizer, masker, data_dir=data_dir, seed=seed)
+    dm = PackedCorpusDataModule(_fisher_data(run, general_sources), tokenizer, masker, data_dir=data_dir, seed=seed)
     dm.check_inputs()
     log.info("EWC: estimating the diagonal Fisher on %d general-text batches", batches)
 

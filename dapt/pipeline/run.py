@@ -189,16 +189,20 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
     vocabulary = None
     if run.vocabulary.name != "none":
         # Domain tokens added to the start model: the whole run (held-out sets, masks, the control arm,
-        # the "before" numbers) then uses the extended tokenizer, so its perplexities compare with each
-        # other; across tokenizers only downstream scores compare (see README, Remedies).
+        # the "before" perplexities) then uses the extended tokenizer, so its perplexities compare with
+        # each other; across tokenizers only downstream scores compare (README, "Remedies"). The
+        # downstream "before" stays the original start (see _downstream).
         vocabulary = prepare_vocabulary(
             run.vocabulary, model=model, tokenizer=tokenizer, start_fingerprint=start_fingerprint,
             domain_documents=lambda: _documents(run.data.train, data_dir), general_documents=lambda: _documents(general_sources(cfg), data_dir),
             domain_description=describe([as_source(s) for s in run.data.train], data_dir), cache_dir=cache_dir,
+            general_description=describe(general_sources(cfg), data_dir),
         )
         model, tokenizer = vocabulary.model, vocabulary.tokenizer
         start_fingerprint = {"vocabulary": vocabulary.cache_key}
         masker, datamodule = data_for(tokenizer)
+        datamodule.check_inputs()
+        datamodule.plan_batches(max_steps * int(run.trainer.get("accumulate_grad_batches") or 1))
 
     datamodule.setup()  # held-out sets are sampled once and shared by DAPT and the control arm
     control = None
@@ -299,8 +303,7 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
         )
         if failure is None:
             try:
-                record.downstream = _downstream(cfg, base, record.model_dir, run_dir, loggers, control=control.path if control else None,
-                                                start=vocabulary.path if vocabulary is not None else None) or None
+                record.downstream = _downstream(cfg, base, record.model_dir, run_dir, loggers, control=control.path if control else None) or None
             except Exception as exc:  # noqa: BLE001 - hours of pretraining must not be lost to a late error
                 failure, late = stage_failure("downstream", exc), exc
         record.error = failure
@@ -364,19 +367,18 @@ def _documents(sources: list[Any], data_dir: str) -> Any:
 
 
 def _downstream(cfg: DictConfig, base: BaseInfo, model_dir: str | None, run_dir: Path, loggers: list[Any], *,
-                control: str | None = None, start: str | None = None) -> dict[str, Any]:
+                control: str | None = None) -> dict[str, Any]:
     tasks = cfg.get("tasks") or []
     if not tasks:
         return {}
     from dapt.evaluation.downstream import evaluate_downstream
 
-    # The "before" model is what DAPT started from: the vocabulary-extended start (``start``), the
-    # prepared base, or the checkpoint itself. A randomly initialised model without a base has no
-    # saved starting point to fine-tune.
-    if start is not None:
-        before: str | None = start
-    elif base.cache_key:
-        before = base.path
+    # The "before" model is what DAPT started from: the prepared base, or the checkpoint itself, also
+    # with vocabulary=extend (the extended start is untrained in its new rows, a handicapped baseline;
+    # this way runs with and without extension share one "before"). A randomly initialised model
+    # without a base has no saved starting point to fine-tune.
+    if base.cache_key:
+        before: str | None = base.path
     else:
         before = None if bool(cfg.model.get("random_init", False)) else base.source
     return evaluate_downstream(cfg, before=before, after=model_dir, control=control, run_dir=run_dir, wandb_run=wandb_run_of(loggers))

@@ -89,11 +89,24 @@ def validate(cfg: DictConfig) -> RunConfig:
     )
     for i, s in enumerate(run.data.train):
         as_source(s, f"data.train[{i}]")
+    _check_remedies(run)
     if cfg.get("tasks"):  # a typo in a task name or a missing task file must not surface after DAPT
         from dapt.evaluation.downstream import check_downstream
 
         check_downstream(cfg)
     return run
+
+
+def _check_remedies(run: RunConfig) -> None:
+    """Combinations that would run but not do what they say."""
+    strategy = str(run.trainer.get("strategy") or "")
+    sharded = "fsdp" in strategy or "deepspeed" in strategy
+    if sharded and (run.remedy.lora.enabled or run.remedy.l2sp.weight or run.remedy.ewc.weight):
+        raise ConfigError(f"remedy.lora/l2sp/ewc are not supported with trainer.strategy={strategy}: they need whole, unsharded "
+                          "parameters (use trainer=ddp or one device)")
+    if run.vocabulary.name != "none" and (run.remedy.lora.enabled or run.remedy.freeze.embeddings):
+        raise ConfigError("vocabulary=extend with remedy.lora or remedy.freeze.embeddings: the new tokens' embeddings would never "
+                          "train and stay at their initialisation; drop one of them")
 
 
 def run_dir_of(cfg: DictConfig) -> Path:

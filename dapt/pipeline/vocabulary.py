@@ -101,15 +101,22 @@ def recipe_fingerprint() -> str:
     return source_fingerprint(modeling_vocabulary, prepare_vocabulary)
 
 
-def vocabulary_cache_key(cfg: VocabularyConfig, start_fingerprint: Any, domain_description: Any) -> str:
+def vocabulary_cache_key(cfg: VocabularyConfig, start_fingerprint: Any, domain_description: Any, *, general_description: Any = None,
+                         tokenizer: Any = None) -> str:
+    """Content key of an extended pair: the start weights, the tokenizer it extends (``model.tokenizer``
+    may differ from the weights' source), the domain corpus mined and the general corpus its fertility
+    (and ``domain_ratio``) is measured on, the config, code and libraries."""
+    from dapt.masking.corpus_stats import tokenizer_fingerprint
     from dapt.pipeline.fit import content_key
     from dapt.versioning import library_versions
 
     return content_key({
         "version": VOCABULARY_VERSION,
         "start": start_fingerprint,
+        "tokenizer": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
         "vocabulary": {k: v for k, v in asdict(cfg).items() if k != "cache"},
         "domain": domain_description,
+        "general": general_description,
         "code": recipe_fingerprint(),
         "libraries": library_versions(),
     })
@@ -145,6 +152,7 @@ def prepare_vocabulary(
     general_documents: Callable[[], Iterable[str]],
     domain_description: Any,
     cache_dir: str,
+    general_description: Any = None,
 ) -> VocabularyResult:
     """Return the start model and tokenizer extended with mined domain words, cached by content.
 
@@ -162,7 +170,7 @@ def prepare_vocabulary(
 
     if cfg.name != "extend":
         raise ConfigError(f"vocabulary.name={cfg.name!r}: prepare_vocabulary is only for vocabulary=extend")
-    key = vocabulary_cache_key(cfg, start_fingerprint, domain_description)
+    key = vocabulary_cache_key(cfg, start_fingerprint, domain_description, general_description=general_description, tokenizer=tokenizer)
     target = Path(cache_dir) / "vocabulary" / key
     target.parent.mkdir(parents=True, exist_ok=True)
     with cache_build_lock(target):

