@@ -17,7 +17,7 @@ from dapt.errors import DaptError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dapt.commands.train:main", "domain-adaptive pretraining run (Hydra: overrides, -m sweeps)"),
     "finetune": ("dapt.commands.finetune:main", "fine-tune one downstream task on any checkpoint (Hydra)"),
-    "doctor": ("dapt.commands.doctor:main", "diagnose corpus size, noise, vocabulary overlap and fragmentation"),
+    "doctor": ("dapt.commands.doctor:main", "diagnose a corpus before training, or a finished run or sweep (ranked findings, doctor.json)"),
     "compare": ("dapt.commands.compare:main", "compare runs: table, CSV/Markdown, plots"),
     "masking-stats": ("dapt.commands.masking_stats:main", "compute and cache PMI n-grams / salient domain terms"),
 }

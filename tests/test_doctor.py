@@ -261,7 +261,8 @@ def test_doctor_on_a_run_dir_writes_reports_and_the_wandb_summary(tmp_path, monk
     assert "run.forgetting" in printed and "doc12345" in printed
     files = offline_runs(run_dir)
     assert len(files) == 2  # the training run, then the doctor's resumed one (same id, synced into one W&B run)
-    resumed = read_offline_run(files[-1])
+    # wandb names a second run folder started in the same second "<name>-1", which sorts first: find it by content
+    (resumed,) = [r for r in map(read_offline_run, files) if "doctor/warning" in r.summary]
     assert resumed.run_id == "doc12345" and resumed.project == "dapt-test"
     assert resumed.summary["doctor/warning"] == 1 and resumed.summary["doctor/top_check"] == "run.forgetting"
 
@@ -275,3 +276,27 @@ def test_doctor_cli_on_the_real_biomedical_corpus(capsys, data_dir):
     assert report["domain_term_fragmentation"] > report["general_word_fragmentation"]
     assert 0 < report["vocabulary_overlap_top10k"] < 1
     assert report["corpus_size"]["corpus_tokens_estimated"] and report["contamination"]["ncbi_disease"]["test"]["checked"] > 0
+
+
+def test_doctor_on_a_sweep_dir_annotates_each_jobs_wandb_run(tmp_path, monkeypatch):
+    import wandb
+
+    from dapt.cli import main
+    from dapt.tracking.wandb_offline import offline_runs, read_offline_run
+
+    sweep = tmp_path / "sweep"
+    jobs = [sweep / "0", sweep / "1"]
+    for i, job in enumerate(jobs):
+        job.mkdir(parents=True)
+        (job / "results.json").write_text("{}")
+        wandb.init(project="dapt-test", id=f"job{i}abcd", dir=str(job), mode="offline").finish()
+    findings = [Finding("sweep.effect", "info", "masking.rate moved nothing", scope="sweep"),
+                Finding("run.domain_gain_vs_control", "error", "no gain", scope="1")]
+    monkeypatch.setitem(sys.modules, "dapt.reporting.diagnosis", types.SimpleNamespace(
+        diagnose_path=lambda p: {"kind": "sweep", "path": str(p), "findings": findings, "runs": [str(j) for j in jobs]}))
+    assert main(["doctor", str(sweep)]) == 0
+    doc = json.loads((sweep / "doctor.json").read_text())
+    assert doc["kind"] == "sweep" and tuple(doc) == (*COMMON_KEYS, *RUN_KEYS) and (sweep / "doctor.md").is_file()
+    assert len(offline_runs(jobs[0])) == 1  # no finding of its own: untouched
+    (annotated,) = [r for r in map(read_offline_run, offline_runs(jobs[1])) if "doctor/error" in r.summary]
+    assert len(offline_runs(jobs[1])) == 2 and annotated.run_id == "job1abcd" and annotated.summary["doctor/error"] == 1 and annotated.summary["doctor/info"] == 0

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from dapt.diagnostics.findings import SEVERITIES, Finding
-from dapt.errors import DataError
-from dapt.reporting.diagnosis import diagnose_path, diagnose_run, loss_spikes, seeds_needed
+from dapt.errors import ConfigError, DataError
+from dapt.reporting.diagnosis import PROBE_OVERRIDES, diagnose_path, diagnose_run, loss_spikes, seeds_needed
 
 ALL_OVERRIDES: list[list[str]] = []  # every override list a test saw, composed by the last test
 
@@ -170,7 +170,15 @@ def test_forgetting_beyond_control_names_remedies(tmp_path: Path) -> None:
     replaying = _results(forgetting=(0.06, [0.03, 0.09]), config=_config(data__replay_fraction=0.1))
     again = _by_check(diagnose_run(_write_run(tmp_path / "replay", replaying)))["run.forgetting_vs_control"]
     _record([again])
-    assert "data.replay_fraction=0.25" in again.overrides and "remedy=[replay,l2sp]" not in again.overrides
+    assert again.overrides == ["remedy=[replay,l2sp]", "data.replay_fraction=0.25"]
+    stronger = _results(forgetting=(0.06, [0.03, 0.09]), config=_config(data__replay_fraction=0.25, remedy__l2sp__weight=0.01))
+    stronger["remedies"] = {"active": ["l2sp", "llrd", "replay"]}
+    more = _by_check(diagnose_run(_write_run(tmp_path / "more", stronger)))["run.forgetting_vs_control"]
+    assert more.overrides == ["remedy=[l2sp,llrd,replay]", "data.replay_fraction=0.5", "remedy.l2sp.weight=0.1"]
+    lora = _results(forgetting=(0.06, [0.03, 0.09]), config=_config(remedy__lora__enabled=True))
+    no_l2sp = _by_check(diagnose_run(_write_run(tmp_path / "lora", lora)))["run.forgetting_vs_control"]
+    assert no_l2sp.overrides[0] == "remedy=[lora,replay]"  # L2-SP does not combine with LoRA
+    _record([more, no_l2sp])
 
 
 def test_under_trained_and_over_fitting(tmp_path: Path) -> None:
@@ -320,22 +328,79 @@ def test_not_a_run_is_a_one_line_data_error(tmp_path: Path) -> None:
         diagnose_path(tmp_path / "missing")
 
 
+def test_term_accuracy_probe_with_tiny_models(tmp_path: Path, tokenizer: Any) -> None:
+    """The optional probe end to end on two tiny random BERTs (seconds): both classes scored, one finding."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from dapt.reporting.diagnosis import probe_term_accuracy
+
+    data = tmp_path / "data"
+    data.mkdir()
+    domain = ["the patient had adenocarcinoma and the biopsy showed carcinoma of the colon with metastasis"] * 6
+    general = ["the city is on the river and the music of the band was popular in the region"] * 6
+    (data / "dev.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in domain))
+    (data / "general.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in general))
+    models = {}
+    for seed, name in ((0, "before"), (1, "after")):
+        torch.manual_seed(seed)
+        config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=128)
+        models[name] = tmp_path / name
+        BertForMaskedLM(config).save_pretrained(models[name])
+        tokenizer.save_pretrained(models[name])
+    cfg = _config(paths__data_dir=str(data), data__domain_dev={"type": "jsonl", "path": "dev.jsonl", "text_field": "text"},
+                  base_prep__data=[{"type": "jsonl", "path": "general.jsonl", "text_field": "text"}])
+    results = _results(config=cfg)
+    results["model_dir"], results["base"]["path"] = str(models["after"]), str(models["before"])
+    run = _write_run(tmp_path / "run", results)
+    finding = probe_term_accuracy(run, max_documents=6)
+    assert finding.check == "run.term_accuracy" and finding.severity in SEVERITIES
+    assert finding.measured["term"]["occurrences"] >= 2 and finding.measured["common"]["occurrences"] >= 2
+    assert "adenocarcinoma" in finding.measured["examples"] or "carcinoma" in finding.measured["examples"]
+    _record([finding])
+    results["model_dir"] = str(tmp_path / "missing")
+    with pytest.raises(DataError, match="not saved"):
+        probe_term_accuracy(_write_run(tmp_path / "unsaved", results))
+
+
 def test_every_suggested_override_composes(tmp_path: Path) -> None:
-    """Runs last in this file: the lists recorded by the tests above, each composed as one command line."""
+    """Runs last in this file: the lists recorded by the tests above, each composed and validated as one command line."""
     from dapt.config import compose_config
+    from dapt.pipeline.run_config import validate
 
     if not ALL_OVERRIDES:  # run on its own (-k): trigger the checks here
         for i, trigger in enumerate((test_clean_run_has_nothing_to_report, test_domain_gain_and_missing_control,
                                      test_forgetting_beyond_control_names_remedies, test_under_trained_and_over_fitting,
                                      test_diverged_and_spiking_loss, test_many_passes_warns, test_downstream_delta_within_seed_spread)):
             trigger(tmp_path / f"case{i}")
-    seen = {tuple(o) for o in ALL_OVERRIDES}
+    seen = {tuple(o) for o in ALL_OVERRIDES} | {tuple(o) for o in PROBE_OVERRIDES}
     flat = {o for overrides in seen for o in overrides}
     for expected in ("remedy=[replay,l2sp]", "data.replay_fraction=0.25", "control.enabled=true", "downstream=paper",
                      "trainer.max_steps=600", "scheduler.warmup_ratio=0.1", "trainer.val_check_interval=60"):
         assert expected in flat, expected
+    # Lists that touch different groups are composed together (fewer compositions, same coverage).
+    batches: list[list[str]] = []
     for overrides in sorted(seen):
+        groups = {o.partition("=")[0].split(".")[0] for o in overrides}
+        for batch in batches:
+            if not groups & {o.partition("=")[0].split(".")[0] for o in batch}:
+                batch += overrides
+                break
+        else:
+            batches.append(list(overrides))
+    def composed(overrides: list[str]) -> Any:
         cfg = compose_config([*overrides, f"paths.output_dir={tmp_path}"])
+        validate(cfg)  # and passes the range checks a run starts with
+        return cfg
+
+    checked: list[tuple[list[str], Any]] = []
+    for batch in batches:
+        try:
+            checked.append((batch, composed(batch)))
+        except ConfigError:  # two lists that exclude each other (remedy=lora, vocabulary=extend): each on its own
+            checked += [(list(o), composed(list(o))) for o in sorted(seen) if set(o) <= set(batch)]
+    for overrides, cfg in checked:
         for override in overrides:
             key, _, text = override.partition("=")
             if "." not in key:
@@ -350,3 +415,4 @@ def test_every_suggested_override_composes(tmp_path: Path) -> None:
                 assert float(node) == pytest.approx(value), override
             else:
                 assert node == value, override
+

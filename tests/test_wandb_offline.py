@@ -49,3 +49,25 @@ def test_override_tags_fit_wandb_limit():
     tags = override_tags(["optimizer.lr=1e-4", long, "optimizer.lr=1e-4", ""])
     assert tags[0] == "optimizer.lr=1e-4" and len(tags) == 2
     assert len(tags[1]) == 64 and tags[1].endswith("…")
+
+
+def test_compare_reads_every_offline_file_of_a_run(tmp_path, monkeypatch):
+    """A run with a second offline file (a resumed attempt, or `dapt doctor` adding its findings to the
+    summary) keeps its history and merges both summaries, whichever file sorts last."""
+    wandb = pytest.importorskip("wandb")
+    from dapt.reporting.runs import _offline_summary, _wandb_history
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = wandb.init(project="dapt", dir=str(tmp_path), id="abc123", mode="offline")
+    for step, ppl in enumerate([50.0, 40.0, 35.0]):
+        run.log({"val/domain/ppl": ppl, "trainer/global_step": step * 10})
+    run.summary["domain_ppl_after"] = 35.0
+    run.finish()
+    again = wandb.init(project="dapt", dir=str(tmp_path), id="abc123", mode="offline", resume="allow")
+    again.summary["doctor/warning"] = 2
+    again.finish()
+    history = _wandb_history(tmp_path)
+    assert list(history["step"]) == [0, 10, 20] and list(history["val/domain/ppl"]) == [50.0, 40.0, 35.0]
+    summary = _offline_summary(tmp_path)
+    assert summary["domain_ppl_after"] == 35.0 and summary["doctor/warning"] == 2

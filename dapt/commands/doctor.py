@@ -13,7 +13,6 @@ the top finding to the W&B run's summary. doctor.json's schema: ``dapt.diagnosti
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 from pathlib import Path
@@ -56,6 +55,23 @@ def _task_texts(cfg: Any, data_dir: str) -> tuple[dict[str, dict[str, list[str]]
     return texts, notes
 
 
+def _sample(sources: list[Any], data_dir: str, n: int) -> list[str]:
+    """Up to ``n`` documents, taken round-robin from the sources (each source is represented, not only
+    the first: biomed's OHSUMED alone fills a 2,000-document sample read in order)."""
+    from dapt.data.sources import iter_documents
+
+    streams = [iter_documents(s, data_dir) for s in sources]
+    out: list[str] = []
+    while streams and len(out) < n:
+        for stream in list(streams):
+            doc = next(stream, None)
+            if doc is None:
+                streams.remove(stream)
+            elif len(out) < n:
+                out.append(doc)
+    return out
+
+
 def _corpus_tokens(sources: list[Any], data_dir: str, sample: Any) -> tuple[float, bool, str]:
     """(tokens, estimated?, method) of the whole domain corpus, from the sample's tokens per byte."""
     from dapt.data.sources import iter_documents, source_size
@@ -93,7 +109,7 @@ def diagnose(overrides: list[str], max_documents: int = 2000, *, near_duplicate_
     domain_sources = [as_source(s) for s in cfg.data.train]
     # One bounded sample of domain documents (one more than max_documents: tells a capped sample apart)
     # feeds every check, so they all describe the same documents.
-    sample = list(itertools.islice(iter_documents(domain_sources, data_dir), max_documents + 1))
+    sample = _sample(domain_sources, data_dir, max_documents + 1)
     domain = profile(sample, tokenizer, max_documents=max_documents)
     sample = sample[:max_documents]
     check_sample(domain, what="domain", key="data.train", where=", ".join(str(s.path) for s in domain_sources))
@@ -213,6 +229,23 @@ def update_wandb(run_dir: Path, doc: dict[str, Any]) -> str:
                 + (" (upload with wandb sync)" if mode == "offline" else ""))
 
 
+def update_sweep_wandb(doc: dict[str, Any]) -> list[str]:
+    """Each sweep job's W&B summary gets the findings scoped to that job (``scope`` = its folder's name,
+    as ``dapt.reporting.diagnosis`` scopes run checks); sweep-level findings stay in doctor.json."""
+    from dapt.diagnostics.report import document
+
+    notes = []
+    for run in doc.get("runs") or []:
+        run_dir = Path(run["path"] if isinstance(run, dict) else run)
+        own = [f for f in doc["findings"] if f.get("scope") == run_dir.name]
+        if not own or not run_dir.is_dir():
+            continue
+        from dapt.diagnostics.findings import Finding
+
+        notes.append(update_wandb(run_dir, document("run", [Finding(**f) for f in own], {"path": str(run_dir), "runs": [str(run_dir)]})))
+    return notes or ["W&B: no sweep job has findings of its own; summaries not updated"]
+
+
 def note(message: str) -> str:
     log.info(message)
     return message
@@ -245,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"wrote {json_path} and {md_path}")
         if doc["kind"] == "run" and not args.no_wandb:
             notes.append(update_wandb(path, doc))
-        elif doc["kind"] == "sweep":
-            notes.append("W&B: a sweep has no W&B run of its own; run dapt doctor <job dir> to annotate a job's run")
+        elif doc["kind"] == "sweep" and not args.no_wandb:
+            notes += update_sweep_wandb(doc)
     else:
         doc = diagnose(args.overrides, args.max_documents, near_duplicate_threshold=args.near_duplicate_threshold)
         if args.out is not None:

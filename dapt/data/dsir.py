@@ -12,6 +12,11 @@ without replacement with probability proportional to ``w`` by the Gumbel-top-k t
 largest ``log w + Gumbel(0, 1)`` keys are an exact sample without replacement, so it can be drawn in
 one streaming pass with a bounded heap (memory O(size), never the corpus).
 
+The weight is a sum over a document's n-grams, so it scales with length: a long document that looks
+like the target gets a far larger weight than a short one, and at the weights' magnitudes the Gumbel
+noise hardly matters, making the draw close to a length-favouring top-k. The DSIR paper resamples
+fixed-length chunks, where this does not arise; here the units are documents, as the corpus gives them.
+
 Pure data-level code (stdlib + numpy): the raw corpus arrives as an iterable the caller streams
 (``dapt.data.sources.iter_documents``), read twice: once to fit ``p_raw``, once to score and
 resample. Hashing uses BLAKE2b, never Python's ``hash()`` (salted per process), so a selection is a

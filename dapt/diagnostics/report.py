@@ -20,12 +20,18 @@ tokens_per_word, duplicate_documents, short_documents, replacement_chars, non_al
 capped), ``vocabulary_overlap_top10k``, ``domain_term_fragmentation``, ``general_word_fragmentation``,
 ``example_domain_terms``, ``planned_train_tokens``, ``sampled_tokens_per_document``, ``corpus_size``
 (planned tokens, corpus tokens and how they were counted, epochs), ``near_duplicates`` (share,
-parameters, example pairs) and ``contamination`` (``{task: {split: overlap}}``).
+parameters, example pairs: positions in the sample, which takes documents round-robin from the
+``data.train`` sources) and ``contamination`` (``{task: {split: overlap}}``).
 
 ``kind: "run"`` / ``"sweep"`` adds (``RUN_KEYS``): ``path`` (the directory diagnosed) and ``runs``
-(what ``dapt.reporting.diagnosis.diagnose_path`` read from each run).
+(the finished run folders ``dapt.reporting.diagnosis.diagnose_path`` read: the run itself, or each
+finished job of the sweep). Run findings of a sweep are scoped by their job folder's name.
 
 Readers should check ``schema_version`` and ignore keys they do not know.
+
+W&B: ``dapt doctor <run dir>`` (and, per job, ``<sweep dir>``) adds to the run's W&B summary
+``doctor/error``, ``doctor/warning``, ``doctor/info``, ``doctor/ok`` (counts), ``doctor/schema_version``,
+``doctor/top_check``, ``doctor/top_severity`` and ``doctor/top_title`` (the most serious finding).
 """
 
 from __future__ import annotations

@@ -271,7 +271,7 @@ class SentenceEncoder:
 @dataclass
 class KnnScan:
     """What the kNN scan keeps: per task text its ``k`` nearest corpus documents (indices and
-    similarities), and per scanned document its best similarity to any task text (4 bytes each)."""
+    similarities), and per scanned document its best similarity to any task text (8 bytes each)."""
 
     neighbour_index: np.ndarray  # (task_docs, k) corpus positions, -1 where fewer than k were scanned
     neighbour_similarity: np.ndarray  # (task_docs, k), -inf where empty

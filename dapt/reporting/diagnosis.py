@@ -12,6 +12,9 @@ training loss, passes over the corpus. Downstream checks (``downstream.*``): the
 seeds' spread, the seeds needed to detect it, the demo fine-tuning budget. Sweep checks
 (``sweep.*``): for each swept parameter, which metrics moved beyond their 95% CI against the
 reference value (per-document paired CIs when the runs share held-out documents, else Welch).
+
+``probe_term_accuracy`` (optional, not run by ``diagnose_run``: it loads the start and the adapted
+model) compares masked-word loss and accuracy on domain terms vs common words in the domain dev text.
 """
 
 from __future__ import annotations
@@ -180,7 +183,8 @@ def check_domain_gain(results: dict[str, Any], scope: str = "") -> Finding:
                        f"the gain is the domain's: domain perplexity {_pct(value)} vs control [{_pct(ci[0])}, {_pct(ci[1])}]",
                        measured, threshold, why, [], scope)
     overrides = [f"trainer.max_steps={2 * steps}"] if steps else []
-    overrides += ["vocabulary=extend"]
+    if _vocabulary_can_extend(results):
+        overrides.append("vocabulary=extend")
     if ci[0] <= 0:
         return Finding("run.domain_gain_vs_control", "warning",
                        f"no domain gain beyond more MLM steps: {_pct(value)} vs control [{_pct(ci[0])}, {_pct(ci[1])}]",
@@ -190,7 +194,13 @@ def check_domain_gain(results: dict[str, Any], scope: str = "") -> Finding:
                    f"domain perplexity worse than the control arm's: {_pct(value)} [{_pct(ci[0])}, {_pct(ci[1])}]",
                    measured, threshold,
                    why + "; above 0 the general-text control fits the domain better: check data.train is the domain "
-                   "corpus and that the learning rate did not damage the model", _lr_overrides(results) , scope)
+                   "corpus and that the learning rate did not damage the model", _lr_overrides(results), scope)
+
+
+def _vocabulary_can_extend(results: dict[str, Any]) -> bool:
+    """vocabulary=extend needs trainable embeddings (not LoRA, not frozen embeddings) and an unextended run."""
+    return not (_cfg(results, "remedy.lora.enabled") or _cfg(results, "remedy.freeze.embeddings")
+                or _cfg(results, "vocabulary.name", "none") != "none")
 
 
 def _lr_overrides(results: dict[str, Any]) -> list[str]:
@@ -203,21 +213,20 @@ def _lr_overrides(results: dict[str, Any]) -> list[str]:
 
 
 def _remedy_overrides(results: dict[str, Any]) -> list[str]:
-    """Remedies for forgetting that the run did not use yet (or stronger settings of those it did)."""
+    """Forgetting remedies to add to those the run used (results.json ``remedies.active``, else inferred from
+    its config): replay and L2-SP (LoRA excludes L2-SP), or stronger settings of those already on."""
     replay = _num(_cfg(results, "data.replay_fraction")) or 0.0
     l2sp = _num(_cfg(results, "remedy.l2sp.weight")) or 0.0
-    remedies = (results.get("remedies") or {}).get("active") if isinstance(results.get("remedies"), dict) else None
-    out: list[str] = []
-    if replay <= 0 and not l2sp:
-        out += ["remedy=[replay,l2sp]", "data.replay_fraction=0.25"]
-    else:
-        out.append(f"data.replay_fraction={min(0.5, max(0.25, 2 * replay)):g}")
-        if l2sp:
-            out.append(f"remedy.l2sp.weight={l2sp * 10:g}")
-        else:
-            out.append("remedy.l2sp.weight=0.01")
-    if remedies and "llrd" in remedies:
-        out.append("remedy.llrd.decay=0.65")
+    block = results.get("remedies") if isinstance(results.get("remedies"), dict) else {}
+    active = [str(a) for a in block.get("active") or []]
+    if not active:
+        active = [name for name, on in (("l2sp", l2sp > 0), ("replay", replay > 0),
+                                        ("lora", bool(_cfg(results, "remedy.lora.enabled")))) if on]
+    wanted = [*active, "replay", *([] if "lora" in active else ["l2sp"])]
+    out = [f"remedy=[{','.join(dict.fromkeys(wanted))}]"]
+    out.append(f"data.replay_fraction={min(0.5, max(0.25, 2 * replay)):g}")
+    if l2sp and "lora" not in active:
+        out.append(f"remedy.l2sp.weight={l2sp * 10:g}")
     return out
 
 
@@ -540,6 +549,149 @@ def _seed_noise(task: str, label: str, entry: dict[str, Any], node: dict[str, An
               else f"delta {delta:+.3f}, its CI includes 0" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else " (no CI)"))
     return Finding(name, "warning", f"{task} {label}: {reason}; {seeds_text} to detect {effect:.3f} with {POWER:.0%} power",
                    measured, threshold, why, overrides, scope)
+
+
+# ----------------------------------------------------------------------------- optional probe (loads models)
+
+PROBE_TERMS = 500  # domain terms: frequent domain-dev words absent from general text's top words
+PROBE_MASK_EVERY = 7  # each copy of a sequence masks every 7th eligible word (~15% of words masked)
+# salient masking targets the domain's terms; vocabulary=extend gives frequent split terms their own tokens
+PROBE_OVERRIDES = (["masking=salient", "vocabulary=extend"], ["masking=salient"])
+
+
+def probe_term_accuracy(run_dir: Path, *, max_documents: int = 100, max_seq_length: int = 128, batch_size: int = 32) -> Finding:
+    """Masked-word accuracy of the start model (``base.path``) and the adapted one (``model_dir``) on the
+    domain dev text, for domain terms vs common words: did DAPT teach the domain's vocabulary?
+
+    Terms are the domain dev sample's frequent words missing from the general corpus' top words
+    (``dapt.diagnostics.corpus.domain_terms``); common words are frequent in both. Each occurrence is
+    masked whole (all its sub-tokens, in copies of the sequence that mask every ``PROBE_MASK_EVERY``-th
+    eligible word) and counts as right when every sub-token is predicted. Loads two models: seconds for
+    MiniLM on a CPU, not part of ``diagnose_run``.
+    """
+    import torch
+
+    from dapt.data.sources import as_source, iter_documents
+    from dapt.diagnostics.corpus import domain_terms, profile
+    from dapt.modeling.loading import load_mlm_model, load_tokenizer
+    from dapt.pipeline.run_config import general_sources
+
+    run_dir = Path(run_dir)
+    results = _read_results(run_dir)
+    cfg = results.get("config") or {}
+    after_path, before_path = results.get("model_dir"), (results.get("base") or {}).get("path") or _cfg(results, "model.source")
+    if not after_path or not Path(after_path).is_dir():
+        raise DataError(f"{run_dir}: the adapted model is not saved (model_dir={after_path}); run with save_model=true")
+    if not before_path:
+        raise DataError(f"{run_dir}: results.json names no start model (base.path / config.model.source)")
+    dev = _cfg(results, "data.domain_dev")
+    if not dev:
+        raise DataError(f"{run_dir}: results.json config has no data.domain_dev")
+    data_dir = _cfg(results, "paths.data_dir")
+    domain_docs = [d for _, d in zip(range(max_documents), iter_documents([as_source(dev, "data.domain_dev")], data_dir))]
+    general_docs = list(zip(range(max_documents * 2), iter_documents(general_sources(cfg), data_dir)))
+    tokenizer = load_tokenizer(str(after_path))
+    domain_profile = profile(domain_docs, tokenizer, max_documents=max_documents)
+    general_profile = profile((d for _, d in general_docs), tokenizer, max_documents=max_documents * 2)
+    terms = set(domain_terms(domain_profile, general_profile, k=PROBE_TERMS))
+    general_top = set(general_profile.top_words[:PROBE_TERMS])
+    common = {w for w in domain_profile.top_words if w in general_top}
+    sequences = _probe_sequences(domain_docs, tokenizer, terms, common, max_seq_length)
+    scores: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for role, path in (("before", before_path), ("after", after_path)):
+        model = load_mlm_model(str(path)).model.eval()
+        scores[role] = _probe_scores(model, tokenizer, sequences, batch_size, torch)
+        del model
+    measured: dict[str, Any] = {"documents": len(domain_docs), "terms": len(terms), "common_words": len(common),
+                                "examples": sorted(terms)[:15]}
+    gains: dict[str, tuple[float, float] | None] = {}
+    for cls in ("term", "common"):
+        before, after = scores["before"][cls], scores["after"][cls]
+        n = len(before)
+        gains[cls] = None
+        if n < 2:
+            continue
+        drops = [b[1] - a[1] for a, b in zip(after, before)]  # loss (nats/sub-token) before - after: > 0 is learning
+        mean = statistics.fmean(drops)
+        half = 1.96 * math.sqrt(sum((d - mean) ** 2 for d in drops) / (n - 1) / n)
+        gains[cls] = (mean, half)
+        measured[cls] = {"occurrences": n, "subtoken_accuracy_before": statistics.fmean(b[0] for b in before),
+                         "subtoken_accuracy_after": statistics.fmean(a[0] for a in after),
+                         "loss_before": statistics.fmean(b[1] for b in before), "loss_after": statistics.fmean(a[1] for a in after),
+                         "loss_drop": mean, "loss_drop_ci": [mean - half, mean + half]}
+    threshold = {"warning": "the domain terms' loss drop (before - after, nats per sub-token) has a 95% CI reaching 0 or below",
+                 "info": "terms gained less than common words"}
+    why = ("DAPT should above all teach the words general pretraining rarely saw; if masked domain terms are predicted no "
+           "better after DAPT (paired over occurrences, normal CI), the domain signal did not reach the vocabulary")
+    term, com = gains["term"], gains["common"]
+    scope = _scope(run_dir)
+    if term is None:
+        return Finding("run.term_accuracy", "info", "too few domain-term occurrences in the dev sample", measured, threshold, why, [], scope)
+    versus = f" vs common words {com[0]:+.3f}" if com else ""
+    if term[0] - term[1] <= 0:
+        return Finding("run.term_accuracy", "warning",
+                       f"domain terms not learned: masked-term loss drop {term[0]:+.3f} (±{term[1]:.3f}) nats{versus}",
+                       measured, threshold, why, list(PROBE_OVERRIDES[0 if _vocabulary_can_extend(results) else 1]), scope)
+    if com is not None and term[0] < com[0] and _cfg(results, "masking.name") != "salient":
+        return Finding("run.term_accuracy", "info",
+                       f"domain terms gained less than common words: loss drop {term[0]:+.3f} (±{term[1]:.3f}){versus}",
+                       measured, threshold, why, list(PROBE_OVERRIDES[1]), scope)
+    return Finding("run.term_accuracy", "ok", f"domain terms learned: masked-term loss drop {term[0]:+.3f} (±{term[1]:.3f}){versus}",
+                   measured, threshold, why, [], scope)
+
+
+def _probe_sequences(docs: Sequence[str], tokenizer: Any, terms: set[str], common: set[str], max_len: int) -> list[dict[str, Any]]:
+    """Masked copies of each document's first ``max_len`` tokens with the words they mask and their class."""
+    out = []
+    for doc in docs:
+        enc = tokenizer(doc, truncation=True, max_length=max_len, return_offsets_mapping=True)
+        word_ids = enc.word_ids()
+        spans: dict[int, list[int]] = {}
+        for pos, w in enumerate(word_ids):
+            if w is not None:
+                spans.setdefault(w, []).append(pos)
+        eligible = []
+        for w, positions in spans.items():
+            start, end = enc["offset_mapping"][positions[0]][0], enc["offset_mapping"][positions[-1]][1]
+            word = doc[start:end].lower()
+            cls = "term" if word in terms else "common" if word in common else None
+            if cls:
+                eligible.append((positions, cls))
+        for j in range(PROBE_MASK_EVERY):
+            chosen = eligible[j::PROBE_MASK_EVERY]
+            if chosen:
+                out.append({"input_ids": list(enc["input_ids"]), "words": chosen})
+    return out
+
+
+def _probe_scores(model: Any, tokenizer: Any, sequences: list[dict[str, Any]], batch_size: int, torch: Any
+                  ) -> dict[str, list[tuple[float, float]]]:
+    """Per masked occurrence and class: (fraction of its sub-tokens predicted, mean cross-entropy in nats)."""
+    scores: dict[str, list[tuple[float, float]]] = {"term": [], "common": []}
+    mask_id = tokenizer.mask_token_id
+    pad_id = tokenizer.pad_token_id or 0
+    with torch.inference_mode():
+        for i in range(0, len(sequences), batch_size):
+            batch = sequences[i:i + batch_size]
+            width = max(len(s["input_ids"]) for s in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, seq in enumerate(batch):
+                ids[row, : len(seq["input_ids"])] = torch.tensor(seq["input_ids"])
+                attention[row, : len(seq["input_ids"])] = 1
+            targets = ids.clone()
+            for row, seq in enumerate(batch):
+                for positions, _ in seq["words"]:
+                    ids[row, positions] = mask_id
+            logits = model(input_ids=ids, attention_mask=attention).logits.float()
+            log_probs = torch.log_softmax(logits, dim=-1)
+            predicted = logits.argmax(-1)
+            for row, seq in enumerate(batch):
+                for positions, cls in seq["words"]:
+                    right = (predicted[row, positions] == targets[row, positions]).float().mean().item()
+                    nll = -log_probs[row, positions, targets[row, positions]].mean().item()
+                    scores[cls].append((right, nll))
+    return scores
 
 
 # ----------------------------------------------------------------------------- one run

@@ -152,19 +152,25 @@ def _csv_history(path: Path) -> Any:
     return frame_by_step(frame)
 
 
+def _offline_segments(run_dir: Path) -> list[Any]:
+    """Every readable offline W&B file of a run, oldest first. One run can have several: a resumed
+    attempt, or ``dapt doctor`` adding its findings to the summary, each writes a file of its own."""
+    from dapt.tracking.wandb_offline import offline_runs, read_offline_run
+
+    segments = []
+    for path in sorted(offline_runs(run_dir), key=lambda p: (p.stat().st_mtime, str(p))):
+        try:
+            segments.append(read_offline_run(path))
+        except Exception:  # noqa: BLE001 - an empty or torn file holds nothing to show
+            continue
+    return segments
+
+
 def _wandb_history(run_dir: Path) -> Any:
     import pandas as pd
 
-    from dapt.tracking.wandb_offline import offline_runs, read_offline_run
-
-    files = offline_runs(run_dir)
-    if not files:
-        return pd.DataFrame()
-    try:
-        rows = read_offline_run(files[-1]).history
-    except Exception:  # noqa: BLE001
-        return pd.DataFrame()
-    return frame_by_step(pd.DataFrame(rows))
+    rows = [row for segment in _offline_segments(run_dir) for row in segment.history]
+    return frame_by_step(pd.DataFrame(rows)) if rows else pd.DataFrame()
 
 
 def _history_loader(run_dir: Path) -> Any:
@@ -217,16 +223,11 @@ def load_run(run_dir: Path, name: str | None = None) -> Run:
 
 
 def _offline_summary(run_dir: Path) -> dict[str, Any]:
-    """Scalars of a run's offline W&B summary (a job that died before writing results.json)."""
-    from dapt.tracking.wandb_offline import offline_runs, read_offline_run
-
-    files = offline_runs(run_dir)
-    if not files:
-        return {}
-    try:
-        summary = read_offline_run(files[-1]).summary
-    except Exception:  # noqa: BLE001
-        return {}
+    """Scalars of a run's offline W&B summary (a job that died before writing results.json), merged
+    over its files (later files win)."""
+    summary: dict[str, Any] = {}
+    for segment in _offline_segments(run_dir):
+        summary.update(segment.summary)
     return {k: v for k, v in summary.items() if not k.startswith("_") and is_scalar(v)}
 
 
