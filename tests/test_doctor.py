@@ -90,6 +90,29 @@ def test_near_duplicates_found_in_edited_copies_not_in_a_clean_corpus():
     assert near_duplicates(["same text " * 20] * 4).near_duplicates == 3  # exact copies count too
 
 
+def test_near_duplicate_chains_count_every_link():
+    """A~B and B~C but C is not similar to A: C duplicates B, which is indexed too (2 duplicates, not 1)."""
+    base = _docs(1, 200, 13, DOMAIN)[0].rstrip(".").split()
+    a = " ".join(base)
+    b = " ".join(base[16:] + [f"zzb{i}" for i in range(8)])  # drop 16 words, add 8
+    c = " ".join(base[32:] + [f"zzb{i}" for i in range(8)] + [f"zzc{i}" for i in range(8)])  # and again
+    from datasketch import MinHash
+
+    from dapt.diagnostics.near_duplicates import NUM_PERM, shingles
+
+    def estimate(x: str, y: str) -> float:  # the check's own MinHash estimate (seed 1)
+        mx, my = MinHash(num_perm=NUM_PERM, seed=1), MinHash(num_perm=NUM_PERM, seed=1)
+        mx.update_batch(list(shingles(x)))
+        my.update_batch(list(shingles(y)))
+        return mx.jaccard(my)
+
+    assert estimate(a, b) >= 0.82 and estimate(b, c) >= 0.82 and estimate(a, c) < 0.76, (estimate(a, b), estimate(b, c), estimate(a, c))
+    others = _docs(20, 200, 17, DOMAIN)
+    report = near_duplicates([a, *others, b, c], threshold=0.8, num_perm=NUM_PERM)
+    assert report.near_duplicates == 2, report.as_dict()
+    assert near_duplicate_finding(report, sample_capped=True).measured["lower_bound"] is True
+
+
 def test_contamination_flags_test_as_error_dev_as_warning_and_passes_clean_text():
     corpus_docs = _docs(50, 120, 5, DOMAIN)
     leaked = _docs(20, 25, 9, DOMAIN)  # task sentences
@@ -210,6 +233,68 @@ def test_doctor_cli_ranks_near_duplicates_contamination_and_epochs(tmp_path, gen
     assert "corpus.contamination" in printed and "1 error" in printed
 
 
+def test_contamination_streams_the_whole_corpus_not_the_sample(tmp_path, general_corpus, capsys):
+    """The task's whole test set sits in document 251 of 300; the statistics sample stops at 200."""
+    from dapt.cli import main
+
+    leaked = _docs(12, 14, 40, DOMAIN)
+    docs = _docs(300, 150, 3, DOMAIN)
+    docs[251] += " " + " ".join(leaked)
+    domain = _write_jsonl(tmp_path / "domain.jsonl", docs)
+    args = ["doctor", *_overrides(domain, general_corpus, _tasks(tmp_path, leaked), "trainer.max_steps=2"), "--max-documents", "200", "--json"]
+    assert main(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["domain"]["documents"] == 200 and doc["domain"]["capped"]
+    by = {f["scope"]: f for f in doc["findings"] if f["check"] == "corpus.contamination"}
+    assert by["task leaky test"]["severity"] == "error", by["task leaky test"]
+    assert doc["contamination"]["leaky"]["test"]["contaminated"] == 12 and doc["contamination"]["leaky"]["test"]["documents_checked"] == 300
+    # A capped contamination check never says "ok": it says how much it read.
+    assert main([*args, "--contamination-documents", "100"]) == 0
+    capped = {f["scope"]: f for f in json.loads(capsys.readouterr().out)["findings"] if f["check"] == "corpus.contamination"}
+    assert {f["severity"] for f in capped.values()} == {"info"}, capped
+    assert "checked 100 of ~" in capped["task leaky test"]["title"] and capped["task leaky test"]["measured"]["capped"]
+
+
+def test_contamination_checks_a_cached_selection_and_notes_an_unbuilt_one(tmp_path, general_corpus, capsys, monkeypatch):
+    import dapt.pipeline.selection as selection
+    from dapt.cli import main
+
+    leaked = _docs(12, 14, 40, DOMAIN)
+    domain = _write_jsonl(tmp_path / "domain.jsonl", _docs(50, 150, 3, DOMAIN))
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(selection, "selection_cache_key", lambda *a, **k: "k1")
+    args = ["doctor", *_overrides(domain, general_corpus, _tasks(tmp_path, leaked), "trainer.max_steps=2", "selection=dsir",
+                                  "selection.task=ncbi_disease", f"paths.cache_dir={cache}"), "--json"]
+    assert main(args) == 0
+    notes = [f for f in json.loads(capsys.readouterr().out)["findings"] if f["scope"] == "selection"]
+    assert len(notes) == 1 and "not built yet" in notes[0]["title"] and notes[0]["severity"] == "info"
+    # A selection that (artificially) holds the test set: it is the training data, so it is an error.
+    jsonl = _write_jsonl(cache / "selections" / "k1.jsonl", [*_docs(5, 150, 8, DOMAIN), " ".join(leaked)])
+    (cache / "selections" / "k1.json").write_text(json.dumps({"documents": 6, "bytes": jsonl.stat().st_size}))
+    assert main(args) == 0
+    by = {f["scope"]: f for f in json.loads(capsys.readouterr().out)["findings"] if f["check"] == "corpus.contamination"}
+    assert by["task leaky test"]["severity"] == "ok" and by["task leaky test (selection)"]["severity"] == "error"
+    assert "selection" not in by
+
+
+def test_planned_passes_count_only_the_domain_share_and_the_selection(tmp_path, general_corpus, capsys):
+    from dapt.cli import main
+
+    domain = _write_jsonl(tmp_path / "domain.jsonl", _docs(200, 150, 3, DOMAIN))
+    base = ["doctor", *_overrides(domain, general_corpus, "trainer.max_steps=3000", "tasks=[]")]
+    assert main([*base, "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)["corpus_size"]
+    assert main([*base, "data.replay_fraction=0.5", "--json"]) == 0
+    replay = json.loads(capsys.readouterr().out)["corpus_size"]
+    assert replay["domain_tokens"] == replay["planned_tokens"] // 2 == plain["planned_tokens"] // 2
+    assert abs(replay["epochs"] - plain["epochs"] / 2) < 1e-6
+    assert main([*base, "selection=dsir", "selection.task=ncbi_disease", "selection.size=50",
+                 f"paths.cache_dir={tmp_path / 'cache'}", "--json"]) == 0
+    selected = json.loads(capsys.readouterr().out)["corpus_size"]
+    assert "selection" in selected["corpus_tokens_method"] and "not built yet" in selected["corpus_tokens_method"]
+    assert abs(selected["corpus_tokens"] - plain["sample_tokens"] / 200 * 50) < 2
+
+
 def test_doctor_cli_is_quiet_on_a_clean_corpus(tmp_path, general_corpus, capsys):
     from dapt.cli import main
 
@@ -232,11 +317,13 @@ def test_an_empty_or_too_small_corpus_is_a_one_line_data_error(tmp_path, general
     assert err.startswith("error: data.train: the domain corpus") and words in err and "\n" not in err, err
 
 
-def test_doctor_on_a_run_dir_writes_reports_and_the_wandb_summary(tmp_path, monkeypatch, capsys):
+def test_doctor_on_a_run_dir_writes_reports_and_leaves_an_offline_wandb_run_alone(tmp_path, monkeypatch, capsys):
+    """wandb cannot resume an offline run (0.31 starts a second run with the same id, and syncing two folders
+    with one id can replace the first run's data): doctor writes no W&B segment and says so."""
     import wandb
 
     from dapt.cli import main
-    from dapt.tracking.wandb_offline import offline_runs, read_offline_run
+    from dapt.tracking.wandb_offline import offline_runs
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -244,6 +331,7 @@ def test_doctor_on_a_run_dir_writes_reports_and_the_wandb_summary(tmp_path, monk
     run = wandb.init(project="dapt-test", id="doc12345", dir=str(run_dir), mode="offline")
     run.log({"train/loss": 1.0})
     run.finish()
+    folders = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     seen: list[Path] = []
 
     def diagnose_path(path: Path) -> dict[str, Any]:
@@ -257,14 +345,33 @@ def test_doctor_on_a_run_dir_writes_reports_and_the_wandb_summary(tmp_path, monk
     doc = json.loads((run_dir / "doctor.json").read_text())
     assert tuple(doc) == (*COMMON_KEYS, *RUN_KEYS) and doc["kind"] == "run" and doc["findings"][0]["check"] == "run.forgetting"
     assert "general ppl up 40%" in (run_dir / "doctor.md").read_text()
-    printed = capsys.readouterr().out
-    assert "run.forgetting" in printed and "doc12345" in printed
-    files = offline_runs(run_dir)
-    assert len(files) == 2  # the training run, then the doctor's resumed one (same id, synced into one W&B run)
-    # wandb names a second run folder started in the same second "<name>-1", which sorts first: find it by content
-    (resumed,) = [r for r in map(read_offline_run, files) if "doctor/warning" in r.summary]
-    assert resumed.run_id == "doc12345" and resumed.project == "dapt-test"
-    assert resumed.summary["doctor/warning"] == 1 and resumed.summary["doctor/top_check"] == "run.forgetting"
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "run.forgetting" in printed and "the run is offline; doctor findings are in doctor.json" in printed
+    assert sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*")) == folders  # no new offline segment
+    assert len(offline_runs(run_dir)) == 1
+
+
+def test_doctor_probe_terms_adds_the_probe_finding_to_a_run(tmp_path, monkeypatch):
+    from dapt.cli import main
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text("{}")
+    probed: list[tuple[Path, int]] = []
+
+    def probe_term_accuracy(path: Path, *, max_documents: int = 100) -> Finding:
+        probed.append((path, max_documents))
+        return Finding("run.term_accuracy", "warning", "domain terms not learned", scope="run")
+
+    monkeypatch.setitem(sys.modules, "dapt.reporting.diagnosis", types.SimpleNamespace(
+        diagnose_path=lambda p: {"kind": "run", "path": str(p), "runs": [str(p)], "findings": [Finding("run.ok", "ok", "fine")]},
+        probe_term_accuracy=probe_term_accuracy))
+    assert main(["doctor", str(run_dir), "--no-wandb"]) == 0
+    assert probed == [] and [f["check"] for f in json.loads((run_dir / "doctor.json").read_text())["findings"]] == ["run.ok"]
+    assert main(["doctor", str(run_dir), "--no-wandb", "--probe-terms", "--probe-documents", "7"]) == 0
+    assert probed == [(run_dir.resolve(), 7)]
+    doc = json.loads((run_dir / "doctor.json").read_text())
+    assert [f["check"] for f in doc["findings"]] == ["run.term_accuracy", "run.ok"] and doc["counts"]["warning"] == 1
 
 
 def test_doctor_cli_on_the_real_biomedical_corpus(capsys, data_dir):
@@ -278,11 +385,11 @@ def test_doctor_cli_on_the_real_biomedical_corpus(capsys, data_dir):
     assert report["corpus_size"]["corpus_tokens_estimated"] and report["contamination"]["ncbi_disease"]["test"]["checked"] > 0
 
 
-def test_doctor_on_a_sweep_dir_annotates_each_jobs_wandb_run(tmp_path, monkeypatch):
+def test_doctor_on_a_sweep_dir_leaves_offline_job_runs_alone(tmp_path, monkeypatch, capsys):
     import wandb
 
     from dapt.cli import main
-    from dapt.tracking.wandb_offline import offline_runs, read_offline_run
+    from dapt.tracking.wandb_offline import offline_runs
 
     sweep = tmp_path / "sweep"
     jobs = [sweep / "0", sweep / "1"]
@@ -297,6 +404,21 @@ def test_doctor_on_a_sweep_dir_annotates_each_jobs_wandb_run(tmp_path, monkeypat
     assert main(["doctor", str(sweep)]) == 0
     doc = json.loads((sweep / "doctor.json").read_text())
     assert doc["kind"] == "sweep" and tuple(doc) == (*COMMON_KEYS, *RUN_KEYS) and (sweep / "doctor.md").is_file()
-    assert len(offline_runs(jobs[0])) == 1  # no finding of its own: untouched
-    (annotated,) = [r for r in map(read_offline_run, offline_runs(jobs[1])) if "doctor/error" in r.summary]
-    assert len(offline_runs(jobs[1])) == 2 and annotated.run_id == "job1abcd" and annotated.summary["doctor/error"] == 1 and annotated.summary["doctor/info"] == 0
+    assert [len(offline_runs(j)) for j in jobs] == [1, 1]  # no offline segment written to any job
+    assert "the run is offline" in capsys.readouterr().out
+
+
+def test_sweep_wandb_update_matches_job_scopes_relative_to_the_sweep(tmp_path, monkeypatch):
+    """diagnose_sweep scopes a job's findings by its folder relative to the sweep (``a/0``), not its name."""
+    from dapt.commands import doctor
+
+    sweep = tmp_path / "sweep"
+    jobs = [sweep / "a" / "0", sweep / "b" / "0"]
+    for job in jobs:
+        job.mkdir(parents=True)
+    calls: list[tuple[Path, list[str]]] = []
+    monkeypatch.setattr(doctor, "update_wandb", lambda run_dir, doc: calls.append((run_dir, [f["title"] for f in doc["findings"]])) or "ok")
+    doc = {"path": str(sweep), "runs": [str(j) for j in jobs],
+           "findings": [Finding("run.x", "error", "only b/0", scope="b/0").as_dict(), Finding("sweep.effect", "info", "s", scope="sweep").as_dict()]}
+    assert doctor.update_sweep_wandb(doc) == ["ok"]
+    assert calls == [(jobs[1], ["only b/0"])]

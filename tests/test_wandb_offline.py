@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -52,8 +53,9 @@ def test_override_tags_fit_wandb_limit():
 
 
 def test_compare_reads_every_offline_file_of_a_run(tmp_path, monkeypatch):
-    """A run with a second offline file (a resumed attempt, or `dapt doctor` adding its findings to the
-    summary) keeps its history and merges both summaries, whichever file sorts last."""
+    """A run with a second offline file (a resumed attempt writes a folder of its own) keeps its history and
+    merges both summaries, the later segment (by the timestamp in its folder name, not the mtime, which
+    cp and rsync scramble) winning a key both set."""
     wandb = pytest.importorskip("wandb")
     from dapt.reporting.runs import _offline_summary, _wandb_history
 
@@ -66,8 +68,21 @@ def test_compare_reads_every_offline_file_of_a_run(tmp_path, monkeypatch):
     run.finish()
     again = wandb.init(project="dapt", dir=str(tmp_path), id="abc123", mode="offline", resume="allow")
     again.summary["doctor/warning"] = 2
+    again.summary["domain_ppl_after"] = 30.0
     again.finish()
+    first, second = sorted(offline_runs(tmp_path), key=lambda p: p.parent.name.replace("-abc123-1", "-abc123~"))
+    os.utime(second, (1_000_000, 1_000_000))  # a copy that made the later segment look older
+    os.utime(first, (2_000_000, 2_000_000))
     history = _wandb_history(tmp_path)
     assert list(history["step"]) == [0, 10, 20] and list(history["val/domain/ppl"]) == [50.0, 40.0, 35.0]
     summary = _offline_summary(tmp_path)
-    assert summary["domain_ppl_after"] == 35.0 and summary["doctor/warning"] == 2
+    assert summary["domain_ppl_after"] == 30.0 and summary["doctor/warning"] == 2
+
+
+def test_offline_segments_sort_by_folder_timestamp_and_counter(tmp_path):
+    from dapt.reporting.runs import _segment_order
+
+    names = ["offline-run-20240102_000000-ab-c1", "offline-run-20240101_235959-ab-c1-1", "offline-run-20240101_235959-ab-c1",
+             "offline-run-20240101_235959-ab-c1-2"]
+    paths = [tmp_path / "wandb" / n / "run-ab-c1.wandb" for n in names]
+    assert [p.parent.name for p in sorted(paths, key=_segment_order)] == [names[2], names[1], names[3], names[0]]

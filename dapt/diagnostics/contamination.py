@@ -6,9 +6,12 @@ Task-adaptive corpora (TAPT, kNN-TAPT, DSIR selections, scraped domain text) mak
 accident. The method follows the n-gram overlap audits of GPT-3 (Brown et al. 2020, 13-grams) and
 later LM papers, at 8 words to fit sentence-length task examples:
 
-- every document of the corpus sample is split into lowercase word 8-grams, each hashed to a 64-bit
-  integer (a rolling polynomial over stable per-word BLAKE2b hashes; never Python's salted
-  ``hash()``), collected into one sorted array: memory 8 bytes per n-gram, bounded by the sample;
+- the task side is small: every dev/test example is split into lowercase word 8-grams, each hashed
+  to a 64-bit integer (a rolling polynomial over stable per-word BLAKE2b hashes; never Python's
+  salted ``hash()``), collected into one sorted array (``task_ngrams``);
+- the WHOLE training corpus is streamed once (``matched_ngrams``) and only the task n-grams seen in
+  some document are kept: memory is bounded by the task side, not by the corpus, so the check does
+  not depend on the sample the other statistics use;
 - an evaluation example is *contaminated* when at least half of its 8-grams occur in the corpus;
   an example shorter than 8 words has no 8-gram and is not checked (counted in ``too_short``);
 - per split: the share of contaminated examples and the overall share of its 8-grams in the corpus.
@@ -90,9 +93,50 @@ def corpus_ngrams(documents: Iterable[str], n: int = NGRAM, max_documents: int |
     return np.unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.uint64)
 
 
+def task_ngrams(texts: Iterable[str], n: int = NGRAM) -> np.ndarray:
+    """The sorted, unique n-gram hashes of the task examples ``texts`` (the small side of the check)."""
+    hasher = _WordHasher()
+    parts = [h for h in (ngram_hashes(t, n, hasher) for t in texts) if h.size]
+    return np.unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.uint64)
+
+
+@dataclass
+class CorpusScan:
+    """What ``matched_ngrams`` read: the task n-grams found, documents read, and whether a cap stopped it."""
+
+    matched: np.ndarray
+    documents: int
+    capped: bool
+
+
+def matched_ngrams(documents: Iterable[str], task: np.ndarray, n: int = NGRAM, max_documents: int | None = None) -> CorpusScan:
+    """Stream ``documents`` (all of them unless ``max_documents``) and keep the hashes of ``task`` (sorted,
+    from ``task_ngrams``) that occur in any of them: memory O(task n-grams) however large the corpus."""
+    hasher = _WordHasher()
+    seen: set[int] = set()
+    count, capped = 0, False
+    for doc in documents:
+        if max_documents is not None and count >= max_documents:
+            capped = True
+            break
+        count += 1
+        if not task.size:
+            continue
+        h = ngram_hashes(doc, n, hasher)
+        if h.size:
+            pos = np.minimum(np.searchsorted(task, h), task.size - 1)
+            hit = h[task[pos] == h]
+            if hit.size:
+                seen.update(int(x) for x in np.unique(hit))
+        if len(hasher._cache) > 2_000_000:  # a huge corpus's vocabulary: keep the memo bounded
+            hasher = _WordHasher()
+    matched = np.array(sorted(seen), dtype=np.uint64) if seen else np.empty(0, dtype=np.uint64)
+    return CorpusScan(matched=matched, documents=count, capped=capped)
+
+
 @dataclass
 class SplitOverlap:
-    """The overlap of one task split with the corpus sample.
+    """The overlap of one task split with the corpus.
 
     Attributes:
         examples: examples in the split; checked: those with at least one n-gram; too_short: the rest.
@@ -118,7 +162,9 @@ class SplitOverlap:
 
 def split_overlap(corpus: np.ndarray, texts: Sequence[str], *, n: int = NGRAM,
                   example_threshold: float = EXAMPLE_THRESHOLD) -> SplitOverlap:
-    """How much of ``texts`` (one split's examples) is inside the corpus n-gram set ``corpus_ngrams`` built."""
+    """How much of ``texts`` (one split's examples) is inside the corpus: ``corpus`` is a sorted n-gram
+    hash array, either every corpus n-gram (``corpus_ngrams``) or the task n-grams the corpus contains
+    (``matched_ngrams(...).matched``): both give the same answer."""
     hasher = _WordHasher()
     checked = contaminated = total = hits = 0
     found: list[dict[str, Any]] = []
@@ -144,25 +190,36 @@ def split_overlap(corpus: np.ndarray, texts: Sequence[str], *, n: int = NGRAM,
                         example_threshold=example_threshold, examples_found=found)
 
 
-def contamination_finding(task: str, split: str, overlap: SplitOverlap, *, threshold: float = SPLIT_THRESHOLD) -> Finding:
+def contamination_finding(task: str, split: str, overlap: SplitOverlap, *, threshold: float = SPLIT_THRESHOLD,
+                          capped: str | None = None, corpus: str = "the adaptation corpus", scope_suffix: str = "",
+                          measured_extra: dict[str, Any] | None = None) -> Finding:
     """One task split's finding: ``error`` for a contaminated test split, ``warning`` for dev,
-    ``info`` for a few contaminated examples below ``threshold``, ``ok`` when none."""
-    measured = overlap.as_dict()
+    ``info`` for a few contaminated examples below ``threshold``, ``ok`` when none.
+
+    ``capped`` (e.g. "checked 1,000 of ~5,000 documents"): the corpus was not read to its end, so a
+    clean result is ``info`` saying so, never ``ok``; contamination found in the part read still counts."""
+    measured = {**overlap.as_dict(), **(measured_extra or {})}
     limits = {"contaminated_share": threshold, "example_ngram_share": overlap.example_threshold, "ngram": overlap.n}
-    scope = f"task {task} {split}"
+    scope = f"task {task} {split}{scope_suffix}"
     if overlap.checked == 0:
         return Finding("corpus.contamination", "info", f"task {task} {split}: no example has {overlap.n} words; contamination not checked",
                        measured, limits, WHY, [], scope)
     if overlap.contaminated_share >= threshold:
         severity = "error" if split == "test" else "warning"
         title = (f"task {task} {split}: {overlap.contaminated_share:.1%} of examples ({overlap.contaminated}/{overlap.checked}) "
-                 f"are inside the adaptation corpus: remove them from the corpus"
+                 f"are inside {corpus}: remove them from the corpus"
                  + (" (test scores would be inflated)" if split == "test" else " (dev selection would favour memorization)"))
         return Finding("corpus.contamination", severity, title, measured, limits, WHY, [], scope)
+    note = f" ({capped}: a lower bound)" if capped else ""
     if overlap.contaminated:
         return Finding("corpus.contamination", "info",
-                       f"task {task} {split}: {overlap.contaminated} example(s) overlap the corpus, below {threshold:.0%}",
+                       f"task {task} {split}: {overlap.contaminated} example(s) overlap {corpus}, below {threshold:.0%}{note}",
+                       measured, limits, WHY, [], scope)
+    if capped:
+        return Finding("corpus.contamination", "info",
+                       f"task {task} {split}: no example inside {corpus} as far as checked ({capped}; "
+                       f"{overlap.ngram_overlap:.2%} of 8-grams shared): the rest was not checked",
                        measured, limits, WHY, [], scope)
     return Finding("corpus.contamination", "ok",
-                   f"task {task} {split}: no example inside the corpus sample ({overlap.ngram_overlap:.2%} of 8-grams shared)",
+                   f"task {task} {split}: no example inside {corpus} ({overlap.ngram_overlap:.2%} of 8-grams shared)",
                    measured, limits, WHY, [], scope)

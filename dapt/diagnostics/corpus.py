@@ -185,23 +185,32 @@ def profile_findings(domain: CorpusProfile, *, overlap: float, domain_fragmentat
     return out
 
 
-def planned_tokens(cfg: Any) -> dict[str, int]:
-    """Training tokens a composed config plans: ``max_steps x batch_size x max_seq_length x accumulate x devices``."""
+def planned_tokens(cfg: Any) -> dict[str, Any]:
+    """Training tokens a composed config plans: ``max_steps x batch_size x max_seq_length x accumulate x devices``,
+    and the domain corpus's share of them, ``domain_tokens = planned_tokens x (1 - data.replay_fraction)``
+    (replay blocks are general text: they make no pass over the domain corpus)."""
     trainer = cfg.trainer
     accumulate = int(trainer.get("accumulate_grad_batches") or 1)
     devices = trainer.get("devices")
     devices = int(devices) if isinstance(devices, int) and devices > 0 else 1
     tokens_per_step = int(cfg.data.batch_size) * int(cfg.data.max_seq_length) * accumulate * devices
-    return {"steps": int(trainer.max_steps), "tokens_per_step": tokens_per_step,
-            "planned_tokens": int(trainer.max_steps) * tokens_per_step, "accumulate_grad_batches": accumulate, "devices": devices}
+    replay = float(cfg.data.get("replay_fraction") or 0.0) if cfg.data.get("replay") else 0.0
+    planned = int(trainer.max_steps) * tokens_per_step
+    return {"steps": int(trainer.max_steps), "tokens_per_step": tokens_per_step, "planned_tokens": planned,
+            "replay_fraction": replay, "domain_tokens": int(round(planned * (1.0 - replay))),
+            "accumulate_grad_batches": accumulate, "devices": devices}
 
 
 def size_findings(sample: CorpusProfile, plan: dict[str, int], *, corpus_tokens: float, estimated: bool, method: str,
                   scope: str = "data.train", max_epochs: float = MAX_EPOCHS) -> list[Any]:
-    """Epochs the plan makes over the corpus (> ``max_epochs``: warning) and the corpus size against published DAPT."""
+    """Epochs the plan makes over the corpus (> ``max_epochs``: warning) and the corpus size against published DAPT.
+
+    Passes count only the domain share of the plan (``plan["domain_tokens"]``, without replay) when given."""
     from dapt.diagnostics.findings import Finding
 
-    epochs = plan["planned_tokens"] / max(corpus_tokens, 1.0)
+    domain_planned = plan.get("domain_tokens", plan["planned_tokens"])
+    share = domain_planned / max(plan["planned_tokens"], 1)
+    epochs = domain_planned / max(corpus_tokens, 1.0)
     measured = {"sample_documents": sample.documents, "sample_tokens": sample.tokens, "sample_capped": sample.capped,
                 "corpus_tokens": int(corpus_tokens), "corpus_tokens_estimated": estimated, "corpus_tokens_method": method,
                 **plan, "epochs": epochs}
@@ -212,9 +221,10 @@ def size_findings(sample: CorpusProfile, plan: dict[str, int], *, corpus_tokens:
                   "stopping on the task, not DAPT.")
     out = []
     if epochs > max_epochs:
-        target = max(1, int(3 * corpus_tokens / max(plan["tokens_per_step"], 1)))
+        target = max(1, int(3 * corpus_tokens / max(plan["tokens_per_step"] * share, 1)))
+        replay = f" ({domain_planned:,} of them domain text, the rest replay)" if share < 1 else ""
         out.append(Finding("corpus.epochs", "warning",
-                           f"{plan['steps']:,} steps x {plan['tokens_per_step']:,} tokens = {plan['planned_tokens']:,} tokens, "
+                           f"{plan['steps']:,} steps x {plan['tokens_per_step']:,} tokens = {plan['planned_tokens']:,} tokens{replay}, "
                            f"{epochs:.0f} passes over a {est}{corpus_tokens:,.0f}-token corpus: over-fitting risk, train fewer steps "
                            "or find more domain text", measured, {"epochs": max_epochs}, why_epochs,
                            [f"trainer.max_steps={target}"], scope))

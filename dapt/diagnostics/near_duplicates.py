@@ -7,10 +7,16 @@ corpus they examined and showed that training on them wastes compute and inflate
 they used MinHash over word 5-grams with a Jaccard threshold of 0.8, which this check follows.
 
 Each document of the sample is shingled into lowercase word 5-grams, hashed into a 128-permutation
-MinHash and queried against an LSH index of the documents before it, then inserted: one pass,
-memory O(documents x num_perm); LSH candidates are confirmed on the MinHash Jaccard estimate. A document counts as a near-duplicate when an earlier one has an
-estimated Jaccard similarity >= ``threshold`` (exact copies included), so the share reported is the
-fraction of documents a deduplication pass would remove.
+MinHash and queried against an LSH index of every document before it, then inserted (each under its
+own key, duplicates included, so a chain A~B~C counts C even when C is not similar to A): one pass,
+memory O(documents x num_perm); LSH candidates are confirmed on the MinHash Jaccard estimate. A
+document counts as a near-duplicate when any earlier one has an estimated Jaccard similarity >=
+``threshold`` (exact copies included), so the share reported is the fraction of documents a
+deduplication pass keeping the first of each connected group would remove.
+
+Only pairs inside the examined documents are seen: on a capped sample of a larger corpus the share is a
+lower bound (a document's duplicate may lie outside the sample); ``near_duplicate_finding(...,
+sample_capped=True)`` says so.
 """
 
 from __future__ import annotations
@@ -72,7 +78,7 @@ def near_duplicates(documents: Iterable[str], *, threshold: float = THRESHOLD, n
     # candidate with probability 0.97, at 0.93 0.99997; the default 1:1 weights miss 1.2% even at 0.93).
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
     signatures: dict[int, Any] = {}
-    heads: dict[int, str] = {}
+    heads: dict[int, str] = {}  # every indexed document's first 80 characters
     count = dups = 0
     examples: list[dict[str, Any]] = []
     for index, doc in enumerate(documents):
@@ -95,11 +101,11 @@ def near_duplicates(documents: Iterable[str], *, threshold: float = THRESHOLD, n
             if len(examples) < max_examples:
                 examples.append({"earlier": best, "later": index, "jaccard": round(best_j, 3),
                                  "earlier_text": heads[best], "later_text": doc[:80]})
-        else:
-            # Only documents without an earlier match join the index: a cluster is represented by its first.
-            lsh.insert(index, sig)
-            signatures[index] = sig
-            heads[index] = doc[:80]
+        # Every document joins the index (its position is a unique key): a later document matching only
+        # a duplicate (chains A~B~C) is still found.
+        lsh.insert(index, sig)
+        signatures[index] = sig
+        heads[index] = doc[:80]
     return NearDuplicateReport(documents=count, near_duplicates=dups, share=dups / max(count, 1), threshold=threshold,
                                num_perm=num_perm, shingle=shingle, examples=examples)
 
@@ -111,16 +117,22 @@ WHY = ("Lee et al. 2022 (Deduplicating Training Data Makes Language Models Bette
        "shrink the effective corpus noticeably (its documents are seen more often than the epoch count says).")
 
 
-def near_duplicate_finding(report: NearDuplicateReport, *, threshold: float = SHARE_THRESHOLD, scope: str = "data.train") -> Any:
-    """``warning`` when more than ``threshold`` of the sample are near-duplicates, else ``ok``."""
+def near_duplicate_finding(report: NearDuplicateReport, *, threshold: float = SHARE_THRESHOLD, scope: str = "data.train",
+                           sample_capped: bool = False) -> Any:
+    """``warning`` when more than ``threshold`` of the sample are near-duplicates, else ``ok``.
+
+    ``sample_capped``: the documents are a sample of a larger corpus, so the share is a lower bound
+    (``measured["lower_bound"]``, and the title says "at least")."""
     from dapt.diagnostics.findings import Finding
 
-    measured = report.as_dict()
+    measured = {**report.as_dict(), "lower_bound": sample_capped}
+    bound = " (a lower bound: the sample is capped, duplicates outside it are not seen)" if sample_capped else ""
     limits = {"share": threshold, "jaccard": report.threshold, "shingle_words": report.shingle, "permutations": report.num_perm}
     if report.share > threshold:
-        title = (f"{report.share:.1%} of sampled domain documents ({report.near_duplicates}/{report.documents}) near-duplicate "
-                 f"an earlier one: deduplicate the corpus (MinHash, Jaccard >= {report.threshold}) before training")
+        title = (f"{'at least ' if sample_capped else ''}{report.share:.1%} of sampled domain documents ({report.near_duplicates}/"
+                 f"{report.documents}) near-duplicate an earlier one: deduplicate the corpus (MinHash, Jaccard >= {report.threshold}) "
+                 "before training")
         return Finding("corpus.near_duplicates", "warning", title, measured, limits, WHY, [], scope)
     return Finding("corpus.near_duplicates", "ok",
-                   f"{report.share:.1%} of sampled domain documents are near-duplicates (at most {threshold:.0%})",
+                   f"{report.share:.1%} of sampled domain documents are near-duplicates (at most {threshold:.0%}){bound}",
                    measured, limits, WHY, [], scope)

@@ -15,23 +15,29 @@ JSON object. Top-level keys, every kind:
 - ``counts``: ``{"error": n, "warning": n, "info": n, "ok": n}``.
 
 ``kind: "corpus"`` adds (``CORPUS_KEYS``): ``config`` (``{"overrides": [...], "max_documents": n,
-"data": name, "tasks": [...]}``), ``domain`` / ``general`` (sample profiles: documents, words, tokens,
+"contamination_documents": n or null, "data": name, "tasks": [...]}``), ``domain`` / ``general`` (sample profiles: documents, words, tokens,
 tokens_per_word, duplicate_documents, short_documents, replacement_chars, non_alpha_share, bytes,
 capped), ``vocabulary_overlap_top10k``, ``domain_term_fragmentation``, ``general_word_fragmentation``,
 ``example_domain_terms``, ``planned_train_tokens``, ``sampled_tokens_per_document``, ``corpus_size``
 (planned tokens, corpus tokens and how they were counted, epochs), ``near_duplicates`` (share,
 parameters, example pairs: positions in the sample, which takes documents round-robin from the
-``data.train`` sources) and ``contamination`` (``{task: {split: overlap}}``).
+``data.train`` sources; a lower bound when the sample is capped) and ``contamination`` (``{task: {split:
+overlap}}`` against the whole streamed ``data.train`` corpus, with ``documents_checked`` and ``capped``;
+the selected corpus, when ``selection`` is configured and built, appears as findings scoped
+``task <name> <split> (selection)``).
 
 ``kind: "run"`` / ``"sweep"`` adds (``RUN_KEYS``): ``path`` (the directory diagnosed) and ``runs``
 (the finished run folders ``dapt.reporting.diagnosis.diagnose_path`` read: the run itself, or each
-finished job of the sweep). Run findings of a sweep are scoped by their job folder's name.
+finished job of the sweep). Run findings of a sweep are scoped by their job folder's path relative to
+the sweep folder.
 
 Readers should check ``schema_version`` and ignore keys they do not know.
 
-W&B: ``dapt doctor <run dir>`` (and, per job, ``<sweep dir>``) adds to the run's W&B summary
-``doctor/error``, ``doctor/warning``, ``doctor/info``, ``doctor/ok`` (counts), ``doctor/schema_version``,
-``doctor/top_check``, ``doctor/top_severity`` and ``doctor/top_title`` (the most serious finding).
+W&B: for a run logged online (a ``wandb/run-*`` folder, ``WANDB_API_KEY`` set), ``dapt doctor <run dir>``
+(and, per job, ``<sweep dir>``) resumes the run and adds to its W&B summary ``doctor/error``,
+``doctor/warning``, ``doctor/info``, ``doctor/ok`` (counts), ``doctor/schema_version``,
+``doctor/top_check``, ``doctor/top_severity`` and ``doctor/top_title`` (the most serious finding). An
+offline run is left untouched (wandb cannot resume offline runs): its findings are in doctor.json only.
 """
 
 from __future__ import annotations

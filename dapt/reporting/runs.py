@@ -152,13 +152,29 @@ def _csv_history(path: Path) -> Any:
     return frame_by_step(frame)
 
 
+def _segment_order(path: Path) -> tuple[str, int, str]:
+    """Sort key of an offline run file ``wandb/offline-run-YYYYMMDD_HHMMSS-<id>[-N]/run-<id>.wandb``:
+    (timestamp, N) from the folder name (wandb names a second folder started in the same second
+    ``...-<id>-1``). Not the mtime: cp and rsync scramble it."""
+    folder, name = path.parent.name, path.name
+    run_id = name[len("run-"):-len(".wandb")] if name.startswith("run-") and name.endswith(".wandb") else ""
+    match = re.match(r"offline-run-(\d{8}_\d{6})-(.*)$", folder)
+    if not match:
+        return ("", 0, str(path))
+    stamp, rest = match.groups()
+    counter = 0
+    if run_id and rest.startswith(run_id + "-") and rest[len(run_id) + 1:].isdigit():
+        counter = int(rest[len(run_id) + 1:])
+    return (stamp, counter, str(path))
+
+
 def _offline_segments(run_dir: Path) -> list[Any]:
-    """Every readable offline W&B file of a run, oldest first. One run can have several: a resumed
-    attempt, or ``dapt doctor`` adding its findings to the summary, each writes a file of its own."""
+    """Every readable offline W&B file of a run, oldest first (by the timestamp in the folder name). One
+    run can have several: each resumed attempt writes a file of its own, and all of them are merged."""
     from dapt.tracking.wandb_offline import offline_runs, read_offline_run
 
     segments = []
-    for path in sorted(offline_runs(run_dir), key=lambda p: (p.stat().st_mtime, str(p))):
+    for path in sorted(offline_runs(run_dir), key=_segment_order):
         try:
             segments.append(read_offline_run(path))
         except Exception:  # noqa: BLE001 - an empty or torn file holds nothing to show
