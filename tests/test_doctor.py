@@ -422,3 +422,20 @@ def test_sweep_wandb_update_matches_job_scopes_relative_to_the_sweep(tmp_path, m
            "findings": [Finding("run.x", "error", "only b/0", scope="b/0").as_dict(), Finding("sweep.effect", "info", "s", scope="sweep").as_dict()]}
     assert doctor.update_sweep_wandb(doc) == ["ok"]
     assert calls == [(jobs[1], ["only b/0"])]
+
+
+def test_terminal_report_shows_overrides_with_brackets_intact():
+    """Overrides such as remedy=[replay,l2sp] are printed as written (rich would eat [replay,l2sp] as markup)."""
+    import io
+
+    from rich.console import Console
+
+    from dapt.diagnostics.findings import Finding
+    from dapt.diagnostics.report import document, print_report
+
+    doc = document("run", [Finding(check="run.forgetting_vs_control", severity="warning", title="forgetting [dev]",
+                                   overrides=["remedy=[replay,l2sp]"], scope="[job 0]")], {"path": "/x", "runs": []})
+    out = io.StringIO()
+    print_report(doc, Console(file=out, width=200))
+    text = out.getvalue()
+    assert "remedy=[replay,l2sp]" in text and "forgetting [dev]" in text and "[job 0]" in text

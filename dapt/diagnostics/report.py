@@ -107,24 +107,26 @@ def print_report(doc: dict[str, Any], console: Any = None, *, show_ok: bool = Fa
     """The ranked findings as a coloured table (severity, check, finding, measured vs threshold, overrides);
     passed checks (``ok``) are listed on one line unless ``show_ok``."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
-    table = Table(title=_title(doc), show_lines=False)
+    table = Table(title=escape(_title(doc)), show_lines=False)
     for name in ("severity", "check", "finding", "measured vs threshold", "try"):
         table.add_column(name, overflow="fold")
     for f in doc["findings"]:
         if f["severity"] == "ok" and not show_ok:
             continue
         colour = COLOURS[f["severity"]]
-        scope = f" [dim]({f['scope']})[/dim]" if f.get("scope") else ""
-        table.add_row(f"[{colour}]{f['severity']}[/{colour}]", f["check"], f"{f['title']}{scope}",
-                      measured_vs_threshold(f), "\n".join(f.get("overrides") or []))
+        # findings carry overrides like remedy=[replay,l2sp]: escaped, or rich would read [replay,l2sp] as markup
+        scope = f" [dim]({escape(f['scope'])})[/dim]" if f.get("scope") else ""
+        table.add_row(f"[{colour}]{f['severity']}[/{colour}]", escape(f["check"]), f"{escape(f['title'])}{scope}",
+                      escape(measured_vs_threshold(f)), escape("\n".join(f.get("overrides") or [])))
     if any(f["severity"] != "ok" or show_ok for f in doc["findings"]):
         console.print(table)
     passed = [f"{f['check']} ({f['scope']})" if f.get("scope") else f["check"] for f in doc["findings"] if f["severity"] == "ok"]
     if passed and not show_ok:
-        console.print(f"[{COLOURS['ok']}]passed:[/{COLOURS['ok']}] " + ", ".join(passed))
+        console.print(f"[{COLOURS['ok']}]passed:[/{COLOURS['ok']}] " + escape(", ".join(passed)))
     c = doc["counts"]
     console.print(", ".join(f"[{COLOURS[s]}]{c[s]} {s}[/{COLOURS[s]}]" for s in SEVERITIES))
 
