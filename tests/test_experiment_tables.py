@@ -1,5 +1,6 @@
-"""experiments/forgetting/table.py reports what the jobs' files say: one row per remedy set, the plain
-DAPT row as the reference, paired changes computed from the per-document sums."""
+"""The experiments' tables report what the jobs' files say: the forgetting table (one row per remedy set, the plain
+DAPT row as the reference, paired changes from the per-document sums) and the vocabulary table
+(fertility from results.json, the F1 difference paired over fine-tuning seeds)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,26 @@ def test_rows_reference_and_paired_changes(tmp_path):
     assert "2 different (rows marked 'own control'" in text
     llrd = next(line for line in text.splitlines() if line.startswith("| llrd"))
     assert llrd.count("(own control)") == 2 and "own control" not in next(line for line in text.splitlines() if line.startswith("| l2sp"))
+
+
+def test_vocabulary_table_reads_fertility_and_pairs_f1_over_seeds(tmp_path):
+    from experiments.vocabulary.table import table
+
+    counts = [30] * 10
+    _job(tmp_path / "plain", [], [90.0] * 10, counts)
+    _job(tmp_path / "extend", [], [80.0] * 10, counts)
+    for name, after in (("plain", [0.60, 0.62, 0.61]), ("extend", [0.63, 0.66, 0.64])):
+        path = tmp_path / name / "results.json"
+        results = json.loads(path.read_text())
+        results["downstream"] = {"ncbi_disease": {"before": {"test_f1": {"mean": 0.5, "std": 0.01, "values": [0.49, 0.5, 0.51]}},
+                                                  "after": {"test_f1": {"mean": float(np.mean(after)), "std": 0.01, "values": after}}}}
+        if name == "extend":
+            results["vocabulary"] = {"added": 1000, "fertility": {"domain": {"before": 1.257, "after": 1.143},
+                                                                  "general": {"before": 1.112, "after": 1.110}}}
+        path.write_text(json.dumps(results))
+    text = table(tmp_path / "plain", tmp_path / "extend")
+    extend = next(line for line in text.splitlines() if line.startswith("| extend"))
+    assert "| 1000 | 1.257 → 1.143 | 1.112 → 1.110 |" in extend
+    # the paired delta is the mean of the per-seed differences (0.03, 0.04, 0.03)
+    assert "extend − plain (paired over 3 fine-tuning seeds): +0.033 [" in text
+    assert "| plain | 0 | — | — |" in text
