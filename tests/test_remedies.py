@@ -313,6 +313,8 @@ def test_lora_run_saves_a_merged_model_that_loads_with_from_pretrained(compose, 
     assert torch.allclose(logits(saved), seen["adapters"], atol=1e-4)
     assert not torch.allclose(seen["adapters"], seen["start"], atol=1e-4)
     assert objects["results"]["remedies"]["active"] == ["lora"]
+    counts = objects["results"]["remedies"]  # counted when applied, not after the merge (which trains nothing)
+    assert 0 < counts["trainable_parameters"] < 0.2 * counts["parameters"]
 
 
 def test_anchors_stay_at_the_start_weights_when_a_run_resumes_from_a_checkpoint(tmp_path):

@@ -36,6 +36,9 @@ class AppliedRemedies:
     lora: Any = None  # the peft wrapper (merged back by ``export``)
     frozen: list[str] = field(default_factory=list)
     fisher: dict[str, Any] | None = None
+    # counted when applied: after training, LoRA's merge leaves no parameter marked trainable
+    trainable_parameters: int = 0
+    parameters: int = 0
 
     @property
     def layer_decay(self) -> float:
@@ -48,15 +51,13 @@ class AppliedRemedies:
     def as_results(self, run: Any) -> dict[str, Any]:
         """The ``remedies`` block of results.json: what was switched on, with the replay fraction and
         schedule (the data- and schedule-side remedies) beside them."""
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.model.parameters())
         active = self.config.active()
         if run.data.replay_fraction > 0:
             active.append("replay")
         if run.scheduler.min_lr_ratio > 0:
             active.append("rewarm")
         return {"active": active, "config": asdict(self.config), "replay_fraction": run.data.replay_fraction,
-                "scheduler": asdict(run.scheduler), "trainable_parameters": trainable, "parameters": total,
+                "scheduler": asdict(run.scheduler), "trainable_parameters": self.trainable_parameters, "parameters": self.parameters,
                 "frozen_tensors": len(self.frozen), "fisher": self.fisher}
 
 
@@ -78,6 +79,8 @@ def apply_remedies(remedy: RemedyConfig, *, model: torch.nn.Module, run: Any, ge
                                                    tokenizer=tokenizer, data_dir=data_dir, cache_dir=cache_dir,
                                                    start_fingerprint=start_fingerprint, seed=seed)
         applied.penalty = AnchorPenalty(model, l2sp=remedy.l2sp.weight, ewc=remedy.ewc.weight, fisher=fisher)
+    applied.trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    applied.parameters = sum(p.numel() for p in model.parameters())
     if applied.config.active():
         log.info("remedies on: %s", ", ".join(applied.config.active()))
     return applied
