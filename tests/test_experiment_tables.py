@@ -60,7 +60,8 @@ def test_vocabulary_table_reads_fertility_and_pairs_f1_over_seeds(tmp_path):
         path = tmp_path / name / "results.json"
         results = json.loads(path.read_text())
         results["downstream"] = {"ncbi_disease": {"before": {"test_f1": {"mean": 0.5, "std": 0.01, "values": [0.49, 0.5, 0.51]}},
-                                                  "after": {"test_f1": {"mean": float(np.mean(after)), "std": 0.01, "values": after}}}}
+                                                  "after": {"test_f1": {"mean": float(np.mean(after)), "std": 0.01, "values": after}},
+                                                  "delta": 0.1, "delta_ci": [0.05, 0.15], "p_value": 0.01, "p_holm": 0.02, "holm_m": 2}}
         if name == "extend":
             results["vocabulary"] = {"added": 1000, "fertility": {"domain": {"before": 1.257, "after": 1.143},
                                                                   "general": {"before": 1.112, "after": 1.110}}}
@@ -70,4 +71,23 @@ def test_vocabulary_table_reads_fertility_and_pairs_f1_over_seeds(tmp_path):
     assert "| 1000 | 1.257 → 1.143 | 1.112 → 1.110 |" in extend
     # the paired delta is the mean of the per-seed differences (0.03, 0.04, 0.03)
     assert "extend − plain (paired over 3 fine-tuning seeds): +0.033 [" in text
-    assert "| plain | 0 | — | — |" in text
+    assert "| plain | 0 | — | — |" in text and "| +0.100 [+0.050, +0.150], p = 0.020 (Holm, 2 comparisons) |" in text
+
+
+def test_the_readme_tables_are_the_tables_generated_from_the_kept_results():
+    """The numbers in experiments/forgetting and experiments/vocabulary READMEs come from the kept run files."""
+    from dapt.config import REPO_ROOT
+    from experiments.forgetting.table import table as forgetting_table
+    from experiments.vocabulary.table import table as vocabulary_table
+
+    root = REPO_ROOT / "experiments"
+    vocab = root / "vocabulary" / "results" / "2026-12-03_4071bb5"
+    for readme, generated in (
+        (root / "forgetting" / "README.md", forgetting_table([root / "forgetting" / "results" / "sweep_2026-12-03_394141f"])),
+        (root / "vocabulary" / "README.md", vocabulary_table(vocab / "plain", vocab / "extend")),
+    ):
+        text = readme.read_text()
+        rows = [line for line in generated.splitlines() if line.startswith("| ") or "paired over" in line]
+        assert len(rows) >= 4
+        for line in rows:
+            assert line in text, f"{readme.name}: {line[:80]}... is not the generated row"

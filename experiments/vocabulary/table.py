@@ -33,6 +33,16 @@ def _f1_cell(f1: dict[str, Any]) -> str:
     return f"{f1['mean']:.3f} ± {f1['std']:.3f} ({values})"
 
 
+def _delta_cell(results: dict[str, Any], task: str) -> str:
+    """The run's own after − before F1 difference, paired over seeds (results.json ``downstream``)."""
+    entry = (results.get("downstream") or {}).get(task) or {}
+    if entry.get("delta") is None or not entry.get("delta_ci"):
+        return "—"
+    low, high = entry["delta_ci"]
+    p = entry.get("p_holm", entry.get("p_value"))
+    return f"{entry['delta']:+.3f} [{low:+.3f}, {high:+.3f}], p = {p:.3f}" + (f" (Holm, {entry['holm_m']} comparisons)" if entry.get("holm_m", 1) > 1 else "")
+
+
 def _fertility(results: dict[str, Any], corpus: str) -> str:
     vocab = results.get("vocabulary")
     if not vocab:
@@ -48,8 +58,8 @@ def table(plain_dir: Path, extended_dir: Path, task: str = TASK) -> str:
         return f"Not finished (no results.json): {', '.join(missing)}"
     lines = [
         f"| run | words added | pieces/word, domain | pieces/word, general | domain test ppl before → after | general test ppl before → after "
-        f"| domain ppl change | {task} test F1 before | {task} test F1 after |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| domain ppl change | {task} test F1 before | {task} test F1 after | F1 after − before [95% CI], p |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, job in jobs.items():
         r = job["results"]
@@ -59,7 +69,8 @@ def table(plain_dir: Path, extended_dir: Path, task: str = TASK) -> str:
         lines.append(f"| {name} | {added} | {_fertility(r, 'domain')} | {_fertility(r, 'general')} "
                      f"| {ppl_cell(r, 'domain_ppl_before')} → {ppl_cell(r, 'domain_ppl_after')} "
                      f"| {ppl_cell(r, 'general_ppl_before')} → {ppl_cell(r, 'general_ppl_after')} "
-                     f"| {pct(change) if change[0] is not None else '—'} | {_f1_cell(_f1(r, task, 'before'))} | {_f1_cell(_f1(r, task, 'after'))} |")
+                     f"| {pct(change) if change[0] is not None else '—'} | {_f1_cell(_f1(r, task, 'before'))} | {_f1_cell(_f1(r, task, 'after'))} "
+                     f"| {_delta_cell(r, task)} |")
     a, b = _f1(jobs["plain"]["results"], task, "after"), _f1(jobs["extend"]["results"], task, "after")
     lines.append("")
     if a.get("values") and b.get("values") and len(a["values"]) == len(b["values"]):
