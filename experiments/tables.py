@@ -9,6 +9,7 @@ that made its cells, and warns when cells were made by different code or in diff
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -87,3 +88,19 @@ def provenance_lines(jobs: list[dict[str, Any]], label: Callable[[dict[str, Any]
     else:
         lines.append(f"Precision: {next(iter(precisions))}.")
     return "\n".join(lines)
+
+
+def missing_line(missing: list[Path]) -> str:
+    """The line that lists a table's unfinished jobs (never filled in)."""
+    return "Not finished (no results.json): " + ", ".join(str(m) for m in missing)
+
+
+def sweep_table_main(table: Callable[[list[Path]], str], usage: str, argv: list[str] | None = None) -> int:
+    """``python -m experiments.<study>.table <sweep dir> [more]``: print ``table`` of the sweep folders,
+    or ``usage`` (the module docstring) without arguments."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print(usage)
+        return 2
+    print(table([Path(a) for a in args]))
+    return 0

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from experiments.tables import paired_ppl, pct, ppl_cell, provenance_lines, sweep_jobs
+from experiments.tables import missing_line, paired_ppl, pct, ppl_cell, provenance_lines, sweep_jobs, sweep_table_main
 
 PLAIN = "plain"
 
@@ -71,17 +71,12 @@ def table(sweeps: list[Path]) -> str:
                      + (f", domain test ppl {ppl_cell(r['control'], 'domain_ppl_after')}, general {ppl_cell(r['control'], 'general_ppl_after')}."
                         if r.get("control") else "."))
     if missing:
-        lines.append("Not finished (no results.json): " + ", ".join(str(m) for m in missing))
+        lines.append(missing_line(missing))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args:
-        print(__doc__)
-        return 2
-    print(table([Path(a) for a in args]))
-    return 0
+    return sweep_table_main(table, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dapt.evaluation.stats import apply_holm, paired_comparison
-from experiments.tables import paired_ppl, pct, ppl_cell, provenance_lines, sweep_jobs
+from experiments.tables import missing_line, paired_ppl, pct, ppl_cell, provenance_lines, sweep_jobs, sweep_table_main
 
 REFERENCE = ("random", 0.15)
 TASK = "ncbi_disease"
@@ -67,17 +67,12 @@ def table(sweeps: list[Path]) -> str:
     lines += ["", provenance_lines(jobs, lambda job: f"{job['key'][0]}@{job['key'][1]:.2f}")]
     if missing:
         lines.append("")
-        lines.append("Not finished (no results.json): " + ", ".join(str(m) for m in missing))
+        lines.append(missing_line(missing))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args:
-        print(__doc__)
-        return 2
-    print(table([Path(a) for a in args]))
-    return 0
+    return sweep_table_main(table, __doc__, argv)
 
 
 if __name__ == "__main__":
