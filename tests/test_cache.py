@@ -14,7 +14,7 @@ from dapt.evaluation.cache import CACHE_VERSION, recipe_fingerprint, score_cache
 # If this fails you changed that code: if cached scores may differ, bump CACHE_VERSION in
 # dapt/evaluation/cache.py and add {new version: new fingerprint} here; if the edit cannot change a
 # score (comments, docstrings, a pure refactor), update the fingerprint of the current version.
-PINNED_RECIPE = {2: "9ba38583a8648074"}  # re-pinned for the remedies (issue 14): optim.param_groups/build_optimizer gained optional lr scales that fine-tuning never passes; re-pinned: the one-way restructuring (issue 13) moved code, removed the unread task `domain` key (its cache key changes once; scores do not) and added the optimizer module and dapt.labels, which fine-tuning runs through, to the fingerprint
+PINNED_RECIPE = {2: "39e2551e86091b29"}  # re-pinned: load_task's dev carve moved into tasks.carve_dev unchanged (selection reuses it); re-pinned for the remedies (issue 14): optim.param_groups/build_optimizer gained optional lr scales that fine-tuning never passes; re-pinned: the one-way restructuring (issue 13) moved code, removed the unread task `domain` key (its cache key changes once; scores do not) and added the optimizer module and dapt.labels, which fine-tuning runs through, to the fingerprint
 
 
 def test_recipe_code_is_pinned_to_cache_version():

@@ -242,20 +242,33 @@ def _check_scorable(task: TaskConfig, splits: dict[str, list[Any]]) -> None:
             raise DataError(f"task {task.name}: every text in the {split} split ({location}) is empty: wrong text_field?")
 
 
+def carve_dev(task: TaskConfig, train: list[Any]) -> tuple[list[Any], list[Any]]:
+    """(train, dev) of a task without a dev file: ``dev_fraction`` of train held out as dev.
+
+    A fixed shuffle (``split_seed``), independent of the fine-tuning seed: every model and seed is
+    selected on the same dev examples, so the seed spread measures fine-tuning noise only.
+    """
+    order = list(range(len(train)))
+    random.Random(task.split_seed).shuffle(order)
+    n_dev = max(1, int(round(len(train) * task.dev_fraction)))
+    return [train[i] for i in sorted(order[n_dev:])], [train[i] for i in sorted(order[:n_dev])]
+
+
+def read_train_split(task: TaskConfig, data_dir: str | Path) -> list[Any]:
+    """The examples fine-tuning trains on, read without opening the dev or test files: the train split,
+    less the dev examples ``carve_dev`` holds out of it when the task has no dev file."""
+    train = _read_split(task, "train", task.train, Path(data_dir).expanduser())
+    return carve_dev(task, train)[0] if task.dev is None else train
+
+
 def load_task(task: TaskConfig, data_dir: str | Path) -> TaskData:
     """Read train/dev/test, take the label set from train and reconcile dev/test with it."""
     data_dir = Path(data_dir).expanduser()
     notes: list[str] = []
     train = _read_split(task, "train", task.train, data_dir)
     if task.dev is None:
-        # A fixed shuffle (split_seed), independent of the fine-tuning seed: every model and seed is
-        # selected on the same dev examples, so the seed spread measures fine-tuning noise only.
-        order = list(range(len(train)))
-        random.Random(task.split_seed).shuffle(order)
-        n_dev = max(1, int(round(len(train) * task.dev_fraction)))
-        dev = [train[i] for i in sorted(order[:n_dev])]
-        train = [train[i] for i in sorted(order[n_dev:])]
-        notes.append(f"task {task.name}: no dev split, {n_dev} train examples held out as dev (seed {task.split_seed})")
+        train, dev = carve_dev(task, train)
+        notes.append(f"task {task.name}: no dev split, {len(dev)} train examples held out as dev (seed {task.split_seed})")
     else:
         dev = _read_split(task, "dev", task.dev, data_dir)
     test = _read_split(task, "test", task.test, data_dir)

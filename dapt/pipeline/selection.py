@@ -23,7 +23,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,7 @@ import numpy as np
 
 from dapt.data.sources import SourceConfig, describe, iter_documents
 from dapt.errors import ConfigError, DataError
-from dapt.evaluation.tasks import TaskConfig, resolve_task
+from dapt.evaluation.tasks import TaskConfig, read_train_split, resolve_task
 
 log = logging.getLogger(__name__)
 
@@ -143,26 +142,6 @@ class SelectionResult:
 # The target: a task's train text, and only that.
 
 
-def _train_examples(task: TaskConfig, data_dir: str | Path) -> list[Any]:
-    """The examples of ``task``'s train split, read with the evaluation readers; dev/test never read.
-
-    Only ``tasks._read_split(task, "train", ...)`` runs (``load_task`` would also read dev and test).
-    A task without a dev file (``dev: null``) has its dev carved out of train by ``load_task`` with
-    a fixed shuffle (``split_seed``, ``dev_fraction``); the same carve is applied here and the carved
-    examples are dropped, so the target never contains a text the fine-tuning selects epochs on.
-    """
-    from dapt.evaluation.tasks import _read_split
-
-    train = _read_split(task, "train", task.train, Path(data_dir).expanduser())
-    if task.dev is None:
-        # Must match dapt.evaluation.tasks.load_task's carve exactly (tests/test_selection.py checks it).
-        order = list(range(len(train)))
-        random.Random(task.split_seed).shuffle(order)
-        n_dev = max(1, int(round(len(train) * task.dev_fraction)))
-        train = [train[i] for i in sorted(order[n_dev:])]
-    return train
-
-
 def task_train_texts(task_name: str | Mapping[str, Any] | TaskConfig, data_dir: str | Path) -> list[str]:
     """The text of a task's train split only: classification texts, or NER sentences' words joined by spaces.
 
@@ -171,7 +150,7 @@ def task_train_texts(task_name: str | Mapping[str, Any] | TaskConfig, data_dir: 
     is later selected (dev) or scored (test) on. Blank texts are dropped (nothing to be similar to).
     """
     task = resolve_task(task_name)
-    examples = _train_examples(task, data_dir)
+    examples = read_train_split(task, data_dir)  # dev/test files never opened; carved dev left out
     if task.type == "ner":
         texts = [" ".join(ex.tokens) for ex in examples]
     else:
