@@ -2,18 +2,22 @@
 
 On a terminal it is a live TQDM bar. When output is not a terminal (CI, SLURM logs, ``| tee``), a
 redrawing bar would write thousands of carriage-return updates into the log, so the bars are off and
-a plain line is printed about every tenth of the run instead.
+a plain line is printed about every tenth of the run instead. ``iter_progress`` does the same for a
+stream of items (documents scanned by data selection).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
-from typing import Any
+from typing import Any, Iterable, Iterator, TypeVar
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import TQDMProgressBar
 
 LOG_LINES = 10  # plain progress lines per run when output is not a terminal
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -48,3 +52,20 @@ class StepProgressBar(TQDMProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return metrics
+
+
+def iter_progress(items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
+    """Count ``items`` as they stream: a live tqdm bar on a terminal; otherwise, like
+    ``StepProgressBar``, about ``LOG_LINES`` plain log lines (no carriage-return flood)."""
+    if sys.stdout.isatty():
+        from tqdm.auto import tqdm
+
+        yield from tqdm(items, total=total, desc=description, unit="doc")
+        return
+    every = max(1, total // LOG_LINES) if total else 10_000
+    n = 0
+    for n, item in enumerate(items, start=1):
+        yield item
+        if n % every == 0:
+            log.info("%s: %d%s documents", description, n, f"/{total}" if total else "")
+    log.info("%s: %d documents, done", description, n)

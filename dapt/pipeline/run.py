@@ -152,7 +152,9 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
         log.info("selection.%s: training on %d selected documents (%s)", run.selection.method, selection.documents, selection.path)
 
     def data_for(tokenizer: Any) -> tuple[Any, PackedCorpusDataModule]:
-        """The masker and datamodule of this run for ``tokenizer`` (rebuilt when the vocabulary is extended)."""
+        """The masker and checked datamodule of this run for ``tokenizer`` (rebuilt when the vocabulary
+        is extended): missing/empty/binary/malformed corpora fail here, before any model work, and a
+        budget that repeats the corpus is warned about."""
         context = MaskingContext(
             tokenizer=tokenizer,
             domain_documents=lambda: _documents(run.data.train, data_dir),
@@ -161,11 +163,12 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
         )
         masker = build_masker(cfg.masking, tokenizer, default_schedule_steps=max_steps, context=context)
         eval_masker = build_eval_masker(cfg.masking, tokenizer, context=context)
-        return masker, PackedCorpusDataModule(run.data, tokenizer, masker, data_dir=data_dir, seed=seed, eval_masker=eval_masker)
+        datamodule = PackedCorpusDataModule(run.data, tokenizer, masker, data_dir=data_dir, seed=seed, eval_masker=eval_masker)
+        datamodule.check_inputs()
+        datamodule.plan_batches(max_steps * int(run.trainer.get("accumulate_grad_batches") or 1))
+        return masker, datamodule
 
     masker, datamodule = data_for(tokenizer)
-    datamodule.check_inputs()  # missing/empty/binary/malformed corpora fail here, before any model work
-    datamodule.plan_batches(max_steps * int(run.trainer.get("accumulate_grad_batches") or 1))  # repetition warning
 
     loaded = load_mlm_model(
         run.model.source,
@@ -201,8 +204,6 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
         model, tokenizer = vocabulary.model, vocabulary.tokenizer
         start_fingerprint = {"vocabulary": vocabulary.cache_key}
         masker, datamodule = data_for(tokenizer)
-        datamodule.check_inputs()
-        datamodule.plan_batches(max_steps * int(run.trainer.get("accumulate_grad_batches") or 1))
 
     datamodule.setup()  # held-out sets are sampled once and shared by DAPT and the control arm
     control = None

@@ -34,6 +34,7 @@ import numpy as np
 from dapt.data.sources import SourceConfig, describe, iter_documents
 from dapt.errors import ConfigError, DataError
 from dapt.evaluation.tasks import TaskConfig, read_train_split, resolve_task
+from dapt.progress import iter_progress
 
 log = logging.getLogger(__name__)
 
@@ -181,25 +182,6 @@ def _train_description(task: TaskConfig, data_dir: str | Path) -> dict[str, Any]
 
 # ---------------------------------------------------------------------------------------------------
 # Streaming helpers.
-
-
-def _progress(items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
-    """Count ``items`` as they stream: a live tqdm bar on a terminal; otherwise, like
-    ``dapt.progress.StepProgressBar``, about ``LOG_LINES`` plain log lines (no carriage-return flood)."""
-    from dapt.progress import LOG_LINES
-
-    if sys.stdout.isatty():
-        from tqdm.auto import tqdm
-
-        yield from tqdm(items, total=total, desc=description, unit="doc")
-        return
-    every = max(1, total // LOG_LINES) if total else 10_000
-    n = 0
-    for n, item in enumerate(items, start=1):
-        yield item
-        if n % every == 0:
-            log.info("%s: %d%s documents", description, n, f"/{total}" if total else "")
-    log.info("%s: %d documents, done", description, n)
 
 
 def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -441,7 +423,7 @@ def _build(cfg: SelectionConfig, task: TaskConfig, sources: list[SourceConfig], 
         from dapt.data.dsir import dsir_select
 
         passes = iter(("selection dsir: corpus n-gram model", "selection dsir: resampling"))
-        selected, stats = dsir_select(target, lambda: _progress(corpus(), cfg.candidates, next(passes)), cfg.size, seed=cfg.seed)
+        selected, stats = dsir_select(target, lambda: iter_progress(corpus(), cfg.candidates, next(passes)), cfg.size, seed=cfg.seed)
         if not selected:
             raise DataError(f"selection.method=dsir selected no document: the corpus ({', '.join(s.path for s in sources)}) "
                             "has no document with a word in it")
@@ -450,7 +432,7 @@ def _build(cfg: SelectionConfig, task: TaskConfig, sources: list[SourceConfig], 
     else:
         encoder = SentenceEncoder(cfg.encoder, max_length=cfg.max_length, batch_size=cfg.batch_size)
         task_embeddings = encoder.embed(target)
-        scan = knn_scan(task_embeddings, _progress(corpus(), cfg.candidates, "selection knn: embedded"), encoder,
+        scan = knn_scan(task_embeddings, iter_progress(corpus(), cfg.candidates, "selection knn: embedded"), encoder,
                         cfg.k, cfg.batch_size)
         scanned = len(scan.best_similarity)
         chosen = knn_union(scan, cfg.size)
