@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dapt.commands.train:main", "domain-adaptive pretraining run (Hydra: overrides, -m sweeps)"),
     "finetune": ("dapt.commands.finetune:main", "fine-tune one downstream task on any checkpoint (Hydra)"),
     "doctor": ("dapt.commands.doctor:main", "diagnose a corpus before training, or a finished run or sweep (ranked findings, doctor.json)"),
+    "study": ("dapt.commands.study:main", "run a paper reproduction / ablation study (all arms, resumable) and write its table"),
     "compare": ("dapt.commands.compare:main", "compare runs: table, CSV/Markdown, plots"),
     "masking-stats": ("dapt.commands.masking_stats:main", "compute and cache PMI n-grams / salient domain terms"),
 }

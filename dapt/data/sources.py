@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 SOURCE_TYPES = ("jsonl", "text", "parquet", "hf")
 PARTS = ("all", "train", "dev", "test")
-SPLIT_BY = ("file", "line", "blank_line", "wikitext")
+SPLIT_BY = ("file", "line", "blank_line", "wikitext", "conll")
 _WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
 # File names (case-insensitive globs) that are never corpus text in a directory/glob source.
 DEFAULT_EXCLUDE = ("LICENSE*", "LICENCE*", "README*", "COPYING*", "NOTICE*")
@@ -51,7 +51,9 @@ class SourceConfig:
         split_by: for ``text``: ``file`` (one document per file), ``line`` (one per non-empty line),
             ``blank_line`` (paragraph blocks) or ``wikitext`` (one per WikiText article: a
             `` = Title = `` line starts each; articles, not paragraphs, are the independent units a
-            perplexity confidence interval resamples).
+            perplexity confidence interval resamples) or ``conll`` (one per sentence of a CoNLL
+            token-per-line file, its first column joined by spaces, ``-DOCSTART-`` lines dropped:
+            the unlabeled text of an NER task, for task-adaptive pretraining).
         hf_config / hf_split / hf_data_files / streaming: ``datasets.load_dataset`` arguments (a
             directory written by ``Dataset.save_to_disk`` is opened with ``load_from_disk``,
             memory-mapped, and iterated without loading it).
@@ -238,7 +240,10 @@ def _text_units(path: Path, split_by: str, stats: ReadStats, keep: Any) -> Itera
         para_decoded = True  # every line of the current paragraph/article was valid UTF-8
 
         def emit() -> Iterator[str]:
-            body = "\n".join(p for p in para if p.strip())
+            if split_by == "conll":
+                body = " ".join(p.split()[0] for p in para if p.strip() and not p.startswith("-DOCSTART-"))
+            else:
+                body = "\n".join(p for p in para if p.strip())
             if body:
                 stats.record()
                 if keep(body, f"{path}:{para_start}", para_decoded):
@@ -254,7 +259,7 @@ def _text_units(path: Path, split_by: str, stats: ReadStats, keep: Any) -> Itera
                         yield line
                 continue
             starts_article = split_by == "wikitext" and _WIKITEXT_TITLE.match(line) and any(p.strip() for p in para)
-            ends_paragraph = split_by == "blank_line" and not line.strip()
+            ends_paragraph = split_by in ("blank_line", "conll") and not line.strip()
             if starts_article or ends_paragraph:
                 yield from emit()
                 para, para_start, para_decoded = [], lineno, True

@@ -13,11 +13,12 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from dapt.io import atomic_write_file
 from dapt.reporting.runs import CURVE_KEYS, Run
 from dapt.reporting.table import downstream_scores, run_labels
 
 
-def _plt() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     if not os.environ.get("MPLBACKEND"):
@@ -27,11 +28,14 @@ def _plt() -> Any:
     return plt
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` atomically (a killed write leaves the previous file) in the format of the suffix."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    _plt().close(fig)
+    fmt = path.suffix.lstrip(".") or "png"
+    try:
+        atomic_write_file(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight"))
+    finally:
+        pyplot().close(fig)
     return path
 
 
@@ -56,7 +60,7 @@ def perplexity_figure(runs: Sequence[Run], keys: Sequence[str] = CURVE_KEYS) -> 
     keys = [k for k in keys if any(k in h.columns for _, h in curves if not h.empty)]
     if not keys:
         return None
-    plt = _plt()
+    plt = pyplot()
     labels = run_labels(runs)
     shown = [run for run, h in curves if not h.empty and any(k in h.columns for k in keys)]
     ncol = _legend_columns(len(shown))
@@ -93,7 +97,7 @@ def perplexity_figure(runs: Sequence[Run], keys: Sequence[str] = CURVE_KEYS) -> 
 def plot_perplexity(runs: Sequence[Run], path: str | Path, keys: Sequence[str] = CURVE_KEYS) -> Path | None:
     """``perplexity_figure`` saved as a PNG (None when no run logged a perplexity history)."""
     fig = perplexity_figure(runs, keys)
-    return _save(fig, path) if fig is not None else None
+    return save_figure(fig, path) if fig is not None else None
 
 
 def downstream_figure(runs: Sequence[Run]) -> Any | None:
@@ -101,7 +105,7 @@ def downstream_figure(runs: Sequence[Run]) -> Any | None:
     rows = downstream_scores(runs)
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     names = list(dict.fromkeys(r["run"] for r in rows))
     longest = max(len(n) for n in names)
@@ -139,4 +143,4 @@ def downstream_figure(runs: Sequence[Run]) -> Any | None:
 def plot_downstream(runs: Sequence[Run], path: str | Path) -> Path | None:
     """``downstream_figure`` saved as a PNG (None when no run has downstream scores)."""
     fig = downstream_figure(runs)
-    return _save(fig, path) if fig is not None else None
+    return save_figure(fig, path) if fig is not None else None

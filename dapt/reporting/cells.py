@@ -1,0 +1,85 @@
+"""Cells of results tables generated from finished run folders (never typed), shared by the studies
+(``dapt.study``) and the experiments' table scripts.
+
+A job is one finished run folder (``results.json`` + ``heldout_documents.json``). Runs of a sweep or
+study are scored on the same held-out documents with the same fixed masks, so two jobs compare with a
+*paired* document-bootstrap CI from their per-document loss sums. Every table ends with the code and
+precision that made its cells, and warns when cells were made by different code or in different precisions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from dapt.modeling.perplexity import paired_change_ci
+
+
+def read_job(folder: Path) -> dict[str, Any] | None:
+    """``{"folder", "results", "docs"}`` of a finished job (``docs``: the adapted model's per-document
+    sums); None when the job has no results.json (unfinished or failed)."""
+    path = folder / "results.json"
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    docs = json.loads((folder / "heldout_documents.json").read_text())["after"]
+    return {"folder": folder, "results": results, "docs": docs}
+
+
+def pct(change: tuple[float, float, float] | None) -> str:
+    """A relative change with its CI as ``+1.2% [+0.5, +2.0]``; a dash when unknown."""
+    if change is None:
+        return "—"
+    value, low, high = change
+    if low is None or high is None or np.isnan(low) or np.isnan(high):
+        return f"{100 * value:+.1f}% [CI unknown]"
+    return f"{100 * value:+.1f}% [{100 * low:+.1f}, {100 * high:+.1f}]"
+
+
+def ppl_cell(results: dict[str, Any], key: str) -> str:
+    """A perplexity with its 95% bootstrap CI from results.json (``<key>`` and ``<key>_ci``)."""
+    low, high = results.get(f"{key}_ci") or (None, None)
+    value = results.get(key)
+    return f"{value:.1f} [{low:.1f}, {high:.1f}]" if value is not None and low is not None else f"{value}"
+
+
+def paired_ppl(job: dict[str, Any], ref: dict[str, Any], key: str) -> tuple[float, float, float] | None:
+    """``ppl_job / ppl_ref - 1`` on held-out set ``key`` (e.g. ``domain_ppl``) with a paired CI; None
+    when the two jobs were not scored on the same documents and masked tokens."""
+    a, b = job["docs"].get(key), ref["docs"].get(key)
+    if not a or not b or a["ids"] != b["ids"] or a["counts"] != b["counts"]:
+        return None
+    return paired_change_ci(np.asarray(a["sums"]), np.asarray(b["sums"]), np.asarray(a["counts"]))
+
+
+def provenance_lines(jobs: list[dict[str, Any]], label: Callable[[dict[str, Any]], str]) -> str:
+    """Which code made the cells (results.json ``provenance``), and a warning when it differs: cells
+    computed by different code are not comparable unless the change between them altered no number."""
+    codes: dict[str, list[str]] = {}
+    for job in jobs:
+        prov = job["results"].get("provenance") or {}
+        text = (f"commit {str(prov.get('git_commit'))[:7]}{' (uncommitted changes)' if prov.get('git_dirty') else ''}, "
+                f"code digest {prov.get('code_digest')}") if prov else "code not recorded (results.json without provenance)"
+        codes.setdefault(text, []).append(label(job))
+    if not codes:
+        return "No finished job."
+    lines = [f"All cells: {next(iter(codes))}." if len(codes) == 1 else
+             "WARNING: cells made by different code: " + "; ".join(f"{text}: {', '.join(cells)}" for text, cells in codes.items())]
+    precisions: dict[str, list[str]] = {}
+    for job in jobs:  # results.json without "precision" predate trainer.precision=auto: the CPU config was 32-true then
+        value = (job["results"].get("precision") or {}).get("value") or "32-true (before precision was recorded)"
+        precisions.setdefault(value, []).append(label(job))
+    if len(precisions) > 1:
+        lines.append("WARNING: cells computed in different precisions: "
+                     + "; ".join(f"{value}: {', '.join(cells)}" for value, cells in precisions.items()))
+    else:
+        lines.append(f"Precision: {next(iter(precisions))}.")
+    return "\n".join(lines)
+
+
+def missing_line(missing: list[Path]) -> str:
+    """The line that lists a table's unfinished jobs (never filled in)."""
+    return "Not finished (no results.json): " + ", ".join(str(m) for m in missing)

@@ -1,0 +1,221 @@
+"""Run a study's arms, each a ``dapt train`` process, so that re-running the command continues it.
+
+Layout of a study's output folder (``--out``, default ``studies/<name>``)::
+
+    <out>/<arm>/arm.json   the overrides the arm was launched with (a re-run with others is refused)
+    <out>/<arm>/log.txt    the arm's stdout and stderr (appended on every attempt)
+    <out>/<arm>/run/       the arm's Hydra run directory: results.json, model/, checkpoints/ ...
+
+Why a process per arm and ``resume=auto``: a finished arm is recognised by its complete
+``results.json`` and not run again; an arm stopped half-way (Ctrl-C, SIGTERM, a killed job) left a
+checkpoint that ``dapt train resume=auto`` continues exactly (weights, optimizer, data position,
+RNG). Each arm's run folder has no siblings, so ``resume=auto`` can only continue that arm's own run.
+Bases, control arms and the start model's downstream scores are cached by ``dapt.pipeline`` on
+content, so arms that share them compute them once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from dapt.config import config_dir
+from dapt.errors import ConfigError
+from dapt.io import atomic_write_json
+from dapt.study.spec import Arm, StudySpec
+
+ARM_FILE = "arm.json"
+LOG_FILE = "log.txt"
+RUN_DIR = "run"
+
+
+@dataclass(frozen=True)
+class ArmStatus:
+    """Where one arm stands: ``done`` (complete results.json), ``partial`` (a checkpoint or a failed
+    late stage to continue), ``failed`` (results.json records an error with nothing to resume) or ``todo``."""
+
+    arm: Arm
+    folder: Path
+    state: str
+    detail: str = ""
+
+
+def run_folder(out: Path, arm: Arm) -> Path:
+    return out / arm.name / RUN_DIR
+
+
+def results_of(out: Path, arm: Arm) -> dict[str, Any] | None:
+    """The arm's complete results.json (None while it is unfinished or its last attempt failed)."""
+    path = run_folder(out, arm) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return None if "error" in results else results
+
+
+def status(out: Path, arm: Arm) -> ArmStatus:
+    folder = run_folder(out, arm)
+    if results_of(out, arm) is not None:
+        return ArmStatus(arm, folder, "done")
+    ckpt = folder / "checkpoints" / "last.ckpt"
+    if ckpt.is_file():
+        return ArmStatus(arm, folder, "partial", f"checkpoint {ckpt}")
+    if (folder / "results.json").is_file():
+        return ArmStatus(arm, folder, "partial", "a late stage failed; resume=auto runs it again")
+    return ArmStatus(arm, folder, "todo")
+
+
+def arm_overrides(spec: StudySpec, arm: Arm, out: Path, extra: list[str]) -> list[str]:
+    """The ``dapt train`` overrides of one arm: common, the arm's own, the start model, the user's
+    extra overrides, then where to write (its own folder, ``resume=auto``) and the W&B group."""
+    overrides = [*spec.common, *arm.overrides]
+    if arm.start is not None:
+        start = results_of(out, spec.arm(arm.start))
+        model = (start or {}).get("model_dir") or str(run_folder(out, spec.arm(arm.start)) / "model")
+        overrides += [f"model.source={Path(model).resolve()}", "model.random_init=false"]  # a saved model, whatever the model group
+    return [*overrides, *extra, f"hydra.run.dir={run_folder(out, arm).resolve()}", "resume=auto",
+            f"experiment_name=study_{spec.name}"]
+
+
+def check_arm(spec: StudySpec, arm: Arm, overrides: list[str]) -> None:
+    """One-line error naming the arm for an unknown option or key, before any arm runs."""
+    from dapt.launch.sweeps import check_overrides
+
+    try:
+        check_overrides([o for o in overrides if not o.startswith(("hydra.", "model.source="))], config_dir())
+    except ConfigError as exc:
+        raise ConfigError(f"study {spec.name}, arm {arm.name}: {exc}") from None
+
+
+def _check_same_launch(out: Path, arm: Arm, overrides: list[str]) -> None:
+    """Refuse to continue an arm launched with other overrides: its results would not be this study's."""
+    path = out / arm.name / ARM_FILE
+    try:
+        before = json.loads(path.read_text())["overrides"]
+    except (OSError, ValueError, KeyError):
+        return
+    if before != overrides:
+        old, new = set(before) - set(overrides), set(overrides) - set(before)
+        raise ConfigError(
+            f"{path}: arm {arm.name} was launched with other overrides (then: {', '.join(sorted(old)) or '-'}; "
+            f"now: {', '.join(sorted(new)) or '-'}); use another --out, or delete {out / arm.name} to run it again")
+
+
+def _attempts(out: Path, arm: Arm) -> list[dict[str, Any]]:
+    """The arm's earlier attempts (start time, wall seconds, exit status) from its arm.json."""
+    try:
+        return list(json.loads((out / arm.name / ARM_FILE).read_text()).get("attempts") or [])
+    except (OSError, ValueError):
+        return []
+
+
+def wall_seconds(out: Path, arm: Arm) -> float:
+    """Wall time the runner spent on this arm over all its attempts (0 when it never ran here)."""
+    return float(sum(a.get("seconds") or 0 for a in _attempts(out, arm)))
+
+
+class _Forward:
+    """Forward SIGTERM to the running arm (it checkpoints and exits 143) and remember it: the study
+    then stops instead of starting the next arm. SIGINT reaches the child from the terminal itself."""
+
+    def __init__(self) -> None:
+        self.child: subprocess.Popen[str] | None = None
+        self.stopped = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_Forward":
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: nothing to forward
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.stopped = True
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _stream(proc: subprocess.Popen[str], log: TextIO, echo: Callable[[str], None]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        log.write(line)
+        log.flush()
+        echo(line.rstrip("\n"))
+
+
+def run_study(spec: StudySpec, out: Path, extra: list[str], *, only: list[str] | None = None,
+              echo: Callable[[str], None] = print, env: dict[str, str] | None = None) -> int:
+    """Run the arms of ``spec`` that are not done (in order; those named in ``only`` if given).
+
+    Returns 0 when every selected arm is done; 130/143 when interrupted (re-run to continue); 1 when
+    an arm failed (arms that start from it are skipped, the others still run). Overrides are checked
+    for every selected arm before the first one starts.
+    """
+    selected = [spec.arm(name) for name in only] if only else list(spec.arms)
+    for arm in selected:
+        check_arm(spec, arm, arm_overrides(spec, arm, out, extra))
+        if arm.start is not None and arm.start not in {a.name for a in selected} and results_of(out, spec.arm(arm.start)) is None:
+            raise ConfigError(f"study {spec.name}, arm {arm.name}: it starts from arm {arm.start}, which has not finished "
+                              f"(run it first, or leave out --only)")
+    failed: list[str] = []
+    child_env = {**os.environ, **(env or {})}
+    with _Forward() as forward:
+        for i, arm in enumerate(selected, 1):
+            state = status(out, arm)
+            head = f"[study {spec.name} {i}/{len(selected)}] {arm.name}"
+            if state.state == "done":
+                echo(f"{head}: done, reusing {state.folder / 'results.json'}")
+                continue
+            if arm.start is not None and (arm.start in failed or results_of(out, spec.arm(arm.start)) is None):
+                echo(f"{head}: skipped (its start, arm {arm.start}, did not finish)")
+                failed.append(arm.name)
+                continue
+            overrides = arm_overrides(spec, arm, out, extra)
+            _check_same_launch(out, arm, overrides)
+            (out / arm.name).mkdir(parents=True, exist_ok=True)
+            attempts = _attempts(out, arm)
+            atomic_write_json(out / arm.name / ARM_FILE, {"study": spec.name, "arm": arm.name, "overrides": overrides, "attempts": attempts})
+            log_path = out / arm.name / LOG_FILE
+            echo(f"{head}: {'continuing' if state.state == 'partial' else 'running'} (log: {log_path})")
+            echo("  dapt train " + " ".join(overrides))
+            started, stamp = time.monotonic(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            with log_path.open("a", encoding="utf-8") as log:
+                log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} dapt train {' '.join(overrides)}\n")
+                proc = subprocess.Popen([sys.executable, "-m", "dapt.cli", "train", *overrides], stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, env=child_env, bufsize=1)
+                forward.child = proc
+                try:
+                    _stream(proc, log, lambda line: echo(f"  | {line}"))
+                    rc = proc.wait()
+                except KeyboardInterrupt:  # the terminal's SIGINT reached the child too: let it checkpoint
+                    rc = proc.wait()
+                    forward.stopped = True
+                forward.child = None
+            minutes = (time.monotonic() - started) / 60
+            attempts.append({"started": stamp, "seconds": round(60 * minutes, 1), "exit": rc})
+            atomic_write_json(out / arm.name / ARM_FILE, {"study": spec.name, "arm": arm.name, "overrides": overrides, "attempts": attempts})
+            if rc in (130, 143) or forward.stopped:
+                echo(f"{head}: interrupted after {minutes:.1f} min (exit {rc}); run the same command again to continue")
+                return rc if rc in (130, 143) else 130
+            if rc != 0 or results_of(out, arm) is None:
+                echo(f"{head}: FAILED (exit {rc}) after {minutes:.1f} min; see {log_path}")
+                failed.append(arm.name)
+                continue
+            echo(f"{head}: done in {minutes:.1f} min")
+    if failed:
+        echo(f"study {spec.name}: not finished: {', '.join(failed)}; fix the cause (see their log.txt) and run again")
+        return 1
+    return 0
