@@ -74,15 +74,14 @@ def status(out: Path, arm: Arm) -> ArmStatus:
 
 
 def arm_overrides(spec: StudySpec, arm: Arm, out: Path, extra: list[str]) -> list[str]:
-    """The ``dapt train`` overrides of one arm: common, the arm's own, the start model, the user's
-    extra overrides, then where to write (its own folder, ``resume=auto``) and the W&B group."""
-    overrides = [*spec.common, *arm.overrides]
-    if arm.start is not None:
+    """The ``dapt train`` overrides of one arm: common, the arm's own, the user's extra overrides, the
+    start model (an earlier arm's), then where to write (its own folder, ``resume=auto``) and the W&B group."""
+    overrides = [*spec.common, *arm.overrides, *extra]
+    if arm.start is not None:  # after the user's overrides: `model=roberta_base` must not replace the arm's start
         start = results_of(out, spec.arm(arm.start))
         model = (start or {}).get("model_dir") or str(run_folder(out, spec.arm(arm.start)) / "model")
         overrides += [f"model.source={Path(model).resolve()}", "model.random_init=false"]  # a saved model, whatever the model group
-    return [*overrides, *extra, f"hydra.run.dir={run_folder(out, arm).resolve()}", "resume=auto",
-            f"experiment_name=study_{spec.name}"]
+    return [*overrides, f"hydra.run.dir={run_folder(out, arm).resolve()}", "resume=auto", f"experiment_name=study_{spec.name}"]
 
 
 def check_arm(spec: StudySpec, arm: Arm, overrides: list[str]) -> None:
@@ -166,7 +165,9 @@ def run_study(spec: StudySpec, out: Path, extra: list[str], *, only: list[str] |
     """
     selected = [spec.arm(name) for name in only] if only else list(spec.arms)
     for arm in selected:
-        check_arm(spec, arm, arm_overrides(spec, arm, out, extra))
+        overrides = arm_overrides(spec, arm, out, extra)
+        check_arm(spec, arm, overrides)
+        _check_same_launch(out, arm, overrides)  # also for finished arms: their results must be this study's
         if arm.start is not None and arm.start not in {a.name for a in selected} and results_of(out, spec.arm(arm.start)) is None:
             raise ConfigError(f"study {spec.name}, arm {arm.name}: it starts from arm {arm.start}, which has not finished "
                               f"(run it first, or leave out --only)")
@@ -184,7 +185,6 @@ def run_study(spec: StudySpec, out: Path, extra: list[str], *, only: list[str] |
                 failed.append(arm.name)
                 continue
             overrides = arm_overrides(spec, arm, out, extra)
-            _check_same_launch(out, arm, overrides)
             (out / arm.name).mkdir(parents=True, exist_ok=True)
             attempts = _attempts(out, arm)
             atomic_write_json(out / arm.name / ARM_FILE, {"study": spec.name, "arm": arm.name, "overrides": overrides, "attempts": attempts})

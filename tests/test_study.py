@@ -1,0 +1,274 @@
+"""`dapt study`: study files, the resumable runner, the generated table, and the regression guard.
+
+The guard runs a seconds-scale study (tests/studies/mini.yaml) end to end through the real CLI: it is
+interrupted with SIGTERM during its first arm, re-run to completion (the interrupted arm continues
+from its checkpoint), and its generated table must hold every arm and show DAPT lowering domain dev
+perplexity against the equal-steps control beyond the CI. The report's numbers are checked on
+hand-made results where the right answer is known (seed pairing, missing arms).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dapt.config import REPO_ROOT
+from dapt.errors import ConfigError
+from dapt.study import report as study_report
+from dapt.study import runner
+from dapt.study import spec as study_spec
+from tests.helpers import fail_message, minilm_tokenizer, needs_shared_data
+from tests.test_finetune import save_tiny
+
+MINI = Path(__file__).parent / "studies" / "mini.yaml"
+REFERENCES = REPO_ROOT.parent / "shared" / "REFERENCES.md"
+
+
+# ---------------------------------------------------------------- study files
+
+
+def _write(tmp_path: Path, text: str, name: str = "s.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("title: t\nquestion: q\narms: [{name: a}]\nbogus: 1\n", "unknown key 'bogus'"),
+    ("title: t\nquestion: q\narms: [{name: a, overides: []}]\n", "arms[0]: unknown key 'overides'"),
+    ("title: t\nquestion: q\narms: [{name: A-1}]\n", "arm name 'A-1'"),
+    ("title: t\nquestion: q\narms: [{name: a}, {name: a}]\n", "duplicate arm name 'a'"),
+    ("title: t\nquestion: q\narms: [{name: a, start: b}, {name: b}]\n", "start 'b' names no earlier arm"),
+    ("title: t\narms: [{name: a}]\n", "missing 'question'"),
+    ("title: t\nquestion: q\narms: [{name: a, overrides: lr=1}]\n", "expected a list of strings"),
+    ("title: t\nquestion: q\narms: [{name: a, paper: {chemprot: high}}]\n", "expected task: number pairs"),
+])
+def test_a_bad_study_file_is_one_line_naming_file_and_key(tmp_path, text, message):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        study_spec.load(path)
+    assert message in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_study_lists_the_studies():
+    with pytest.raises(ConfigError, match="unknown study 'nope'.*dont_stop_pretraining"):
+        study_spec.load("nope")
+
+
+def test_the_issue_studies_ship_with_5_seeds_and_a_budget():
+    studies = study_spec.available()
+    assert {"dont_stop_pretraining", "masking_rate", "masking_strategy", "forgetting", "vocabulary"} <= set(studies)
+    for name in studies:
+        s = study_spec.load(name)
+        assert "downstream.seeds=[0,1,2,3,4]" in s.common, name
+        assert s.wall_time and s.paper_scale and s.gpu_hours, name
+        assert s.readme and (REPO_ROOT / s.readme).is_file(), name
+
+
+def test_dont_stop_pretraining_has_every_arm_of_the_issue():
+    s = study_spec.load("dont_stop_pretraining")
+    tasks = ("ncbi_disease", "chemprot", "scierc", "acl_arc")
+    expected = {"dapt_biomed", "dapt_cs", *(f"tapt_{t}" for t in tasks), *(f"dapt_tapt_{t}" for t in tasks)}
+    assert {a.name for a in s.arms} == expected
+    for task in tasks:  # DAPT+TAPT continues the DAPT model of the task's domain
+        assert s.arm(f"dapt_tapt_{task}").start == ("dapt_biomed" if task in ("ncbi_disease", "chemprot") else "dapt_cs")
+
+
+def _dsp_reference_table() -> dict[str, dict[str, float]]:
+    """The Don't Stop Pretraining table of shared/REFERENCES.md: task -> column -> F1."""
+    text = REFERENCES.read_text()
+    section = text.split("Don't Stop Pretraining", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip().strip("|").split("|") for line in section.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in rows[0]]
+    return {r[0].strip(): {header[i]: float(c) for i, c in enumerate(r) if i and re.match(r"^\s*[0-9.]+\s*$", c)} for r in rows[2:]}
+
+
+@pytest.mark.skipif(not REFERENCES.is_file(), reason="shared/REFERENCES.md not found")
+def test_paper_numbers_in_the_studies_are_those_of_references_md():
+    table = _dsp_reference_table()
+    names = {"chemprot": "ChemProt", "acl_arc": "ACL-ARC", "scierc": "SciERC"}
+    s = study_spec.load("dont_stop_pretraining")
+    assert s.base_paper == {t: table[names[t]]["RoBERTa"] for t in s.base_paper}
+    checked = 0
+    for arm in s.arms:
+        for task, value in arm.paper.items():
+            assert value == table[names[task]][arm.label], (arm.name, task)
+            checked += 1
+    assert checked == 9  # 3 tasks x DAPT, TAPT, DAPT+TAPT
+    refs = REFERENCES.read_text()
+    for name in study_spec.available():
+        for note in study_spec.load(name).notes:  # every published number quoted in a note is in REFERENCES.md
+            for rate, value in re.findall(r"(0\.\d\d) (\d\d\.\d)", note):
+                assert re.search(rf"\|\s*{rate}[^\n]*\|\s*{value}\s*\|", refs), (name, rate, value)
+
+
+@pytest.mark.parametrize("name", ["dont_stop_pretraining", "masking_rate", "masking_strategy", "forgetting", "vocabulary"])
+def test_every_arm_of_every_study_composes(name, tmp_path):
+    """Each arm's overrides name real options and keys (what --dry-run checks before running)."""
+    s = study_spec.load(name)
+    for arm in s.arms:
+        runner.check_arm(s, arm, runner.arm_overrides(s, arm, tmp_path, []))
+
+
+def test_an_unknown_extra_override_names_the_arm(tmp_path):
+    s = study_spec.load("vocabulary")
+    with pytest.raises(ConfigError, match=r"study vocabulary, arm plain: unknown config key 'optimizer.lrr'"):
+        runner.run_study(s, tmp_path, ["optimizer.lrr=1"], echo=lambda line: None)
+
+
+# ---------------------------------------------------------------- the report on known numbers
+
+
+def _results(after: dict[int, float], before: dict[int, float] | None, *, ppl: float = 10.0, dev_change: tuple[float, float, float] = (-0.1, -0.2, -0.05)) -> dict[str, Any]:
+    def arm(scores: dict[int, float]) -> dict[str, Any]:
+        values = list(scores.values())
+        mean = sum(values) / len(values)
+        return {"seeds": list(scores), "test_score": {"mean": mean, "std": 0.0, "values": values, "n": len(values)}}
+
+    downstream = {"metric": "f1", "after": arm(after), "control": arm({s: 0.5 for s in after}),
+                  "vs_control": {"delta": 0.01, "delta_ci": [-0.02, 0.04], "verdict": "inconclusive (CI -0.02..+0.04): +0.01, p=0.3; 3 seeds detect only effects >= 0.050 with 80% power"}}
+    if before is not None:
+        downstream["before"] = arm(before)
+    value, low, high = dev_change
+    return {"steps": 10, "domain_ppl_before": 2 * ppl, "domain_ppl_before_ci": [19.0, 21.0], "domain_ppl_after": ppl,
+            "domain_ppl_after_ci": [ppl - 1, ppl + 1], "changes": {"domain_dev_ppl_change_vs_control": value, "domain_dev_ppl_change_vs_control_ci": [low, high]},
+            "downstream": {"t": downstream}, "provenance": {"git_commit": "abc1234", "code_digest": "d"}, "precision": {"value": "bf16-mixed"}}
+
+
+def _fake_study(tmp_path: Path, arms: dict[str, dict[str, Any] | None]) -> tuple[study_spec.StudySpec, Path]:
+    lines = ["title: fake", "question: q?", "base_paper: {t: 50.0}", "arms:"]
+    lines += [f"  - {{name: {name}, label: {name.upper()}, paper: {{t: 55.0}}}}" for name in arms]
+    s = study_spec.load(_write(tmp_path, "\n".join(lines) + "\n", "fake.yaml"))
+    out = tmp_path / "out"
+    for name, results in arms.items():
+        if results is not None:
+            (out / name / "run").mkdir(parents=True)
+            (out / name / "run" / "results.json").write_text(json.dumps(results))
+    return s, out
+
+
+def test_delta_vs_base_pairs_scores_by_seed_not_by_position(tmp_path):
+    # seeds in another order than the base's: position-wise pairing would give a different mean and a CI of 0 width
+    before = {0: 0.60, 1: 0.70, 2: 0.80}
+    after = {2: 0.83, 0: 0.61, 1: 0.72}  # gains by seed: +0.01, +0.02, +0.03
+    s, out = _fake_study(tmp_path, {"a": _results(after, before), "b": None})
+    report = study_report.build(s, out, "cmd")
+    base = next(r for r in report.downstream if r["arm"] == "base")
+    row = next(r for r in report.downstream if r["arm"] == "a")
+    assert base["mean"] == pytest.approx(0.70) and base["paper"] == 50.0
+    assert row["vs_base"] == pytest.approx(0.02)
+    assert row["vs_base_ci_low"] < 0.02 < row["vs_base_ci_high"] and row["vs_base_ci_high"] - row["vs_base_ci_low"] < 0.05
+    assert row["paper"] == 55.0 and row["paper_vs_base"] == pytest.approx(5.0)
+    assert report.missing == ["b"] and "Not finished (no complete results.json): b." in report.markdown
+    assert "| A | t (f1) | 72.0 ± 0.0 (n=3) | 50.0 ± 0.0 | +1.0 [-2.0, +4.0] | inconclusive (MDE 5.0) | +2.0 [" in report.markdown
+
+
+def test_an_arm_whose_results_record_an_error_is_not_finished(tmp_path):
+    failed = {**_results({0: 0.5, 1: 0.6}, {0: 0.5, 1: 0.5}), "error": {"stage": "downstream", "message": "boom"}}
+    s, out = _fake_study(tmp_path, {"a": failed})
+    report = study_report.build(s, out, "cmd")
+    assert report.missing == ["a"] and report.downstream == [] and runner.status(out, s.arm("a")).state == "partial"
+
+
+def test_written_files_and_readme_block_round_trip(tmp_path):
+    s, out = _fake_study(tmp_path, {"a": _results({0: 0.6, 1: 0.7}, {0: 0.5, 1: 0.6})})
+    report, paths = study_report.write(s, out, "dapt study fake")
+    assert {p.name for p in paths} == {"table.md", "downstream.csv", "perplexity.csv", "table.png"}
+    assert (out / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader((out / "downstream.csv").open()))
+    assert [r["arm"] for r in rows] == ["base", "a"] and float(rows[1]["vs_base"]) == pytest.approx(0.1)
+    readme = _write(tmp_path, "# Fake\nintro\n" + study_report.README_START.format(name="fake") + "\nold\n" + study_report.README_END + "\nafter\n", "README.md")
+    study_report.embed_in_readme(readme, s, report.markdown)
+    assert study_report.readme_block(readme, s) == report.markdown
+    assert readme.read_text().startswith("# Fake\nintro\n") and readme.read_text().endswith("\nafter\n")
+    with pytest.raises(ConfigError, match="no generated-table block"):
+        study_report.embed_in_readme(_write(tmp_path, "# no markers\n", "R2.md"), s, report.markdown)
+
+
+def test_guard_fails_when_the_effect_is_within_the_ci_or_an_arm_is_missing(tmp_path):
+    spec_text = "title: g\nquestion: q\narms: [{name: a}, {name: b}]\nguard: {lower_domain_dev_ppl_vs_control: [a]}\n"
+    s = study_spec.load(_write(tmp_path, spec_text, "g.yaml"))
+    out = tmp_path / "out"
+    for name, change in (("a", (-0.1, -0.2, 0.01)), ("b", (-0.1, -0.2, -0.05))):
+        (out / name / "run").mkdir(parents=True)
+        (out / name / "run" / "results.json").write_text(json.dumps(_results({0: 0.5, 1: 0.6}, {0: 0.5, 1: 0.5}, dev_change=change)))
+    problems = study_report.check_guard(s, study_report.build(s, out, "cmd"))
+    assert len(problems) == 1 and "arm a: domain dev perplexity vs control" in problems[0]
+    (out / "b" / "run" / "results.json").unlink()
+    assert any("arm b did not finish" in p for p in study_report.check_guard(s, study_report.build(s, out, "cmd")))
+
+
+# ---------------------------------------------------------------- the regression guard, end to end
+
+
+def _study(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "dapt.cli", "study", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+@needs_shared_data
+def test_mini_study_survives_sigterm_and_its_table_holds_the_guard(tmp_path):
+    start = save_tiny(tmp_path / "start", minilm_tokenizer(), seed=0)  # a saved model: its "before" scores exist
+    out = tmp_path / "study"
+    extra = [f"model.source={start}", "model.random_init=false"]
+    args = [str(MINI), *extra, "--out", str(out)]
+    env = {**os.environ, "WANDB_MODE": "offline", "DAPT_CACHE_DIR": str(tmp_path / "cache")}
+    s = study_spec.load(MINI)
+
+    # 1. SIGTERM to the runner while its first arm trains: the arm checkpoints, the study stops (143).
+    proc = _study(args, tmp_path, env)
+    ckpt = out / "dapt" / "run" / "checkpoints" / "last.ckpt"
+    log = out / "dapt" / "log.txt"
+    deadline = time.monotonic() + 300
+    training = re.compile(r"^dapt [\w ]+: step \d+/100", re.M)  # the DAPT arm's own steps (the control trains first)
+    while time.monotonic() < deadline and proc.poll() is None and not (log.is_file() and training.search(log.read_text(errors="replace"))):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, output[-4000:]
+    assert "interrupted" in output and "run the same command again to continue" in output
+    assert runner.status(out, s.arm("dapt")).state == "partial" and ckpt.is_file(), output[-3000:]
+    assert runner.status(out, s.arm("dapt_more")).state == "todo"
+
+    # 2. The same command continues: the interrupted arm resumes from its checkpoint, the second arm runs.
+    proc = _study(args, tmp_path, env)
+    output, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, output[-6000:]
+    dapt = runner.results_of(out, s.arm("dapt"))
+    more = runner.results_of(out, s.arm("dapt_more"))
+    assert dapt["resumed_from_step"] and 0 < dapt["resumed_from_step"] < 100 and dapt["steps"] == 100
+    arm_json = json.loads((out / "dapt" / "arm.json").read_text())
+    assert [a["exit"] for a in arm_json["attempts"]] == [143, 0]
+
+    # 3. The table holds every arm; DAPT lowers domain dev perplexity vs its control beyond the CI.
+    report = study_report.build(s, out, "cmd")
+    assert study_report.check_guard(s, report) == []
+    assert {r["arm"] for r in report.downstream} == {"base", "dapt", "dapt_more"}
+    assert {r["arm"] for r in report.perplexity} == {"dapt", "dapt_more"}
+    for name in ("table.md", "downstream.csv", "perplexity.csv", "table.png"):
+        assert (out / name).is_file(), name
+    # the chained arm really continued the DAPT arm's model: its start is DAPT's end (same held-out docs and masks)
+    assert more["domain_ppl_before"] == pytest.approx(dapt["domain_ppl_after"], rel=1e-4)
+    # Δ vs base of an arm that starts from the base is the run's own after - before, paired over the same seeds
+    row = next(r for r in report.downstream if r["arm"] == "dapt")
+    assert row["vs_base"] == pytest.approx(dapt["downstream"]["ncbi_disease"]["delta"], abs=1e-9)
+
+    # 4. Again: nothing recomputed. With another override: refused, naming the arm's folder.
+    stamp = (out / "dapt" / "run" / "results.json").stat().st_mtime
+    proc = _study(args, tmp_path, env)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and output.count("done, reusing") == 2, output[-3000:]
+    assert (out / "dapt" / "run" / "results.json").stat().st_mtime == stamp
+    proc = _study([str(MINI), *extra, "trainer.max_steps=20", "--out", str(out)], tmp_path, env)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "was launched with other overrides" in output and "trainer.max_steps=20" in output, fail_message(proc)
