@@ -272,3 +272,16 @@ def test_mini_study_survives_sigterm_and_its_table_holds_the_guard(tmp_path):
     proc = _study([str(MINI), *extra, "trainer.max_steps=20", "--out", str(out)], tmp_path, env)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "was launched with other overrides" in output and "trainer.max_steps=20" in output, fail_message(proc)
+
+
+@pytest.mark.parametrize("name", ["dont_stop_pretraining", "masking_rate", "masking_strategy", "forgetting", "vocabulary"])
+def test_readme_tables_are_generated_from_their_run_folders(name, tmp_path):
+    """Each study README's table block is exactly what --report builds from the folder its 'Made by'
+    command names (kept results in the repo), or from no runs at all: never typed, never stale."""
+    s = study_spec.load(name)
+    block = study_report.readme_block(REPO_ROOT / s.readme, s)
+    assert block is not None, f"{s.readme} has no generated block for {name}"
+    command = re.search(r"^Made by: `(.+)`$", block, re.M).group(1)
+    out = re.search(r"--out (\S+)", command)
+    folder = REPO_ROOT / out.group(1) if out else tmp_path / "no_runs"
+    assert block == study_report.build(s, folder, command).markdown

@@ -216,6 +216,8 @@ def _markdown(spec: StudySpec, down: list[dict[str, Any]], ppl: list[dict[str, A
                          f"| {_direction(row, 'domain_ppl_change')} | {_direction(row, 'domain_ppl_change_vs_control')} "
                          f"| {_direction(row, 'domain_dev_ppl_change_vs_control')} | {_ppl(row, 'general_ppl_after')} "
                          f"| {_direction(row, 'forgetting')} | {_direction(row, 'forgetting_vs_control')} |")
+    else:
+        lines.append("No perplexities yet.")
     jobs = [{"results": r, "label": name} for name, r in finished.items()]
     lines += ["", provenance_lines(jobs, lambda job: job["label"]) if jobs else "No finished arm."]
     lines += [f"Arms finished: {len(finished)} of {len(spec.arms)}." + (f" Not finished (no complete results.json): {', '.join(missing)}." if missing else "")]
