@@ -51,9 +51,11 @@ class SourceConfig:
         split_by: for ``text``: ``file`` (one document per file), ``line`` (one per non-empty line),
             ``blank_line`` (paragraph blocks) or ``wikitext`` (one per WikiText article: a
             `` = Title = `` line starts each; articles, not paragraphs, are the independent units a
-            perplexity confidence interval resamples) or ``conll`` (one per sentence of a CoNLL
-            token-per-line file, its first column joined by spaces, ``-DOCSTART-`` lines dropped:
-            the unlabeled text of an NER task, for task-adaptive pretraining).
+            perplexity confidence interval resamples) or ``conll`` (the unlabeled text of a CoNLL
+            token-per-line file, for task-adaptive pretraining on an NER task: each sentence is its
+            first column joined by spaces; a file that marks documents with ``-DOCSTART-`` lines
+            yields one record per document, its sentences one per line, since sentences of one
+            abstract are not independent units for a CI; a file without them yields one per sentence).
         hf_config / hf_split / hf_data_files / streaming: ``datasets.load_dataset`` arguments (a
             directory written by ``Dataset.save_to_disk`` is opened with ``load_from_disk``,
             memory-mapped, and iterated without loading it).
@@ -227,6 +229,8 @@ def _raw_documents(
             text, decoded = stats.decode(path.read_bytes())
             if keep(text, str(path), decoded):
                 yield text
+        elif source.split_by == "conll":
+            yield from _conll_units(path, stats, keep)
         else:
             yield from _text_units(path, source.split_by, stats, keep)
     stats.finish()
@@ -240,10 +244,7 @@ def _text_units(path: Path, split_by: str, stats: ReadStats, keep: Any) -> Itera
         para_decoded = True  # every line of the current paragraph/article was valid UTF-8
 
         def emit() -> Iterator[str]:
-            if split_by == "conll":
-                body = " ".join(p.split()[0] for p in para if p.strip() and not p.startswith("-DOCSTART-"))
-            else:
-                body = "\n".join(p for p in para if p.strip())
+            body = "\n".join(p for p in para if p.strip())
             if body:
                 stats.record()
                 if keep(body, f"{path}:{para_start}", para_decoded):
@@ -259,7 +260,7 @@ def _text_units(path: Path, split_by: str, stats: ReadStats, keep: Any) -> Itera
                         yield line
                 continue
             starts_article = split_by == "wikitext" and _WIKITEXT_TITLE.match(line) and any(p.strip() for p in para)
-            ends_paragraph = split_by in ("blank_line", "conll") and not line.strip()
+            ends_paragraph = split_by == "blank_line" and not line.strip()
             if starts_article or ends_paragraph:
                 yield from emit()
                 para, para_start, para_decoded = [], lineno, True
@@ -268,6 +269,43 @@ def _text_units(path: Path, split_by: str, stats: ReadStats, keep: Any) -> Itera
                     para_start = lineno
                 para.append(line)
                 para_decoded = para_decoded and decoded
+        yield from emit()
+
+
+def _conll_units(path: Path, stats: ReadStats, keep: Any) -> Iterator[str]:
+    """The documents (``-DOCSTART-`` files) or sentences of a CoNLL file: first column only, labels never read."""
+    with path.open("rb") as fh:
+        by_document: bool | None = None  # decided by the first non-blank line
+        sentences: list[str] = []
+        tokens: list[str] = []
+        start, decoded_all = 1, True
+
+        def emit() -> Iterator[str]:
+            body = "\n".join(sentences)
+            if body:
+                stats.record()
+                if keep(body, f"{path}:{start}", decoded_all):
+                    yield body
+
+        for lineno, raw in enumerate(fh, start=1):
+            line, decoded = stats.decode(raw)
+            line = line.strip()
+            if by_document is None and line:
+                by_document = line.startswith("-DOCSTART-")
+            if line.startswith("-DOCSTART-") or not line:
+                if tokens:
+                    sentences.append(" ".join(tokens))
+                    tokens = []
+                if line.startswith("-DOCSTART-") or not by_document:
+                    yield from emit()
+                    sentences, start, decoded_all = [], lineno + 1, True
+                continue
+            if not tokens and not sentences:
+                start = lineno
+            tokens.append(line.split()[0])
+            decoded_all = decoded_all and decoded
+        if tokens:
+            sentences.append(" ".join(tokens))
         yield from emit()
 
 

@@ -85,9 +85,15 @@ def run_signature(cfg: Any) -> dict[str, Any]:
     ``VOLATILE_KEYS``, plus the data folder and a digest of dapt's source code, so that a run made
     by other code (a bug fixed since) or read from another data folder is never continued or reused.
     (A changed corpus under the same path is not detected; ``resume=<run dir>`` overrides all this.)"""
-    container = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    signature = {k: v for k, v in container.items() if k not in VOLATILE_KEYS}
-    signature["data_dir"] = str((container.get("paths") or {}).get("data_dir"))
+    if OmegaConf.is_config(cfg):  # resolve key by key: a volatile key (paths.output_dir -> ${hydra:...}) is never
+        # resolved, so the signature can also be computed from a config composed outside a Hydra run (dapt study)
+        signature = {k: (OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k])
+                     for k in cfg if k not in VOLATILE_KEYS}
+        data_dir = OmegaConf.select(cfg, "paths.data_dir")
+    else:
+        signature = {k: v for k, v in dict(cfg).items() if k not in VOLATILE_KEYS}
+        data_dir = (dict(cfg).get("paths") or {}).get("data_dir")
+    signature["data_dir"] = str(data_dir)
     signature["code"] = code_digest()
     return json.loads(json.dumps(signature, sort_keys=True, default=str))
 

@@ -46,18 +46,21 @@ class Report:
 
 
 def _score(results: dict[str, Any], task: str, role: str) -> dict[str, Any]:
-    """``{"seeds", "values", "mean", "std", "metric"}`` of one model's test score on ``task``."""
+    """``{"seeds", "values", "mean", "std", "metric", "model", "alpha", "margin"}`` of one model's test
+    score on ``task`` (alpha and margin: the run's own ``downstream`` settings)."""
     entry = ((results.get("downstream") or {}).get(task) or {})
     arm = entry.get(role) or {}
     score = arm.get("test_score") or {}
     if not score.get("values"):
         return {}
     return {"seeds": list(arm.get("seeds") or range(len(score["values"]))), "values": list(score["values"]),
-            "mean": score["mean"], "std": score.get("std"), "metric": entry.get("metric", "score")}
+            "mean": score["mean"], "std": score.get("std"), "metric": entry.get("metric", "score"), "model": arm.get("model"),
+            "alpha": entry.get("alpha", 0.05), "margin": entry.get("margin")}
 
 
 def _paired(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any] | None:
-    """``after - before`` paired by fine-tuning seed (the seeds both have)."""
+    """``after - before`` paired by fine-tuning seed (the seeds both have; the fine-tunes of a seed share
+    the classifier's initialisation and data order), at the run's alpha and equivalence margin."""
     if not after or not before:
         return None
     b = dict(zip(before["seeds"], before["values"]))
@@ -65,7 +68,8 @@ def _paired(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any] | N
     if len(seeds) < 2:
         return None
     a = dict(zip(after["seeds"], after["values"]))
-    return paired_comparison([b[s] for s in seeds], [a[s] for s in seeds])
+    kwargs = {"alpha": after["alpha"]} | ({"margin": after["margin"]} if after.get("margin") is not None else {})
+    return paired_comparison([b[s] for s in seeds], [a[s] for s in seeds], **kwargs)
 
 
 def _num(value: Any) -> float | None:
@@ -98,7 +102,11 @@ def downstream_rows(spec: StudySpec, finished: dict[str, dict[str, Any]]) -> lis
                 continue
             control = _score(results, task, "control")
             vs_control = ((results.get("downstream") or {}).get(task) or {}).get("vs_control") or {}
-            vs_base = _paired(after, base)
+            own_start = _score(results, task, "before")
+            # the study's base is this arm's start unless the arm starts elsewhere on purpose (`start`):
+            # an arm whose own "before" is another model (e.g. model= in its overrides) is not paired with it
+            other_start = arm.start is None and own_start and base and own_start.get("model") != base.get("model")
+            vs_base = None if other_start else _paired(after, base)
             paper, paper_base = arm.paper.get(task), spec.base_paper.get(task)
             ci = vs_control.get("delta_ci") or (None, None)
             base_ci = (vs_base or {}).get("delta_ci") or (None, None)
@@ -107,9 +115,10 @@ def downstream_rows(spec: StudySpec, finished: dict[str, dict[str, Any]]) -> lis
                 "mean": after["mean"], "std": after["std"], "values": after["values"],
                 "control_mean": control.get("mean"), "control_std": control.get("std"),
                 "vs_control": vs_control.get("delta"), "vs_control_ci_low": ci[0], "vs_control_ci_high": ci[1],
-                "vs_control_verdict": vs_control.get("verdict"),
+                "vs_control_verdict": vs_control.get("verdict"), "vs_control_holm_m": vs_control.get("holm_m"),
+                "vs_control_mde_holm": vs_control.get("mde"),
                 "vs_base": (vs_base or {}).get("delta"), "vs_base_ci_low": base_ci[0], "vs_base_ci_high": base_ci[1],
-                "vs_base_verdict": (vs_base or {}).get("verdict"),
+                "vs_base_note": "start differs from the base row's model" if other_start else None,
                 "start": arm.start or BASE, "paper": paper,
                 "paper_vs_base": None if paper is None or paper_base is None else round(paper - paper_base, 4),
             })
@@ -153,13 +162,16 @@ def _delta(value: float | None, low: float | None, high: float | None, scale: fl
     return f"{scale * value:+.1f}{unit} [{scale * low:+.1f}, {scale * high:+.1f}]"
 
 
-def _verdict(text: str | None) -> str:
-    """The verdict's words without the numbers the neighbouring cells already show."""
+def _verdict(text: str | None, holm_m: int | None) -> str:
+    """The verdict's words without the numbers the neighbouring cells already show, with the size of
+    its Holm family and its (Holm-adjusted) minimum detectable effect."""
     if not text:
         return "—"
     head = re.split(r"[:(]", text, maxsplit=1)[0].strip()
     mde = re.search(r"effects >= ([0-9.]+)", text)
-    return head + (f" (MDE {100 * float(mde.group(1)):.1f})" if mde else "")
+    extra = [f"Holm m={holm_m}"] if holm_m and holm_m > 1 else []
+    extra += [f"MDE {100 * float(mde.group(1)):.1f}"] if mde else []
+    return head + (f" ({', '.join(extra)})" if extra else "")
 
 
 def _ppl(row: dict[str, Any], key: str) -> str:
@@ -185,9 +197,12 @@ def _machine(finished: dict[str, dict[str, Any]]) -> str:
 def _markdown(spec: StudySpec, down: list[dict[str, Any]], ppl: list[dict[str, Any]], finished: dict[str, dict[str, Any]],
               missing: list[str], command: str, walls: dict[str, float]) -> str:
     lines = [f"**{spec.title}**", "", f"Question: {spec.question}", ""]
-    lines += ["Downstream test score ×100 (mean ± sd over fine-tuning seeds, n = seeds). Differences are paired over the same seeds, "
-              "95% t CI; the verdict against the arm's own control is Holm-adjusted over the run's comparisons, the difference to the "
-              "base is not. Paper: " + (spec.paper_source or "no published numbers for this study") + ".", ""]
+    lines += ["Downstream test score ×100 (mean ± sd over fine-tuning seeds, n = seeds). Differences are paired over the same seeds "
+              "with an unadjusted 95% t CI. The verdict against the arm's own control (same start and steps on general text) is the "
+              "run's: Holm-adjusted over that run's m comparisons (its tasks × {vs start, vs control}), its MDE at that adjusted level; "
+              "nothing is adjusted across the rows of this table, and 'Δ vs base' carries no verdict. For an arm marked "
+              "'(from X)', the control and 'start' are X's model continued; 'Δ vs base' is against the study's base. "
+              "Paper: " + (spec.paper_source or "no published numbers for this study") + ".", ""]
     if down:
         lines += ["| arm | task | score | control | Δ vs control [95% CI] | verdict vs control | Δ vs base [95% CI] | paper | paper Δ vs base |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -201,8 +216,9 @@ def _markdown(spec: StudySpec, down: list[dict[str, Any]], ppl: list[dict[str, A
             start = f" (from {row['start']})" if row["start"] != BASE else ""
             paper_delta = "—" if row.get("paper_vs_base") is None else f"{row['paper_vs_base']:+.1f}"
             lines.append(f"| {row['label']}{start} | {row['task']} ({row['metric']}) | {score} | {control} "
-                         f"| {_delta(row['vs_control'], row['vs_control_ci_low'], row['vs_control_ci_high'])} | {_verdict(row['vs_control_verdict'])} "
-                         f"| {_delta(row['vs_base'], row['vs_base_ci_low'], row['vs_base_ci_high'])} | {paper} | {paper_delta} |")
+                         f"| {_delta(row['vs_control'], row['vs_control_ci_low'], row['vs_control_ci_high'])} | {_verdict(row['vs_control_verdict'], row.get('vs_control_holm_m'))} "
+                         f"| {_delta(row['vs_base'], row['vs_base_ci_low'], row['vs_base_ci_high']) if not row.get('vs_base_note') else row['vs_base_note']} "
+                         f"| {paper} | {paper_delta} |")
     else:
         lines.append("No downstream scores yet.")
     lines += ["", "MLM perplexity on held-out test text (95% bootstrap CI over documents); changes are relative and paired over the same "

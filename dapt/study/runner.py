@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,11 +96,22 @@ def check_arm(spec: StudySpec, arm: Arm, overrides: list[str]) -> None:
         raise ConfigError(f"study {spec.name}, arm {arm.name}: {exc}") from None
 
 
-def _check_same_launch(out: Path, arm: Arm, overrides: list[str]) -> None:
-    """Refuse to continue an arm launched with other overrides: its results would not be this study's."""
+def start_stamp(spec: StudySpec, arm: Arm, out: Path) -> dict[str, Any] | None:
+    """Which run of the start arm this arm continues (its name and ``provenance.finished_at``): a start
+    arm that was deleted and run again is a different model, even at the same path."""
+    if arm.start is None:
+        return None
+    results = results_of(out, spec.arm(arm.start)) or {}
+    return {"arm": arm.start, "finished_at": (results.get("provenance") or {}).get("finished_at")}
+
+
+def _check_same_launch(spec: StudySpec, out: Path, arm: Arm, overrides: list[str]) -> None:
+    """Refuse to reuse or continue an arm launched with other overrides or from another run of its
+    start arm: its results would not be this study's."""
     path = out / arm.name / ARM_FILE
     try:
-        before = json.loads(path.read_text())["overrides"]
+        record = json.loads(path.read_text())
+        before = record["overrides"]
     except (OSError, ValueError, KeyError):
         return
     if before != overrides:
@@ -106,6 +119,45 @@ def _check_same_launch(out: Path, arm: Arm, overrides: list[str]) -> None:
         raise ConfigError(
             f"{path}: arm {arm.name} was launched with other overrides (then: {', '.join(sorted(old)) or '-'}; "
             f"now: {', '.join(sorted(new)) or '-'}); use another --out, or delete {out / arm.name} to run it again")
+    then, now = record.get("start"), start_stamp(spec, arm, out)
+    if then is not None and now is not None and then != now:
+        raise ConfigError(
+            f"{path}: arm {arm.name} continued the run of arm {arm.start} that finished at {then.get('finished_at')}, "
+            f"but that arm has been run again since (finished at {now.get('finished_at')}); delete {out / arm.name} to run it on the new model")
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))]
+    return [] if a == b else [f"{prefix}: {json.dumps(b, default=str)[:60]} then, {json.dumps(a, default=str)[:60]} now"]
+
+
+def check_signature(out: Path, arm: Arm, overrides: list[str]) -> str | None:
+    """Compare the arm's existing run (``run/run_config.json``) with the config these overrides compose
+    to now. A config difference (an edited experiment, data or downstream YAML) is an error: the
+    finished results would be reused for another config. Returns a warning when only dapt's code
+    changed (its cells are then flagged by the table's provenance lines), else None."""
+    from dapt.config import compose_config, register_resolvers
+    from dapt.pipeline.resume import RUN_CONFIG, _without_precision, run_signature
+    from dapt.pipeline.schemas import register_schemas
+
+    path = run_folder(out, arm) / RUN_CONFIG
+    try:
+        then = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    register_schemas()
+    register_resolvers()
+    cfg = compose_config([o for o in overrides if not o.startswith("hydra.")], "train", directory=config_dir())
+    now = run_signature(cfg)
+    code_then, code_now = then.pop("code", None), now.pop("code", None)
+    differences = _differences(_without_precision(now), _without_precision(then))
+    if differences:
+        raise ConfigError(f"{path}: arm {arm.name}'s run was made with another config ({'; '.join(differences[:3])}); "
+                          f"use another --out, or delete {out / arm.name} to run it again")
+    if code_then != code_now:
+        return f"arm {arm.name}: its run was made by other dapt code (digest {code_then}, now {code_now}); reused, and flagged in the table"
+    return None
 
 
 def _attempts(out: Path, arm: Arm) -> list[dict[str, Any]]:
@@ -121,14 +173,23 @@ def wall_seconds(out: Path, arm: Arm) -> float:
     return float(sum(a.get("seconds") or 0 for a in _attempts(out, arm)))
 
 
+ACK = re.compile(r"received SIG(TERM|INT): stopping after the current step")
+GRACE_SECONDS = 2.0
+
+
 class _Forward:
-    """Forward SIGTERM to the running arm (it checkpoints and exits 143) and remember it: the study
-    then stops instead of starting the next arm. SIGINT reaches the child from the terminal itself."""
+    """SIGTERM to the study: stop after the running arm, which must checkpoint. A scheduler (SLURM's
+    time limit, ``scancel``) signals every process of the job, so the arm usually got the signal
+    itself; a second one would make it stop at once without its checkpoint. So the signal is forwarded
+    only when the arm has not said within ``GRACE_SECONDS`` that it received one (a plain ``kill`` of
+    the study process). SIGINT (Ctrl-C) reaches the arm from the terminal."""
 
     def __init__(self) -> None:
         self.child: subprocess.Popen[str] | None = None
         self.stopped = False
+        self.acknowledged = False
         self._previous: Any = None
+        self._timer: threading.Timer | None = None
 
     def __enter__(self) -> "_Forward":
         try:
@@ -137,12 +198,27 @@ class _Forward:
             self._previous = None
         return self
 
+    def attach(self, child: subprocess.Popen[str] | None) -> None:
+        self.child, self.acknowledged = child, False
+
+    def seen(self, line: str) -> None:
+        if ACK.search(line):
+            self.acknowledged = True
+
     def _handle(self, signum: int, frame: Any) -> None:
         self.stopped = True
-        if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signal.SIGTERM)
+        if self.child is not None and self._timer is None:
+            self._timer = threading.Timer(GRACE_SECONDS, self._forward_unless_acknowledged, args=(self.child,))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _forward_unless_acknowledged(self, child: subprocess.Popen[str]) -> None:
+        if not self.acknowledged and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
 
     def __exit__(self, *exc: Any) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
@@ -167,7 +243,10 @@ def run_study(spec: StudySpec, out: Path, extra: list[str], *, only: list[str] |
     for arm in selected:
         overrides = arm_overrides(spec, arm, out, extra)
         check_arm(spec, arm, overrides)
-        _check_same_launch(out, arm, overrides)  # also for finished arms: their results must be this study's
+        _check_same_launch(spec, out, arm, overrides)  # also for finished arms: their results must be this study's
+        warning = check_signature(out, arm, overrides)
+        if warning:
+            echo(f"warning: {warning}")
         if arm.start is not None and arm.start not in {a.name for a in selected} and results_of(out, spec.arm(arm.start)) is None:
             raise ConfigError(f"study {spec.name}, arm {arm.name}: it starts from arm {arm.start}, which has not finished "
                               f"(run it first, or leave out --only)")
@@ -177,6 +256,9 @@ def run_study(spec: StudySpec, out: Path, extra: list[str], *, only: list[str] |
         for i, arm in enumerate(selected, 1):
             state = status(out, arm)
             head = f"[study {spec.name} {i}/{len(selected)}] {arm.name}"
+            if forward.stopped:  # SIGTERM between two arms: start no other
+                echo(f"{head}: not started (the study received SIGTERM); run the same command again to continue")
+                return 143
             if state.state == "done":
                 echo(f"{head}: done, reusing {state.folder / 'results.json'}")
                 continue
@@ -187,7 +269,8 @@ def run_study(spec: StudySpec, out: Path, extra: list[str], *, only: list[str] |
             overrides = arm_overrides(spec, arm, out, extra)
             (out / arm.name).mkdir(parents=True, exist_ok=True)
             attempts = _attempts(out, arm)
-            atomic_write_json(out / arm.name / ARM_FILE, {"study": spec.name, "arm": arm.name, "overrides": overrides, "attempts": attempts})
+            record = {"study": spec.name, "arm": arm.name, "overrides": overrides, "start": start_stamp(spec, arm, out), "attempts": attempts}
+            atomic_write_json(out / arm.name / ARM_FILE, record)
             log_path = out / arm.name / LOG_FILE
             echo(f"{head}: {'continuing' if state.state == 'partial' else 'running'} (log: {log_path})")
             echo("  dapt train " + " ".join(overrides))
@@ -196,17 +279,17 @@ def run_study(spec: StudySpec, out: Path, extra: list[str], *, only: list[str] |
                 log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} dapt train {' '.join(overrides)}\n")
                 proc = subprocess.Popen([sys.executable, "-m", "dapt.cli", "train", *overrides], stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, env=child_env, bufsize=1)
-                forward.child = proc
+                forward.attach(proc)
                 try:
-                    _stream(proc, log, lambda line: echo(f"  | {line}"))
+                    _stream(proc, log, lambda line: (forward.seen(line), echo(f"  | {line}")))
                     rc = proc.wait()
                 except KeyboardInterrupt:  # the terminal's SIGINT reached the child too: let it checkpoint
                     rc = proc.wait()
                     forward.stopped = True
-                forward.child = None
+                forward.attach(None)
             minutes = (time.monotonic() - started) / 60
             attempts.append({"started": stamp, "seconds": round(60 * minutes, 1), "exit": rc})
-            atomic_write_json(out / arm.name / ARM_FILE, {"study": spec.name, "arm": arm.name, "overrides": overrides, "attempts": attempts})
+            atomic_write_json(out / arm.name / ARM_FILE, {**record, "attempts": attempts})
             if rc in (130, 143) or forward.stopped:
                 echo(f"{head}: interrupted after {minutes:.1f} min (exit {rc}); run the same command again to continue")
                 return rc if rc in (130, 143) else 130
