@@ -412,3 +412,11 @@ def test_readme_tables_are_generated_from_their_run_folders(name, tmp_path):
     out = re.search(r"--out (\S+)", command)
     folder = REPO_ROOT / out.group(1) if out else tmp_path / "no_runs"
     assert block == study_report.build(s, folder, command).markdown
+
+
+@pytest.mark.parametrize("name", ["dont_stop_pretraining", "masking_rate", "masking_strategy", "forgetting", "vocabulary"])
+def test_paper_scale_overrides_compose(name, tmp_path):
+    """The README's paper-scale command is the study with these overrides only: they must be valid."""
+    s = study_spec.load(name)
+    arm = s.arms[-1]
+    runner.check_arm(s, arm, runner.arm_overrides(s, arm, tmp_path, list(s.paper_scale)))
