@@ -291,6 +291,45 @@ def test_sigterm_is_forwarded_only_when_the_arm_did_not_get_it_itself(monkeypatc
         assert forward.stopped and child.signals == ([] if acknowledged else [signal.SIGTERM])
 
 
+def test_a_signal_just_before_an_arm_starts_still_reaches_it(monkeypatch):
+    """SIGINT to the study process alone (no terminal), arriving after the between-arms check but
+    before the arm is attached: the arm gets it after the grace period; the study exits 130."""
+    monkeypatch.setattr(runner, "GRACE_SECONDS", 0.05)
+
+    class Child:
+        signals: list[int] = []
+
+        def poll(self) -> None:
+            return None
+
+        def send_signal(self, signum: int) -> None:
+            self.signals.append(signum)
+
+    child = Child()
+    with runner._Forward() as forward:
+        os.kill(os.getpid(), signal.SIGINT)  # handled by the study: no KeyboardInterrupt
+        forward.attach(child)
+        time.sleep(0.3)
+    assert child.signals == [signal.SIGINT] and forward.exit_status(-2) == 130 and forward.exit_status(143) == 143
+
+
+def test_the_first_signal_is_acknowledged_even_with_no_training_step_running(caplog):
+    from dapt.pipeline.stop_signal import RunInterrupted, StopOnSignal
+
+    with pytest.raises(RunInterrupted), caplog.at_level("WARNING"):
+        StopOnSignal(None)._handle(signal.SIGTERM, None)  # e.g. during the control arm or an evaluation
+    assert runner.ACK.search(caplog.text)
+
+
+def test_a_crashed_arm_with_no_run_to_reuse_is_run_again_after_a_config_fix(tmp_path, fake_arms):
+    s = study_spec.load(_write(tmp_path, "title: t\nquestion: q\narms: [{name: a}]\n", "crash.yaml"))
+    out = tmp_path / "out"
+    (out / "a" / "run").mkdir(parents=True)  # it crashed before its first checkpoint: only its run_config.json
+    (out / "a" / "run" / "run_config.json").write_text(json.dumps({"trainer": {"max_steps": 1}, "code": "x"}))
+    assert runner.status(out, s.arm("a")).state == "todo"
+    assert runner.run_study(s, out, [], echo=lambda line: None) == 0 and len(fake_arms) == 1
+
+
 def test_an_arm_built_on_a_start_arm_that_was_run_again_is_refused(tmp_path, fake_arms):
     s, out = _two_arms(tmp_path), tmp_path / "out"
     assert runner.run_study(s, out, [], echo=lambda line: None) == 0
@@ -330,6 +369,9 @@ def test_conll_text_is_the_token_column_by_document_or_by_sentence(tmp_path):
     plain.write_bytes(b"A NN O\nb NN B-X\n\n\nC NN O\nd NN O\n")
     read = lambda path: list(iter_documents(SourceConfig(type="text", path=str(path), split_by="conll"), None))  # noqa: E731
     assert read(marked) == ["The cancer\nIt", "Second\nLast"]
+    late = tmp_path / "late.txt"  # a byte-order mark, and a first document without its marker: still read by document
+    late.write_bytes(b"\xef\xbb\xbfFirst NN O\n\nsentence NN O\n\n-DOCSTART- X O\n\nNext NN O\n")
+    assert read(late) == ["First\nsentence", "Next"]
     assert read(plain) == ["A b", "C d"]
     assert not any(tag in doc for doc in read(marked) + read(plain) for tag in ("NN", "B-", "I-", "DOCSTART"))
 
@@ -357,7 +399,7 @@ def test_mini_study_survives_sigterm_and_its_table_holds_the_guard(tmp_path):
     ckpt = out / "dapt" / "run" / "checkpoints" / "last.ckpt"
     log = out / "dapt" / "log.txt"
     deadline = time.monotonic() + 300
-    training = re.compile(r"^dapt [\w ]+: step \d+/100", re.M)  # the DAPT arm's own steps (the control trains first)
+    training = re.compile(r"^dapt [\w ]+: step \d+/60", re.M)  # the DAPT arm's own steps (the control trains first)
     while time.monotonic() < deadline and proc.poll() is None and not (log.is_file() and training.search(log.read_text(errors="replace"))):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGTERM)
@@ -373,7 +415,7 @@ def test_mini_study_survives_sigterm_and_its_table_holds_the_guard(tmp_path):
     assert proc.returncode == 0, output[-6000:]
     dapt = runner.results_of(out, s.arm("dapt"))
     more = runner.results_of(out, s.arm("dapt_more"))
-    assert dapt["resumed_from_step"] and 0 < dapt["resumed_from_step"] < 100 and dapt["steps"] == 100
+    assert dapt["resumed_from_step"] and 0 < dapt["resumed_from_step"] < 60 and dapt["steps"] == 60
     arm_json = json.loads((out / "dapt" / "arm.json").read_text())
     assert [a["exit"] for a in arm_json["attempts"]] == [143, 0]
 

@@ -274,8 +274,9 @@ def _text_units(path: Path, split_by: str, stats: ReadStats, keep: Any) -> Itera
 
 def _conll_units(path: Path, stats: ReadStats, keep: Any) -> Iterator[str]:
     """The documents (``-DOCSTART-`` files) or sentences of a CoNLL file: first column only, labels never read."""
+    with path.open("rb") as fh:  # documents when any line marks one (a first pass over the file: CoNLL files are small)
+        by_document = any(raw.lstrip(b"\xef\xbb\xbf").startswith(b"-DOCSTART-") for raw in fh)
     with path.open("rb") as fh:
-        by_document: bool | None = None  # decided by the first non-blank line
         sentences: list[str] = []
         tokens: list[str] = []
         start, decoded_all = 1, True
@@ -289,9 +290,7 @@ def _conll_units(path: Path, stats: ReadStats, keep: Any) -> Iterator[str]:
 
         for lineno, raw in enumerate(fh, start=1):
             line, decoded = stats.decode(raw)
-            line = line.strip()
-            if by_document is None and line:
-                by_document = line.startswith("-DOCSTART-")
+            line = line.lstrip("\ufeff").strip()
             if line.startswith("-DOCSTART-") or not line:
                 if tokens:
                     sentences.append(" ".join(tokens))

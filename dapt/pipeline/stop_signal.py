@@ -90,6 +90,8 @@ class StopOnSignal(pl.Callback):
                 self._request_stop(trainer)  # an evaluation call, or between two optimizer steps: stop now
             log.warning("received %s: stopping after the current step and writing a checkpoint (send it again to stop now)", name)
             return
+        if first:  # no training step to finish (preparation, control arm, evaluation): stop now, said all the same
+            log.warning("received %s: stopping now (no training step to finish)", name)
         raise RunInterrupted(f"interrupted by {name}", signum=signum)
 
     def _request_stop(self, trainer: pl.Trainer) -> None:

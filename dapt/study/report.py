@@ -76,6 +76,11 @@ def _num(value: Any) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
+def _start_id(results: dict[str, Any], before: dict[str, Any]) -> Any:
+    """What identifies a run's start model across machines: the cached base's content key, else its path."""
+    return (results.get("base") or {}).get("cache_key") or before.get("model")
+
+
 def _tasks(finished: dict[str, dict[str, Any]]) -> list[str]:
     tasks: list[str] = []
     for results in finished.values():
@@ -105,7 +110,7 @@ def downstream_rows(spec: StudySpec, finished: dict[str, dict[str, Any]]) -> lis
             own_start = _score(results, task, "before")
             # the study's base is this arm's start unless the arm starts elsewhere on purpose (`start`):
             # an arm whose own "before" is another model (e.g. model= in its overrides) is not paired with it
-            other_start = arm.start is None and own_start and base and own_start.get("model") != base.get("model")
+            other_start = arm.start is None and own_start and base and _start_id(results, own_start) != _start_id(finished[base_arm.name], base)
             vs_base = None if other_start else _paired(after, base)
             paper, paper_base = arm.paper.get(task), spec.base_paper.get(task)
             ci = vs_control.get("delta_ci") or (None, None)
@@ -201,7 +206,7 @@ def _markdown(spec: StudySpec, down: list[dict[str, Any]], ppl: list[dict[str, A
               "with an unadjusted 95% t CI. The verdict against the arm's own control (same start and steps on general text) is the "
               "run's: Holm-adjusted over that run's m comparisons (its tasks × {vs start, vs control}), its MDE at that adjusted level; "
               "nothing is adjusted across the rows of this table, and 'Δ vs base' carries no verdict. For an arm marked "
-              "'(from X)', the control and 'start' are X's model continued; 'Δ vs base' is against the study's base. "
+              "'(from X)', 'start' is X's model and the control is X's model continued on general text; 'Δ vs base' is against the study's base. "
               "Paper: " + (spec.paper_source or "no published numbers for this study") + ".", ""]
     if down:
         lines += ["| arm | task | score | control | Δ vs control [95% CI] | verdict vs control | Δ vs base [95% CI] | paper | paper Δ vs base |",

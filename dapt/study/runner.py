@@ -156,7 +156,7 @@ def check_signature(out: Path, arm: Arm, overrides: list[str]) -> str | None:
         raise ConfigError(f"{path}: arm {arm.name}'s run was made with another config ({'; '.join(differences[:3])}); "
                           f"use another --out, or delete {out / arm.name} to run it again")
     if code_then != code_now:
-        return f"arm {arm.name}: its run was made by other dapt code (digest {code_then}, now {code_now}); reused, and flagged in the table"
+        return f"arm {arm.name}: its run was made by other dapt code (digest {code_then}, now {code_now}); a finished run is reused and flagged in the table"
     return None
 
 
@@ -173,54 +173,72 @@ def wall_seconds(out: Path, arm: Arm) -> float:
     return float(sum(a.get("seconds") or 0 for a in _attempts(out, arm)))
 
 
-ACK = re.compile(r"received SIG(TERM|INT): stopping after the current step")
+ACK = re.compile(r"received SIG(TERM|INT): stopping")  # what dapt train logs on the first signal it receives
 GRACE_SECONDS = 2.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class _Forward:
-    """SIGTERM to the study: stop after the running arm, which must checkpoint. A scheduler (SLURM's
-    time limit, ``scancel``) signals every process of the job, so the arm usually got the signal
-    itself; a second one would make it stop at once without its checkpoint. So the signal is forwarded
-    only when the arm has not said within ``GRACE_SECONDS`` that it received one (a plain ``kill`` of
-    the study process). SIGINT (Ctrl-C) reaches the arm from the terminal."""
+    """SIGTERM or SIGINT to the study: stop after the running arm, which must checkpoint.
+
+    A scheduler (SLURM's time limit, ``scancel``) signals every process of the job and a terminal's
+    Ctrl-C the whole foreground group, so the arm usually got the signal itself; a second one would
+    make it stop at once without its checkpoint. So the signal is forwarded only when the arm has not
+    said within ``GRACE_SECONDS`` that it received one (a plain ``kill`` of the study process). The
+    study keeps reading the arm's output until it exits (a full pipe would block it)."""
 
     def __init__(self) -> None:
         self.child: subprocess.Popen[str] | None = None
-        self.stopped = False
+        self.signum: int | None = None
         self.acknowledged = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
         self._timer: threading.Timer | None = None
 
+    @property
+    def stopped(self) -> bool:
+        return self.signum is not None
+
     def __enter__(self) -> "_Forward":
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: nothing to forward
-            self._previous = None
+        for signum in STOP_SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: nothing to forward
+                pass
         return self
 
     def attach(self, child: subprocess.Popen[str] | None) -> None:
         self.child, self.acknowledged = child, False
+        if child is not None and self.stopped:  # signalled between the check and the start of this arm
+            self._arm_timer()
 
     def seen(self, line: str) -> None:
         if ACK.search(line):
             self.acknowledged = True
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.stopped = True
-        if self.child is not None and self._timer is None:
-            self._timer = threading.Timer(GRACE_SECONDS, self._forward_unless_acknowledged, args=(self.child,))
+        self.signum = signum
+        if self.child is not None:
+            self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        if self._timer is None and self.child is not None:
+            self._timer = threading.Timer(GRACE_SECONDS, self._forward_unless_acknowledged, args=(self.child, self.signum))
             self._timer.daemon = True
             self._timer.start()
 
-    def _forward_unless_acknowledged(self, child: subprocess.Popen[str]) -> None:
+    def _forward_unless_acknowledged(self, child: subprocess.Popen[str], signum: int) -> None:
         if not self.acknowledged and child.poll() is None:
-            child.send_signal(signal.SIGTERM)
+            child.send_signal(signum)
+
+    def exit_status(self, rc: int) -> int:
+        """The study's exit status once an arm stopped after a signal: the arm's 130/143, else 128 + the signal."""
+        return rc if rc in (130, 143) else 128 + int(self.signum or signal.SIGTERM)
 
     def __exit__(self, *exc: Any) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def _stream(proc: subprocess.Popen[str], log: TextIO, echo: Callable[[str], None]) -> None:
@@ -244,9 +262,13 @@ def run_study(spec: StudySpec, out: Path, extra: list[str], *, only: list[str] |
         overrides = arm_overrides(spec, arm, out, extra)
         check_arm(spec, arm, overrides)
         _check_same_launch(spec, out, arm, overrides)  # also for finished arms: their results must be this study's
-        warning = check_signature(out, arm, overrides)
-        if warning:
-            echo(f"warning: {warning}")
+        state = status(out, arm).state
+        if state in ("done", "partial"):  # a run to reuse or continue (a crash before any checkpoint leaves none)
+            warning = check_signature(out, arm, overrides)
+            if warning and state == "partial":
+                warning += "; dapt train does not continue a checkpoint made by other code: this arm restarts from step 0"
+            if warning:
+                echo(f"warning: {warning}")
         if arm.start is not None and arm.start not in {a.name for a in selected} and results_of(out, spec.arm(arm.start)) is None:
             raise ConfigError(f"study {spec.name}, arm {arm.name}: it starts from arm {arm.start}, which has not finished "
                               f"(run it first, or leave out --only)")
@@ -256,9 +278,9 @@ def run_study(spec: StudySpec, out: Path, extra: list[str], *, only: list[str] |
         for i, arm in enumerate(selected, 1):
             state = status(out, arm)
             head = f"[study {spec.name} {i}/{len(selected)}] {arm.name}"
-            if forward.stopped:  # SIGTERM between two arms: start no other
-                echo(f"{head}: not started (the study received SIGTERM); run the same command again to continue")
-                return 143
+            if forward.stopped:  # a signal between two arms: start no other
+                echo(f"{head}: not started (the study was signalled); run the same command again to continue")
+                return forward.exit_status(0)
             if state.state == "done":
                 echo(f"{head}: done, reusing {state.folder / 'results.json'}")
                 continue
@@ -280,19 +302,15 @@ def run_study(spec: StudySpec, out: Path, extra: list[str], *, only: list[str] |
                 proc = subprocess.Popen([sys.executable, "-m", "dapt.cli", "train", *overrides], stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, env=child_env, bufsize=1)
                 forward.attach(proc)
-                try:
-                    _stream(proc, log, lambda line: (forward.seen(line), echo(f"  | {line}")))
-                    rc = proc.wait()
-                except KeyboardInterrupt:  # the terminal's SIGINT reached the child too: let it checkpoint
-                    rc = proc.wait()
-                    forward.stopped = True
+                _stream(proc, log, lambda line: (forward.seen(line), echo(f"  | {line}")))
+                rc = proc.wait()
                 forward.attach(None)
             minutes = (time.monotonic() - started) / 60
             attempts.append({"started": stamp, "seconds": round(60 * minutes, 1), "exit": rc})
             atomic_write_json(out / arm.name / ARM_FILE, {**record, "attempts": attempts})
             if rc in (130, 143) or forward.stopped:
                 echo(f"{head}: interrupted after {minutes:.1f} min (exit {rc}); run the same command again to continue")
-                return rc if rc in (130, 143) else 130
+                return forward.exit_status(rc)
             if rc != 0 or results_of(out, arm) is None:
                 echo(f"{head}: FAILED (exit {rc}) after {minutes:.1f} min; see {log_path}")
                 failed.append(arm.name)
