@@ -72,7 +72,7 @@ def test_the_issue_studies_ship_with_5_seeds_and_a_budget():
         s = study_spec.load(name)
         assert "downstream.seeds=[0,1,2,3,4]" in s.common, name
         assert s.wall_time and s.paper_scale and s.gpu_hours, name
-        assert s.readme and (REPO_ROOT / s.readme).is_file(), name
+        assert s.readme == f"experiments/{name}/README.md" and (REPO_ROOT / s.readme).is_file(), name  # each study its folder
 
 
 def test_dont_stop_pretraining_has_every_arm_of_the_issue():
