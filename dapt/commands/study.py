@@ -19,6 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from dapt.config import REPO_ROOT
 from dapt.errors import ConfigError
 from dapt.study import report as study_report
 from dapt.study import runner
@@ -80,7 +81,7 @@ def main(argv: list[str]) -> int:
     print(report.markdown)
     print("wrote " + ", ".join(str(p) for p in paths))
     if args.readme is not None:
-        readme = Path(args.readme) if args.readme else (Path(spec.readme) if spec.readme else None)
+        readme = Path(args.readme) if args.readme else (REPO_ROOT / spec.readme if spec.readme else None)  # the study's, repo-relative
         if readme is None:
             raise ConfigError(f"study {spec.name} names no README: pass --readme <path>")
         study_report.embed_in_readme(readme, spec, report.markdown)
