@@ -24,7 +24,7 @@ from typing import Any
 from dapt.errors import ConfigError
 from dapt.evaluation.stats import paired_comparison
 from dapt.io import atomic_write_text
-from dapt.reporting.cells import provenance_lines
+from dapt.reporting.cells import pct, provenance_lines
 from dapt.reporting.plots import pyplot, save_figure
 from dapt.study.runner import results_of, wall_seconds
 from dapt.study.spec import StudySpec
@@ -158,12 +158,13 @@ def _pts(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
 
 
-def _delta(value: float | None, low: float | None, high: float | None, scale: float = 100, unit: str = "") -> str:
+def _delta(value: float | None, low: float | None, high: float | None) -> str:
+    """A score difference in points (x100) with its CI; relative changes use ``cells.pct``."""
     if value is None:
         return "—"
     if low is None or high is None:
-        return f"{scale * value:+.1f}{unit} [CI unknown]"
-    return f"{scale * value:+.1f}{unit} [{scale * low:+.1f}, {scale * high:+.1f}]"
+        return f"{100 * value:+.1f} [CI unknown]"
+    return f"{100 * value:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
 
 
 def _verdict(text: str | None, holm_m: int | None) -> str:
@@ -187,7 +188,7 @@ def _ppl(row: dict[str, Any], key: str) -> str:
 
 def _direction(row: dict[str, Any], key: str) -> str:
     value, low, high = row.get(key), row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
-    cell = _delta(value, low, high, unit="%")
+    cell = pct(None if value is None else (value, low, high))
     if value is None or low is None or high is None:
         return cell
     return cell + (" lower" if high < 0 else " higher" if low > 0 else " (CI spans 0)")

@@ -41,7 +41,7 @@ RUN_DIR = "run"
 @dataclass(frozen=True)
 class ArmStatus:
     """Where one arm stands: ``done`` (complete results.json), ``partial`` (a checkpoint or a failed
-    late stage to continue), ``failed`` (results.json records an error with nothing to resume) or ``todo``."""
+    late stage to continue) or ``todo``."""
 
     arm: Arm
     folder: Path
