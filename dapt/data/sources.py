@@ -236,6 +236,15 @@ def _raw_documents(
     stats.finish()
 
 
+def _unit(body: str, where: str, decoded: bool, stats: ReadStats, keep: Any) -> Iterator[str]:
+    """One multi-line unit of a text file (paragraph, article, CoNLL sentence or document): counted as
+    a record when it has text, and yielded when ``keep`` accepts it."""
+    if body:
+        stats.record()
+        if keep(body, where, decoded):
+            yield body
+
+
 def _text_units(path: Path, split_by: str, stats: ReadStats, keep: Any) -> Iterator[str]:
     """The lines, blank-line paragraphs or WikiText articles of one text file (each one record)."""
     with path.open("rb") as fh:
@@ -244,11 +253,7 @@ def _text_units(path: Path, split_by: str, stats: ReadStats, keep: Any) -> Itera
         para_decoded = True  # every line of the current paragraph/article was valid UTF-8
 
         def emit() -> Iterator[str]:
-            body = "\n".join(p for p in para if p.strip())
-            if body:
-                stats.record()
-                if keep(body, f"{path}:{para_start}", para_decoded):
-                    yield body
+            yield from _unit("\n".join(p for p in para if p.strip()), f"{path}:{para_start}", para_decoded, stats, keep)
 
         for lineno, raw in enumerate(fh, start=1):
             line, decoded = stats.decode(raw)
@@ -282,11 +287,7 @@ def _conll_units(path: Path, stats: ReadStats, keep: Any) -> Iterator[str]:
         start, decoded_all = 1, True
 
         def emit() -> Iterator[str]:
-            body = "\n".join(sentences)
-            if body:
-                stats.record()
-                if keep(body, f"{path}:{start}", decoded_all):
-                    yield body
+            yield from _unit("\n".join(sentences), f"{path}:{start}", decoded_all, stats, keep)
 
         for lineno, raw in enumerate(fh, start=1):
             line, decoded = stats.decode(raw)

@@ -98,7 +98,7 @@ def run_signature(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(signature, sort_keys=True, default=str))
 
 
-def _without_precision(signature: Any) -> Any:
+def without_precision(signature: Any) -> Any:
     """A run signature with the (resolved) trainer and downstream precisions left out."""
     if not isinstance(signature, dict):
         return None
@@ -182,7 +182,7 @@ def find_resume_point(cfg: Any, run_dir: Path) -> ResumePoint | None:
             same = theirs == signature
         except (OSError, ValueError):
             theirs, same = None, False
-        if not same and candidate != run_dir and _without_precision(theirs) == _without_precision(signature):
+        if not same and candidate != run_dir and without_precision(theirs) == without_precision(signature):
             other_precision.append((candidate, (theirs.get("trainer") or {}).get("precision")))
         if results.is_file() and _complete(results):
             stamp, finished = results.stat().st_mtime, True

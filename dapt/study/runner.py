@@ -138,7 +138,7 @@ def check_signature(out: Path, arm: Arm, overrides: list[str]) -> str | None:
     finished results would be reused for another config. Returns a warning when only dapt's code
     changed (its cells are then flagged by the table's provenance lines), else None."""
     from dapt.config import compose_config, register_resolvers
-    from dapt.pipeline.resume import RUN_CONFIG, _without_precision, run_signature
+    from dapt.pipeline.resume import RUN_CONFIG, run_signature, without_precision
     from dapt.pipeline.schemas import register_schemas
 
     path = run_folder(out, arm) / RUN_CONFIG
@@ -151,7 +151,7 @@ def check_signature(out: Path, arm: Arm, overrides: list[str]) -> str | None:
     cfg = compose_config([o for o in overrides if not o.startswith("hydra.")], "train", directory=config_dir())
     now = run_signature(cfg)
     code_then, code_now = then.pop("code", None), now.pop("code", None)
-    differences = _differences(_without_precision(now), _without_precision(then))
+    differences = _differences(without_precision(now), without_precision(then))
     if differences:
         raise ConfigError(f"{path}: arm {arm.name}'s run was made with another config ({'; '.join(differences[:3])}); "
                           f"use another --out, or delete {out / arm.name} to run it again")
