@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,45 @@ def test_heldout_documents_are_sampled_across_the_whole_split(tmp_path):
             counts[int(minilm_tokenizer().decode(ids).split()[2]) // 100] += 1
     expected = counts.sum() / 10
     assert np.all(np.abs(counts - expected) < 4 * math.sqrt(expected)), counts
+
+
+def test_wikitext_markup_is_removed_and_every_other_word_kept():
+    from dapt.data.wikitext import plain_text
+
+    raw = (" = Robert <unk> = \n \n Robert <unk> is an English actor , born in 1 @,@ 974 . He had a guest @-@ starring "
+           "role ( 3 @.@ 5 % ) in <unk> <unk> Factory 's play .\n \n = = Career = = \n \n In 2006 , <unk> starred .\n")
+    out = plain_text(raw)
+    assert out == ("Robert\nRobert is an English actor, born in 1,974. He had a guest-starring role (3.5%) in Factory's play.\n"
+                   "Career\nIn 2006, starred.")
+    assert re.findall(r"\w+", out) == re.findall(r"\w+", raw.replace("<unk>", ""))
+
+
+def test_general_heldout_set_scores_english_not_wikitext_markup(compose, data_dir):
+    """The general (forgetting) perplexity must measure English: WikiText-2's tokenized release writes
+    rare words as <unk> (four WordPiece targets: <, un, ##k, >) and hyphens as @-@, markup a model learns
+    to predict from any text with angle brackets (TAPT on ChemProt's << >> lowered it 40% vs control)."""
+    from dapt.data.heldout import sample_documents
+    from dapt.data.packing import BlockPacker
+    from dapt.data.sources import as_source, describe, iter_documents
+    from dapt.data.wikitext import RULES_VERSION
+
+    cfg = compose([])
+    tok = minilm_tokenizer()
+    for name in ("general_dev", "general_test"):
+        source = as_source(cfg.data[name])
+        assert source.split_by == "wikitext"
+        docs = list(iter_documents(source, str(data_dir)))
+        raw = Path(data_dir, source.path).read_text(encoding="utf-8")
+        assert raw.count("<unk>") > 5000 and raw.count(" @-@ ") > 1000  # the release's markup is there to remove
+        assert re.findall(r"\w+", "\n".join(docs)) == re.findall(r"\w+", raw.replace("<unk>", "")), "a word was lost"
+        sample = sample_documents(source, str(data_dir), BlockPacker(tok, 128), max_tokens=10**7, seed=0)
+        pieces = tok.convert_ids_to_tokens(np.concatenate(sample.ids).tolist())
+        text = " ".join(pieces)
+        assert sample.documents_in_split == len(docs) and len(sample.ids) == len(docs)
+        assert "< un ##k >" not in text and pieces.count("@") == 0
+        assert pieces.count("=") < 1e-3 * len(pieces), "heading markup is scored"
+        # numbers cached from the old text (start evaluations, controls) are keyed on it, so not served
+        assert describe([source], str(data_dir))[0]["wikitext_rules"] == RULES_VERSION
 
 
 def test_packed_heldout_tokens_keep_their_document():

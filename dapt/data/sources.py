@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from dapt.data.quality import QualityPolicy, ReadStats, check_text_file
+from dapt.data.wikitext import RULES_VERSION as WIKITEXT_RULES_VERSION
+from dapt.data.wikitext import plain_text
 from dapt.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,8 @@ class SourceConfig:
         split_by: for ``text``: ``file`` (one document per file), ``line`` (one per non-empty line),
             ``blank_line`` (paragraph blocks) or ``wikitext`` (one per WikiText article: a
             `` = Title = `` line starts each; articles, not paragraphs, are the independent units a
-            perplexity confidence interval resamples) or ``conll`` (the unlabeled text of a CoNLL
+            perplexity confidence interval resamples; the tokenized release's markup, ``<unk>``,
+            `` @-@ `` and heading ``=``, is removed by ``dapt.data.wikitext.plain_text``) or ``conll`` (the unlabeled text of a CoNLL
             token-per-line file, for task-adaptive pretraining on an NER task: each sentence is its
             first column joined by spaces; a file that marks documents with ``-DOCSTART-`` lines
             yields one record per document, its sentences one per line, since sentences of one
@@ -253,7 +256,8 @@ def _text_units(path: Path, split_by: str, stats: ReadStats, keep: Any) -> Itera
         para_decoded = True  # every line of the current paragraph/article was valid UTF-8
 
         def emit() -> Iterator[str]:
-            yield from _unit("\n".join(p for p in para if p.strip()), f"{path}:{para_start}", para_decoded, stats, keep)
+            body = "\n".join(p for p in para if p.strip())
+            yield from _unit(plain_text(body) if split_by == "wikitext" else body, f"{path}:{para_start}", para_decoded, stats, keep)
 
         for lineno, raw in enumerate(fh, start=1):
             line, decoded = stats.decode(raw)
@@ -468,6 +472,8 @@ def describe(sources: Iterable[SourceConfig], data_dir: str | None) -> list[dict
     out: list[dict[str, Any]] = []
     for source in sources:
         entry: dict[str, Any] = {k: v for k, v in vars(source).items()}
+        if source.type == "text" and source.split_by == "wikitext":
+            entry["wikitext_rules"] = WIKITEXT_RULES_VERSION  # the text read changes with them
         if source.type != "hf":
             files = _files(source, data_dir)
             entry["files"] = len(files)

@@ -78,7 +78,7 @@ def recipe_fingerprint() -> str:
     """The code that trains and evaluates a control; pinned with ``CONTROL_VERSION`` by a test."""
     import dapt.masking as masking
     from dapt import labels, sample_stats
-    from dapt.data import config, datamodule, heldout, mixing, packing, quality, sources, stream
+    from dapt.data import config, datamodule, heldout, mixing, packing, quality, sources, stream, wikitext
     from dapt.modeling import loading, mlm_module, optim, perplexity, sparse_head
     from dapt.pipeline import base_prep, fit
     from dapt.versioning import source_fingerprint
@@ -86,7 +86,7 @@ def recipe_fingerprint() -> str:
     strategies = [masking.base, masking.selection, masking.units, masking.random, masking.whole_word, masking.span, masking.pmi, masking.ngrams,
                   masking.salient, masking.term_scores, masking.corpus_stats]
     return source_fingerprint(run_control, control_stream, fit, mlm_module, quality, sparse_head, optim, perplexity, heldout,
-                              config, datamodule, stream, mixing, packing, sources, loading, base_prep.base_stream, base_prep.BaseStream,
+                              config, datamodule, stream, mixing, packing, sources, wikitext, loading, base_prep.base_stream, base_prep.BaseStream,
                               base_prep.base_data_config, labels, sample_stats, *strategies)
 
 

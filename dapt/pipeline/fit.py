@@ -127,13 +127,13 @@ def evaluation_code_fingerprint() -> str:
     model's evaluation, so that any change to it recomputes rather than serves an old number)."""
     import dapt.masking as masking
     from dapt import labels, sample_stats
-    from dapt.data import datamodule, heldout, packing, quality, sources
+    from dapt.data import datamodule, heldout, packing, quality, sources, wikitext
     from dapt.modeling import loading, mlm_module, perplexity, sparse_head
     from dapt.pipeline import fit
     from dapt.versioning import source_fingerprint
 
     return source_fingerprint(fit, mlm_module, loading, quality, sparse_head, perplexity, heldout, datamodule,
-                              packing, sources, masking.base, masking.selection, masking.units, masking.random, masking.whole_word, masking.span,
+                              packing, sources, wikitext, masking.base, masking.selection, masking.units, masking.random, masking.whole_word, masking.span,
                               masking.pmi, masking.ngrams, masking.salient, masking.term_scores, labels, sample_stats)
 
 
