@@ -202,16 +202,20 @@ def test_wikitext_markup_is_removed_and_every_other_word_kept():
     assert out == ("Robert\nRobert is an English actor, born in 1,974. He had a guest-starring role (3.5%) in Factory's play.\n"
                    "Career\nIn 2006, starred.")
     assert re.findall(r"\w+", out) == re.findall(r"\w+", raw.replace("<unk>", ""))
+    # a removed word takes its separators with it (no made-up "the-based", "was.9"); empty tags go too
+    assert plain_text(" the <unk> @-@ based , <unk> @-@ <unk> x was <unk> @.@ 9 \n") == "the based, x was 9"
+    assert plain_text(" < <unk> > 1 < / <unk> > \n <formula> . \n He didn 't .\n") == "1\n.\nHe didn't."
 
 
 def test_general_heldout_set_scores_english_not_wikitext_markup(compose, data_dir):
     """The general (forgetting) perplexity must measure English: WikiText-2's tokenized release writes
     rare words as <unk> (four WordPiece targets: <, un, ##k, >) and hyphens as @-@, markup a model learns
     to predict from any text with angle brackets (TAPT on ChemProt's << >> lowered it 40% vs control)."""
+    from dapt.data import wikitext
     from dapt.data.heldout import sample_documents
     from dapt.data.packing import BlockPacker
     from dapt.data.sources import as_source, describe, iter_documents
-    from dapt.data.wikitext import RULES_VERSION
+    from dapt.versioning import source_fingerprint
 
     cfg = compose([])
     tok = minilm_tokenizer()
@@ -221,15 +225,15 @@ def test_general_heldout_set_scores_english_not_wikitext_markup(compose, data_di
         docs = list(iter_documents(source, str(data_dir)))
         raw = Path(data_dir, source.path).read_text(encoding="utf-8")
         assert raw.count("<unk>") > 5000 and raw.count(" @-@ ") > 1000  # the release's markup is there to remove
-        assert re.findall(r"\w+", "\n".join(docs)) == re.findall(r"\w+", raw.replace("<unk>", "")), "a word was lost"
+        assert re.findall(r"\w+", "\n".join(docs)) == re.findall(r"\w+", re.sub("<unk>|<formula>", "", raw)), "a word was lost"
         sample = sample_documents(source, str(data_dir), BlockPacker(tok, 128), max_tokens=10**7, seed=0)
         pieces = tok.convert_ids_to_tokens(np.concatenate(sample.ids).tolist())
         text = " ".join(pieces)
         assert sample.documents_in_split == len(docs) and len(sample.ids) == len(docs)
-        assert "< un ##k >" not in text and pieces.count("@") == 0
-        assert pieces.count("=") < 1e-3 * len(pieces), "heading markup is scored"
+        assert not re.search(r"< (?:un ##k |formula |/ )?>", text) and pieces.count("@") == 0  # ("< 0.02%" is English)
+        assert not any(re.fullmatch(r"=.*=", line) for doc in docs for line in doc.split("\n")), "heading markup is scored"
         # numbers cached from the old text (start evaluations, controls) are keyed on it, so not served
-        assert describe([source], str(data_dir))[0]["wikitext_rules"] == RULES_VERSION
+        assert describe([source], str(data_dir))[0]["wikitext_rules"] == source_fingerprint(wikitext)
 
 
 def test_packed_heldout_tokens_keep_their_document():

@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from dapt.data import wikitext
 from dapt.data.quality import QualityPolicy, ReadStats, check_text_file
-from dapt.data.wikitext import RULES_VERSION as WIKITEXT_RULES_VERSION
-from dapt.data.wikitext import plain_text
 from dapt.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -257,7 +256,7 @@ def _text_units(path: Path, split_by: str, stats: ReadStats, keep: Any) -> Itera
 
         def emit() -> Iterator[str]:
             body = "\n".join(p for p in para if p.strip())
-            yield from _unit(plain_text(body) if split_by == "wikitext" else body, f"{path}:{para_start}", para_decoded, stats, keep)
+            yield from _unit(wikitext.plain_text(body) if split_by == "wikitext" else body, f"{path}:{para_start}", para_decoded, stats, keep)
 
         for lineno, raw in enumerate(fh, start=1):
             line, decoded = stats.decode(raw)
@@ -467,13 +466,13 @@ def describe(sources: Iterable[SourceConfig], data_dir: str | None) -> list[dict
     """A JSON-able fingerprint of sources for cache keys and provenance: the config, and for files
     their count, size and a SHA-256 of their contents (a same-size edit changes it). Hashing is
     memoised per process on (path, size, mtime)."""
-    from dapt.versioning import file_digest
+    from dapt.versioning import file_digest, source_fingerprint
 
     out: list[dict[str, Any]] = []
     for source in sources:
         entry: dict[str, Any] = {k: v for k, v in vars(source).items()}
         if source.type == "text" and source.split_by == "wikitext":
-            entry["wikitext_rules"] = WIKITEXT_RULES_VERSION  # the text read changes with them
+            entry["wikitext_rules"] = source_fingerprint(wikitext)  # the text read changes with that code
         if source.type != "hf":
             files = _files(source, data_dir)
             entry["files"] = len(files)

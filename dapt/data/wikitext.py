@@ -2,37 +2,45 @@
 
 WikiText's tokenized files are markup, not English: rare words are replaced by ``<unk>`` (15,218
 times in the WikiText-2 test split, about 6% of its words), number separators and in-word hyphens are
-written `` @,@ `` / `` @.@ `` / `` @-@ ``, headings are `` = = Title = = ``, and punctuation is spaced
-off. A WordPiece tokenizer cuts ``<unk>`` into four pieces (``<``, ``un``, ``##k``, ``>``) and
-`` @-@ `` into three, so scored as it is, about a fifth of a "general English" perplexity's targets
-are markup that a model learns to predict from any text with angle brackets (TAPT on ChemProt, whose
-entities are marked ``<< >>``, lowered it by 40% against the control). ``plain_text`` undoes the
-markup: ``<unk>`` is removed (the word behind it is unknown, no model is pretrained on the placeholder,
-and a tokenizer-specific stand-in would not do: RoBERTa's unknown token is the string ``<unk>``
-itself, so the same text would be scored differently by BERT- and RoBERTa-family models; the gap it
-leaves is the same for every arm, whose perplexities are compared on identical inputs), the separators are joined back (``1 @,@ 000`` -> ``1,000``), heading markers dropped
-and punctuation re-attached (what a byte-level BPE tokenizer such as RoBERTa's would otherwise see
-as different words). Every other word is kept, in order.
+written `` @,@ `` / `` @.@ `` / `` @-@ ``, headings are `` = = Title = = ``, formulas ``<formula>``,
+and punctuation is spaced off. A WordPiece tokenizer cuts ``<unk>`` into four pieces (``<``, ``un``,
+``##k``, ``>``) and `` @-@ `` into three, so scored as it is, 23% of the test split's word pieces
+are markup, which a model learns to predict from any text with angle brackets (TAPT on ChemProt,
+whose entities are marked ``<< >>``, lowered it by 40% against the control). ``plain_text`` undoes
+the markup, keeping every other word in order:
+
+- ``<unk>`` is removed, with any separator attached to it (``the <unk> @-@ based`` -> ``the based``,
+  not ``the-based``). The trade-off: the context loses a word (``directed by .``) where mapping it to
+  each tokenizer's own unknown token (``[UNK]``, RoBERTa's ``<unk>``; special tokens are never
+  masked) would keep a placeholder. Removal was chosen because it needs no tokenizer at read time and
+  gives every model family the same text; the gap is the same for every arm, whose perplexities are
+  compared on identical documents and masks.
+- ``<formula>`` placeholders and the empty tags left by removed words (``< / >``) are removed.
+- Separators are joined back (``1 @,@ 000`` -> ``1,000``), heading markers dropped, punctuation and
+  clitics re-attached (``Teddy 's``, ``didn 't``): the same word pieces for WordPiece, but different
+  words for a byte-level BPE tokenizer such as RoBERTa's.
+
+Any change to this module changes the held-out sets' fingerprint (``dapt.data.sources.describe``
+hashes its source), so cached perplexities of the old text are re-measured, not served.
 """
 
 from __future__ import annotations
 
 import re
 
-# Bump when plain_text changes what it returns: it is part of the held-out sets' fingerprint
-# (dapt.data.sources.describe), so cached perplexities measured on the old text are recomputed.
-RULES_VERSION = 1
-
+_UNK = re.compile(r"(?: *@[-,.]@)* *<unk>(?: *@[-,.]@)*")
+_TAGS = re.compile(r"<formula>|< *(?:/ *)?>")
 _SEPARATOR = re.compile(r" *@([-,.])@ *")
 _HEADING = re.compile(r"^ *(=+ )+(?P<title>.*?)( =+)+ *$", re.MULTILINE)
-_SPACE_BEFORE = re.compile(r" +(?=[,.;:!?%)\]}]|'s\b|'re\b|'ve\b|'ll\b|'d\b|'m\b|n't\b)")
+_SPACE_BEFORE = re.compile(r" +(?=[,.;:!?%)\]}]|'s\b|'re\b|'ve\b|'ll\b|'d\b|'m\b|n't\b|'t\b)")
 _SPACE_AFTER = re.compile(r"(?<=[(\[{$]) +")
 _SPACES = re.compile(r"[ \t]{2,}")
 
 
 def plain_text(text: str) -> str:
     """``text`` (lines of the tokenized WikiText release) without its markup, line by line."""
-    text = text.replace("<unk>", "")
+    text = _UNK.sub(" ", text)
+    text = _TAGS.sub(" ", text)
     text = _SEPARATOR.sub(r"\1", text)
     text = _HEADING.sub(r"\g<title>", text)
     text = _SPACE_BEFORE.sub("", text)

@@ -1,0 +1,113 @@
+"""Re-score a finished run's models on its held-out sets as the current code builds them.
+
+When a held-out set changes (e.g. WikiText's markup removed from the general set), a finished run's
+perplexities and changes are stale, but its models are not: this loads the run's start model (the
+cached base), its control and its adapted model, scores all three on the held-out sets the run's own
+overrides compose to now, and prints each perplexity with its CI, the paired changes (adapted vs
+start, adapted vs control) and the run's recorded numbers beside them. Sets whose text did not change
+must come out equal to the recorded numbers: that is the check that nothing else moved.
+
+    python -m experiments.heldout_rescore RUN_DIR [--out rescore.json]
+
+RUN_DIR is a ``dapt train`` run directory (``results.json``, ``.hydra/overrides.yaml``, ``model/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SETS = ("domain", "domain_dev", "general", "general_dev")
+# results.json "changes" keys of each set's change (the general sets' change is named forgetting)
+CHANGE_KEYS = {"domain": "domain_ppl_change", "domain_dev": "domain_dev_ppl_change", "general": "forgetting", "general_dev": "forgetting_dev"}
+SKIP_OVERRIDES = ("hydra.", "resume=")  # where the run wrote, how it resumed: not what it measured
+
+
+def _models(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
+    """Paths of the run's start model, control and adapted model (those it recorded)."""
+    start = (results.get("base") or {}).get("path") or (results.get("provenance") or {}).get("model_source")
+    models = {"start": start, "control": (results.get("control") or {}).get("path"), "adapted": results.get("model_dir") or str(run_dir / "model")}
+    missing = [f"{name} ({path})" for name, path in models.items() if not path or not Path(path).exists()]
+    if missing:
+        raise SystemExit(f"{run_dir}: model files not found: {', '.join(missing)} (a cached base or control may have been cleaned)")
+    return models
+
+
+def _fmt(ppl: float | None, ci: Any) -> str:
+    if ppl is None:
+        return "-"
+    return f"{ppl:8.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and None not in ci else f"{ppl:8.2f}"
+
+
+def _change(change: Any) -> str:
+    return "-" if change is None else f"{change[0]:+.1%} [{change[1]:+.1%}, {change[2]:+.1%}]"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="write every number as JSON here")
+    args = parser.parse_args(argv)
+
+    import dapt.commands  # noqa: F401  (registers the config groups' schemas, as the dapt commands do)
+    from dapt.config import compose_config
+    from dapt.data.datamodule import PackedCorpusDataModule
+    from dapt.masking import build_eval_masker, build_masker
+    from dapt.modeling.loading import load_mlm_model, load_tokenizer
+    from dapt.pipeline.fit import evaluate_heldout, make_module, make_trainer, relative_change
+    from dapt.pipeline.run_config import validate
+
+    results = json.loads((args.run_dir / "results.json").read_text())
+    overrides = [o for o in yaml.safe_load((args.run_dir / ".hydra" / "overrides.yaml").read_text()) if not o.startswith(SKIP_OVERRIDES)]
+    cfg = compose_config(["tasks=[]", "logger.wandb.enabled=false", *overrides])
+    run = validate(cfg)
+    tokenizer = load_tokenizer(run.model.source)
+    dm = PackedCorpusDataModule(run.data, tokenizer, build_masker(cfg.masking, tokenizer), data_dir=str(cfg.paths.data_dir),
+                                seed=int(cfg.seed), eval_masker=build_eval_masker(cfg.masking, tokenizer))
+    dm.setup()
+    scored: dict[str, dict[str, Any]] = {}
+    for name, path in _models(results, args.run_dir).items():
+        t0 = time.time()
+        model = load_mlm_model(path, attn_implementation=run.model.attn_implementation).model
+        module = make_module(model, run, eval_names=dm.eval_names, test_names=dm.test_names)
+        trainer = make_trainer({**run.trainer, "enable_progress_bar": False}, callbacks=[], loggers=None, root_dir=str(args.run_dir / "rescore"))
+        scored[name] = evaluate_heldout(trainer, module, dm)
+        print(f"{name}: {path} scored in {time.time() - t0:.0f} s", flush=True)
+
+    recorded = {"start": "before", "adapted": "after"}
+    rows: list[dict[str, Any]] = []
+    print(f"\n{'set':<12} {'model':<8} {'perplexity now [95% CI]':<32} recorded")
+    for key in SETS:
+        for name, heldout in scored.items():
+            old = (results.get("control") or {}) if name == "control" else results
+            old_key = f"{key}_ppl_after" if name == "control" else f"{key}_ppl_{recorded[name]}"
+            row = {"set": key, "model": name, "ppl": heldout.get(f"{key}_ppl"), "ci": heldout.get(f"{key}_ppl_ci"),
+                   "recorded_ppl": old.get(old_key), "recorded_ci": old.get(f"{old_key}_ci")}
+            rows.append(row)
+            print(f"{key:<12} {name:<8} {_fmt(row['ppl'], row['ci']):<32} {_fmt(row['recorded_ppl'], row['recorded_ci'])}")
+    changes = {f"{key} {label}": relative_change(scored["adapted"], scored[ref], f"{key}_ppl")
+               for key in SETS for label, ref in (("vs start", "start"), ("vs control", "control"))}
+    recorded_changes = results.get("changes") or {}
+    print(f"\n{'paired change (adapted)':<28} {'now':<28} recorded")
+    for label, change in changes.items():
+        key, ref = label.split(" ", 1)
+        old = f"{CHANGE_KEYS[key]}{'_vs_control' if ref == 'vs control' else ''}"
+        before = recorded_changes.get(old)
+        print(f"{label:<28} {_change(change):<28} {_change((before, *recorded_changes[f'{old}_ci'])) if before is not None else '-'}")
+    info = {split: {name: dict(entry) for name, entry in sets.items()} for split, sets in dm.eval_info.items()}
+    print(f"\nheld-out sets now: {json.dumps(info)}")
+    if args.out:
+        from dapt.io import atomic_write_json
+
+        atomic_write_json(args.out, {"run_dir": str(args.run_dir), "overrides": overrides, "rows": rows,
+                                     "changes": {k: list(v) if v else None for k, v in changes.items()}, "heldout_sets": info,
+                                     "recorded_heldout_sets": results.get("heldout_sets")})
+
+
+if __name__ == "__main__":
+    main()
