@@ -51,3 +51,15 @@ def test_table_says_which_code_made_the_cells_and_warns_when_it_differs(tmp_path
     results["precision"] = {"value": "bf16-mixed", "reason": "auto: the CPU has AMX"}
     (sweep / "1" / "results.json").write_text(json.dumps(results))
     assert "WARNING: cells computed in different precisions: 32-true (before precision was recorded)" in table([sweep])
+    # general perplexities scored on other general text (WikiText with its markup, 304,000 tokens) are flagged
+    assert "general held-out sets" not in table([sweep])
+    for job, tokens in (("0", 304000), ("1", 229376)):
+        path = sweep / job / "results.json"
+        results = json.loads(path.read_text())
+        results["heldout_sets"] = {"test": {"general": {"documents": 62, "tokens": tokens}, "domain": {"documents": int(job), "tokens": 9}}}
+        path.write_text(json.dumps(results))
+    assert ("WARNING: general perplexities scored on different general held-out sets (e.g. before and after WikiText's markup was "
+            "removed), so not comparable across them: test 62 documents / 304000 tokens:") in table([sweep])
+    results["heldout_sets"]["test"]["general"]["tokens"] = 304000  # same general set, different domain sets: no warning
+    (sweep / "1" / "results.json").write_text(json.dumps(results))
+    assert "general held-out sets" not in table([sweep])

@@ -77,7 +77,27 @@ def provenance_lines(jobs: list[dict[str, Any]], label: Callable[[dict[str, Any]
                      + "; ".join(f"{value}: {', '.join(cells)}" for value, cells in precisions.items()))
     else:
         lines.append(f"Precision: {next(iter(precisions))}.")
+    general = _general_sets(jobs, label)
+    if len(general) > 1:
+        lines.append("WARNING: general perplexities scored on different general held-out sets (e.g. before and after WikiText's "
+                     "markup was removed), so not comparable across them: " + "; ".join(f"{text}: {', '.join(cells)}" for text, cells in general.items()))
     return "\n".join(lines)
+
+
+def _general_sets(jobs: list[dict[str, Any]], label: Callable[[dict[str, Any]], str]) -> dict[str, list[str]]:
+    """Jobs grouped by their general held-out sets (results.json ``heldout_sets``: documents and tokens
+    of the dev and test sets). Arms of one study share them while their domain sets may differ (TAPT
+    scores each task's text), so only the general sets are compared; jobs that did not record them
+    are left out."""
+    groups: dict[str, list[str]] = {}
+    for job in jobs:
+        sets = job["results"].get("heldout_sets") or {}
+        general = {split: (sets.get(split) or {}).get("general") for split in ("dev", "test")}
+        if not any(general.values()):
+            continue
+        text = ", ".join(f"{split} {g.get('documents')} documents / {g.get('tokens')} tokens" for split, g in general.items() if g)
+        groups.setdefault(text, []).append(label(job))
+    return groups
 
 
 def missing_line(missing: list[Path]) -> str:
