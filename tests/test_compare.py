@@ -441,3 +441,20 @@ def test_seed_std_is_pandas_sample_std():
 def test_flatten_is_json_normalize_with_lists_as_json():
     assert compare.flatten({"a": {"b": 1, "c": {"d": "x"}}, "tags": ["p", "q"], "e": None}) == {
         "a.b": 1, "a.c.d": "x", "tags": '["p", "q"]', "e": None}
+
+
+def test_cli_warns_when_general_perplexities_come_from_different_general_sets(sweep, tmp_path, capsys):
+    """Runs scored before and after WikiText's markup was removed must not be compared silently."""
+    for job, tokens in (("0", 304000), ("1", 232064)):
+        path = sweep / job / "results.json"
+        results = json.loads(path.read_text())
+        results["heldout_sets"] = {"test": {"general": {"documents": 62, "tokens": tokens}}}
+        path.write_text(json.dumps(results))
+    assert compare_main([str(sweep), "--no-plots", "--format", "csv", "--out", str(tmp_path / "cmp")]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING: general perplexities scored on different general held-out sets" in err
+    assert "test 62 documents / 304000 tokens: 0" in err and "test 62 documents / 232064 tokens: 1" in err
+    results["heldout_sets"]["test"]["general"]["tokens"] = 304000
+    (sweep / "1" / "results.json").write_text(json.dumps(results))
+    assert compare_main([str(sweep), "--no-plots", "--format", "csv", "--out", str(tmp_path / "cmp")]) == 0
+    assert "general held-out sets" not in capsys.readouterr().err

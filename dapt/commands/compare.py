@@ -9,6 +9,8 @@ command print the same numbers.
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -44,6 +46,20 @@ def _config_label(row: Any, keys: Sequence[str]) -> str:
     return text if len(text) <= LABEL_WIDTH else text[: LABEL_WIDTH - 1] + "…"
 
 
+def _general_sets_warning(runs: Sequence[Any]) -> str | None:
+    """The tables' warning when local runs' general perplexities were scored on different general sets
+    (results.json ``heldout_sets``); W&B API runs do not carry them and are left out."""
+    from dapt.reporting.cells import general_sets_warning
+
+    jobs = []
+    for run in runs:
+        try:
+            jobs.append({"results": json.loads((Path(run.path) / "results.json").read_text()), "label": run.name})
+        except (TypeError, OSError, ValueError):
+            continue
+    return general_sets_warning(jobs, lambda job: job["label"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(argv) if argv is not None else None)
     runs = load_runs(args.sources, args.filter)
@@ -60,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         out_dir = Path("compare")
     written = write_outputs(runs, table, out_dir, plots=not args.no_plots)
+    if warning := _general_sets_warning(runs):
+        print(warning, file=sys.stderr)
     if args.format == "csv":
         print(table.to_csv(index=False), end="")
     elif args.format == "markdown":

@@ -77,11 +77,19 @@ def provenance_lines(jobs: list[dict[str, Any]], label: Callable[[dict[str, Any]
                      + "; ".join(f"{value}: {', '.join(cells)}" for value, cells in precisions.items()))
     else:
         lines.append(f"Precision: {next(iter(precisions))}.")
-    general = _general_sets(jobs, label)
-    if len(general) > 1:
-        lines.append("WARNING: general perplexities scored on different general held-out sets (e.g. before and after WikiText's "
-                     "markup was removed), so not comparable across them: " + "; ".join(f"{text}: {', '.join(cells)}" for text, cells in general.items()))
+    if warning := general_sets_warning(jobs, label):
+        lines.append(warning)
     return "\n".join(lines)
+
+
+def general_sets_warning(jobs: list[dict[str, Any]], label: Callable[[dict[str, Any]], str]) -> str | None:
+    """A warning when jobs scored their general perplexities on different general held-out sets
+    (``dapt compare`` prints it too); None when they all share one, or did not record it."""
+    general = _general_sets(jobs, label)
+    if len(general) <= 1:
+        return None
+    return ("WARNING: general perplexities scored on different general held-out sets (e.g. before and after WikiText's "
+            "markup was removed), so not comparable across them: " + "; ".join(f"{text}: {', '.join(cells)}" for text, cells in general.items()))
 
 
 def _general_sets(jobs: list[dict[str, Any]], label: Callable[[dict[str, Any]], str]) -> dict[str, list[str]]:
