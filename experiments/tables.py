@@ -12,11 +12,19 @@ from dapt.reporting.cells import missing_line, paired_ppl, pct, ppl_cell, proven
 __all__ = ["missing_line", "paired_ppl", "pct", "ppl_cell", "provenance_lines", "read_job", "sweep_jobs", "sweep_table_main"]
 
 
+def _job_folders(sweep: Path) -> list[Path]:
+    """A Hydra sweep's numbered job dirs in job order, or a ``dapt study`` folder's arm runs
+    (``<arm>/run``, arms by name), so that a study's arms can be tabulated like a sweep's jobs."""
+    numbered = sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    return numbered or sorted(p / "run" for p in sweep.iterdir() if (p / "arm.json").is_file())
+
+
 def sweep_jobs(sweeps: list[Path]) -> tuple[list[dict[str, Any]], list[Path]]:
-    """The finished jobs of Hydra sweep folders (numbered job dirs, in job order) and the unfinished ones."""
+    """The finished jobs of Hydra sweep folders (numbered job dirs, in job order) or study folders
+    (arm runs), and the unfinished ones."""
     jobs, missing = [], []
     for sweep in sweeps:
-        for folder in sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
+        for folder in _job_folders(sweep):
             job = read_job(folder)
             (jobs.append(job) if job else missing.append(folder))
     return jobs, missing

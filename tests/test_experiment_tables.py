@@ -84,6 +84,8 @@ def test_the_readme_tables_are_the_tables_generated_from_the_kept_results():
     vocab = root / "vocabulary" / "results" / "2026-12-03_4071bb5"
     for readme, generated in (
         (root / "forgetting" / "README.md", forgetting_table([root / "forgetting" / "results" / "sweep_2026-12-03_394141f"])),
+        # a dapt study folder (<arm>/run) tabulates like a sweep: all 8 arms, each against plain DAPT
+        (root / "forgetting" / "README.md", forgetting_table([root / "forgetting" / "results" / "study_2026-12-04_8a08c8e"])),
         (root / "vocabulary" / "README.md", vocabulary_table(vocab / "plain", vocab / "extend")),
     ):
         text = readme.read_text()
