@@ -4,8 +4,9 @@ When a held-out set changes (e.g. WikiText's markup removed from the general set
 perplexities and changes are stale, but its models are not: this loads the run's start model (the
 cached base), its control and its adapted model, scores all three on the held-out sets the run's own
 overrides compose to now, and prints each perplexity with its CI, the paired changes (adapted vs
-start, adapted vs control) and the run's recorded numbers beside them. Sets whose text did not change
-must come out equal to the recorded numbers: that is the check that nothing else moved.
+start, adapted vs control) and the run's recorded numbers beside them. Sets built exactly as the run
+built them (same documents, tokens and masked tokens) must score as recorded: otherwise it says
+MISMATCH and exits 1 (the check that nothing else moved).
 
     python -m experiments.heldout_rescore RUN_DIR [--out rescore.json]
 
@@ -28,9 +29,20 @@ CHANGE_KEYS = {"domain": "domain_ppl_change", "domain_dev": "domain_dev_ppl_chan
 SKIP_OVERRIDES = ("hydra.", "resume=")  # where the run wrote, how it resumed: not what it measured
 
 
-def _models(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
-    """Paths of the run's start model, control and adapted model (those it recorded)."""
-    start = (results.get("base") or {}).get("path") or (results.get("provenance") or {}).get("model_source")
+def _models(results: dict[str, Any], run_dir: Path, run: Any) -> dict[str, str]:
+    """Paths of the run's start model, control and adapted model (those it recorded).
+
+    Refuses runs whose start cannot be loaded as it was scored: an extended vocabulary (the run scored
+    every model with its extended tokenizer and extended start) or a random-init start without a
+    saved base."""
+    if run.vocabulary.name != "none":
+        raise SystemExit(f"{run_dir}: vocabulary={run.vocabulary.name} runs are scored with their extended tokenizer and start; "
+                         "re-scoring them is not supported (re-run the arm instead)")
+    start = (results.get("base") or {}).get("path")
+    if not start:
+        if run.model.random_init or run.model.config_overrides:
+            raise SystemExit(f"{run_dir}: the start model was built at run time (random_init/config_overrides) and not saved")
+        start = run.model.source
     models = {"start": start, "control": (results.get("control") or {}).get("path"), "adapted": results.get("model_dir") or str(run_dir / "model")}
     missing = [f"{name} ({path})" for name, path in models.items() if not path or not Path(path).exists()]
     if missing:
@@ -71,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
                                 seed=int(cfg.seed), eval_masker=build_eval_masker(cfg.masking, tokenizer))
     dm.setup()
     scored: dict[str, dict[str, Any]] = {}
-    for name, path in _models(results, args.run_dir).items():
+    for name, path in _models(results, args.run_dir, run).items():
         t0 = time.time()
         model = load_mlm_model(path, attn_implementation=run.model.attn_implementation).model
         module = make_module(model, run, eval_names=dm.eval_names, test_names=dm.test_names)
@@ -101,12 +113,34 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label:<28} {_change(change):<28} {_change((before, *recorded_changes[f'{old}_ci'])) if before is not None else '-'}")
     info = {split: {name: dict(entry) for name, entry in sets.items()} for split, sets in dm.eval_info.items()}
     print(f"\nheld-out sets now: {json.dumps(info)}")
+    mismatch = _unchanged_but_different(rows, info, results.get("heldout_sets") or {})
+    for line in mismatch:
+        print(f"MISMATCH: {line}")
     if args.out:
         from dapt.io import atomic_write_json
+        from dapt.versioning import provenance
 
-        atomic_write_json(args.out, {"run_dir": str(args.run_dir), "overrides": overrides, "rows": rows,
+        atomic_write_json(args.out, {"run_dir": str(args.run_dir), "overrides": overrides, "provenance": provenance(),
+                                     "precision": run.trainer.get("precision"), "mismatch": mismatch, "rows": rows,
                                      "changes": {k: list(v) if v else None for k, v in changes.items()}, "heldout_sets": info,
                                      "recorded_heldout_sets": results.get("heldout_sets")})
+
+    if mismatch:
+        raise SystemExit(f"{len(mismatch)} perplexities of unchanged held-out sets differ from the recorded ones: "
+                         "the models, the code or the numerics are not those of the run")
+
+
+def _unchanged_but_different(rows: list[dict[str, Any]], now: dict[str, Any], recorded: dict[str, Any]) -> list[str]:
+    """The perplexities of held-out sets that are built exactly as the run built them (same documents,
+    tokens and masked tokens) but no longer score as recorded: those must be equal, or the re-scoring
+    is not of the same models under the same code and numerics."""
+    out = []
+    for row in rows:
+        split, name = ("dev", row["set"][:-4]) if row["set"].endswith("_dev") else ("test", row["set"])
+        same_set = now.get(split, {}).get(name) == (recorded.get(split) or {}).get(name)
+        if same_set and row["ppl"] is not None and row["recorded_ppl"] is not None and abs(row["ppl"] / row["recorded_ppl"] - 1) > 1e-6:
+            out.append(f"{row['set']} {row['model']}: {row['ppl']:.4f} now, {row['recorded_ppl']:.4f} recorded")
+    return out
 
 
 if __name__ == "__main__":

@@ -15,8 +15,13 @@ __all__ = ["missing_line", "paired_ppl", "pct", "ppl_cell", "provenance_lines", 
 def _job_folders(sweep: Path) -> list[Path]:
     """A Hydra sweep's numbered job dirs in job order, or a ``dapt study`` folder's arm runs
     (``<arm>/run``, arms by name), so that a study's arms can be tabulated like a sweep's jobs."""
+    if not sweep.is_dir():
+        raise SystemExit(f"{sweep}: not a folder")
     numbered = sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-    return numbered or sorted(p / "run" for p in sweep.iterdir() if (p / "arm.json").is_file())
+    found = numbered or sorted(p / "run" for p in sweep.iterdir() if (p / "arm.json").is_file())
+    if not found:
+        raise SystemExit(f"{sweep}: neither a sweep folder (numbered job dirs) nor a dapt study folder (<arm>/arm.json)")
+    return found
 
 
 def sweep_jobs(sweeps: list[Path]) -> tuple[list[dict[str, Any]], list[Path]]:

@@ -453,7 +453,7 @@ def test_cli_warns_when_general_perplexities_come_from_different_general_sets(sw
     assert compare_main([str(sweep), "--no-plots", "--format", "csv", "--out", str(tmp_path / "cmp")]) == 0
     err = capsys.readouterr().err
     assert "WARNING: general perplexities scored on different general held-out sets" in err
-    assert "test 62 documents / 304000 tokens: 0" in err and "test 62 documents / 232064 tokens: 1" in err
+    assert "test 62 documents / 304000 tokens / None masked: 0" in err and "test 62 documents / 232064 tokens / None masked: 1" in err
     results["heldout_sets"]["test"]["general"]["tokens"] = 304000
     (sweep / "1" / "results.json").write_text(json.dumps(results))
     assert compare_main([str(sweep), "--no-plots", "--format", "csv", "--out", str(tmp_path / "cmp")]) == 0

@@ -93,3 +93,22 @@ def test_the_readme_tables_are_the_tables_generated_from_the_kept_results():
         assert len(rows) >= 4
         for line in rows:
             assert line in text, f"{readme.name}: {line[:80]}... is not the generated row"
+
+
+def test_rescore_requires_unchanged_sets_to_score_as_recorded():
+    """experiments.heldout_rescore: a held-out set built exactly as the run built it must give the
+    recorded perplexity (the kept TAPT-ChemProt re-scoring: domain sets unchanged and equal, general
+    sets rebuilt without WikiText's markup and so not compared); a changed number is a mismatch."""
+    from dapt.config import REPO_ROOT
+    from experiments.heldout_rescore import _unchanged_but_different
+
+    kept = REPO_ROOT / "experiments" / "dont_stop_pretraining" / "results" / "study_2026-12-04_21245eb" / "tapt_chemprot"
+    rescore = json.loads((kept / "heldout_rescore_2ae98f8.json").read_text())
+    assert rescore["heldout_sets"]["test"]["domain"] == rescore["recorded_heldout_sets"]["test"]["domain"]
+    assert rescore["heldout_sets"]["test"]["general"] != rescore["recorded_heldout_sets"]["test"]["general"]
+    assert _unchanged_but_different(rescore["rows"], rescore["heldout_sets"], rescore["recorded_heldout_sets"]) == []
+    rows = [dict(row) for row in rescore["rows"]]
+    for row in rows:
+        row["ppl"] *= 1.001
+    flagged = _unchanged_but_different(rows, rescore["heldout_sets"], rescore["recorded_heldout_sets"])
+    assert len(flagged) == 6 and all(line.startswith("domain") for line in flagged)  # 2 domain sets x 3 models

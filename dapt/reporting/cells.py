@@ -93,8 +93,8 @@ def general_sets_warning(jobs: list[dict[str, Any]], label: Callable[[dict[str, 
 
 
 def _general_sets(jobs: list[dict[str, Any]], label: Callable[[dict[str, Any]], str]) -> dict[str, list[str]]:
-    """Jobs grouped by their general held-out sets (results.json ``heldout_sets``: documents and tokens
-    of the dev and test sets). Arms of one study share them while their domain sets may differ (TAPT
+    """Jobs grouped by their general held-out sets (results.json ``heldout_sets``: documents, tokens and
+    masked tokens of the dev and test sets; a change of text that keeps all three is not seen). Arms of one study share them while their domain sets may differ (TAPT
     scores each task's text), so only the general sets are compared; jobs that did not record them
     are left out."""
     groups: dict[str, list[str]] = {}
@@ -103,7 +103,8 @@ def _general_sets(jobs: list[dict[str, Any]], label: Callable[[dict[str, Any]], 
         general = {split: (sets.get(split) or {}).get("general") for split in ("dev", "test")}
         if not any(general.values()):
             continue
-        text = ", ".join(f"{split} {g.get('documents')} documents / {g.get('tokens')} tokens" for split, g in general.items() if g)
+        text = ", ".join(f"{split} {g.get('documents')} documents / {g.get('tokens')} tokens / {g.get('masked_tokens')} masked"
+                         for split, g in general.items() if g)
         groups.setdefault(text, []).append(label(job))
     return groups
 
