@@ -24,8 +24,6 @@ from typing import Any
 import yaml
 
 SETS = ("domain", "domain_dev", "general", "general_dev")
-# results.json "changes" keys of each set's change (the general sets' change is named forgetting)
-CHANGE_KEYS = {"domain": "domain_ppl_change", "domain_dev": "domain_dev_ppl_change", "general": "forgetting", "general_dev": "forgetting_dev"}
 SKIP_OVERRIDES = ("hydra.", "resume=")  # where the run wrote, how it resumed: not what it measured
 
 
@@ -56,8 +54,11 @@ def _fmt(ppl: float | None, ci: Any) -> str:
     return f"{ppl:8.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and None not in ci else f"{ppl:8.2f}"
 
 
-def _change(change: Any) -> str:
-    return "-" if change is None else f"{change[0]:+.1%} [{change[1]:+.1%}, {change[2]:+.1%}]"
+def _change(key: str, changes: dict[str, Any]) -> str:
+    value, ci = changes.get(key), changes.get(f"{key}_ci")
+    if value is None:
+        return "-"
+    return f"{value:+.1%} [{ci[0]:+.1%}, {ci[1]:+.1%}]" if ci and None not in ci else f"{value:+.1%}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     from dapt.data.datamodule import PackedCorpusDataModule
     from dapt.masking import build_eval_masker, build_masker
     from dapt.modeling.loading import load_mlm_model, load_tokenizer
-    from dapt.pipeline.fit import evaluate_heldout, make_module, make_trainer, relative_change
+    from dapt.pipeline.fit import evaluate_heldout, make_module, make_trainer
+    from dapt.pipeline.results import perplexity_changes
     from dapt.pipeline.run_config import validate
 
     results = json.loads((args.run_dir / "results.json").read_text())
@@ -102,15 +104,12 @@ def main(argv: list[str] | None = None) -> None:
                    "recorded_ppl": old.get(old_key), "recorded_ci": old.get(f"{old_key}_ci")}
             rows.append(row)
             print(f"{key:<12} {name:<8} {_fmt(row['ppl'], row['ci']):<32} {_fmt(row['recorded_ppl'], row['recorded_ci'])}")
-    changes = {f"{key} {label}": relative_change(scored["adapted"], scored[ref], f"{key}_ppl")
-               for key in SETS for label, ref in (("vs start", "start"), ("vs control", "control"))}
+    # the run's own rule and key names (results.json "changes"), so the two columns line up key by key
+    changes = perplexity_changes(scored["adapted"], scored["start"], scored["control"])
     recorded_changes = results.get("changes") or {}
-    print(f"\n{'paired change (adapted)':<28} {'now':<28} recorded")
-    for label, change in changes.items():
-        key, ref = label.split(" ", 1)
-        old = f"{CHANGE_KEYS[key]}{'_vs_control' if ref == 'vs control' else ''}"
-        before = recorded_changes.get(old)
-        print(f"{label:<28} {_change(change):<28} {_change((before, *recorded_changes[f'{old}_ci'])) if before is not None else '-'}")
+    print(f"\n{'paired change (adapted)':<32} {'now':<28} recorded")
+    for key in (k for k in changes if not k.endswith("_ci")):
+        print(f"{key:<32} {_change(key, changes):<28} {_change(key, recorded_changes)}")
     info = {split: {name: dict(entry) for name, entry in sets.items()} for split, sets in dm.eval_info.items()}
     print(f"\nheld-out sets now: {json.dumps(info)}")
     mismatch = _unchanged_but_different(rows, info, results.get("heldout_sets") or {})
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
 
         atomic_write_json(args.out, {"run_dir": str(args.run_dir), "overrides": overrides, "provenance": provenance(),
                                      "precision": run.trainer.get("precision"), "mismatch": mismatch, "rows": rows,
-                                     "changes": {k: list(v) if v else None for k, v in changes.items()}, "heldout_sets": info,
+                                     "changes": changes, "heldout_sets": info,
                                      "recorded_heldout_sets": results.get("heldout_sets")})
 
     if mismatch:

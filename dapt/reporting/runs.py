@@ -44,6 +44,7 @@ class Run:
     error: str | None = None
     wandb_name: str | None = None  # W&B display name (API runs, or logger.wandb.name)
     overrides: list[str] | None = None  # Hydra command-line overrides (.hydra/overrides.yaml); None: not recorded
+    heldout_sets: dict[str, Any] = field(default_factory=dict)  # results.json "heldout_sets" (what the perplexities were scored on)
     _history: Any = None  # pandas DataFrame (step + metric columns), loaded lazily
     _history_loader: Any = None
 
@@ -234,6 +235,7 @@ def load_run(run_dir: Path, name: str | None = None) -> Run:
         error=f"{failure.get('error', 'Error')}: {failure.get('message', '')}".strip() if failure else None,
         wandb_name=config.get("logger.wandb.name") or None,
         overrides=_hydra_overrides(run_dir),
+        heldout_sets=results.get("heldout_sets") or {},
         _history_loader=_history_loader(run_dir),
     )
 
