@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from dapt.config import REPO_ROOT
@@ -182,6 +184,52 @@ def test_delta_vs_base_pairs_scores_by_seed_not_by_position(tmp_path):
     assert row["paper"] == 55.0 and row["paper_vs_base"] == pytest.approx(5.0)
     assert report.missing == ["b"] and "Not finished (no complete results.json): b." in report.markdown
     assert "| A | t (f1) | 72.0 ± 0.0 (n=3) | 50.0 ± 0.0 | +1.0 [-2.0, +4.0] | inconclusive (MDE 5.0) | +2.0 [" in report.markdown
+
+
+def test_a_chained_arm_is_compared_with_the_base_over_the_same_documents(tmp_path):
+    """DAPT+TAPT's cumulative change: its adapted model's per-document sums against the base's start
+    scores on the same set, taken from an arm that started from the same base; never from an arm that
+    started from another model, and '—' when no arm scored the base on that set."""
+    spec_text = ("title: c\nquestion: q\narms: [{name: dapt}, {name: tapt}, {name: other}, "
+                 "{name: both, label: DAPT+TAPT, start: dapt}]\n")
+    s = study_spec.load(_write(tmp_path, spec_text, "c.yaml"))
+    out = tmp_path / "out"
+    rng = np.random.default_rng(0)
+    counts = rng.integers(5, 40, size=30).astype(float)
+
+    def table(scale: float, ids: list[int] | None = None) -> dict[str, Any]:
+        return {"ids": ids or list(range(30)), "sums": list(counts * scale * rng.uniform(0.9, 1.1, 30)), "counts": list(counts)}
+
+    general_base, tapt_base, both_general, both_domain = table(3.0), table(5.0), table(3.4), table(2.0)
+    docs = {  # dapt scored the base on the general set, tapt on the task's domain set, other on both but from another model
+        "dapt": ("b1", {"general_ppl": general_base, "domain_ppl": table(4.0, list(range(100, 130)))}),
+        "tapt": ("b1", {"general_ppl": general_base, "domain_ppl": tapt_base}),
+        "other": ("b2", {"general_ppl": table(9.0), "domain_ppl": table(9.0)}),
+        "both": (None, {"general_ppl": table(3.2), "domain_ppl": table(3.0)}),
+    }
+    for name, (base_key, before) in docs.items():
+        folder = out / name / "run"
+        folder.mkdir(parents=True)
+        after = {"general_ppl": both_general, "domain_ppl": both_domain} if name == "both" else before
+        results = {**_results({0: 0.5, 1: 0.6}, {0: 0.5, 1: 0.5}), "base": {"cache_key": base_key}}
+        (folder / "results.json").write_text(json.dumps(results))
+        (folder / "heldout_documents.json").write_text(json.dumps({"before": before, "after": after, "control": None}))
+
+    def expected(after: dict[str, Any], base: dict[str, Any]) -> float:
+        return math.exp((sum(after["sums"]) - sum(base["sums"])) / sum(counts)) - 1
+
+    row = next(r for r in study_report.build(s, out, "cmd").perplexity if r["arm"] == "both")
+    assert row["forgetting_vs_base"] == pytest.approx(expected(both_general, general_base))
+    assert row["domain_ppl_change_vs_base"] == pytest.approx(expected(both_domain, tapt_base))
+    assert row["domain_ppl_change_vs_base_ci_low"] < row["domain_ppl_change_vs_base"] < row["domain_ppl_change_vs_base_ci_high"]
+    assert (row["forgetting_vs_base_base_scored_by"], row["domain_ppl_change_vs_base_base_scored_by"]) == ("dapt", "tapt")
+
+    (out / "tapt" / "run" / "results.json").unlink()  # only the other model scored that domain set: no cell
+    report = study_report.build(s, out, "cmd")
+    row = next(r for r in report.perplexity if r["arm"] == "both")
+    assert row["domain_ppl_change_vs_base"] is None and row["forgetting_vs_base"] is not None
+    assert re.search(r"^\| DAPT\+TAPT \(from dapt\) \| — \| [+-]\d+\.\d% \[.*\(dapt\) \|$", report.markdown, re.M)
+    assert not any("forgetting_vs_base" in r for r in report.perplexity if r["arm"] != "both")
 
 
 def test_an_arm_whose_results_record_an_error_is_not_finished(tmp_path):
