@@ -130,13 +130,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _unchanged_but_different(rows: list[dict[str, Any]], now: dict[str, Any], recorded: dict[str, Any]) -> list[str]:
-    """The perplexities of held-out sets that are built exactly as the run built them (same documents,
-    tokens and masked tokens) but no longer score as recorded: those must be equal, or the re-scoring
+    """The perplexities of held-out sets that are built exactly as the run built them (same tokens and
+    masks: ``same_heldout_set``) but no longer score as recorded: those must be equal, or the re-scoring
     is not of the same models under the same code and numerics."""
+    from dapt.data.heldout import same_heldout_set
+
     out = []
     for row in rows:
         split, name = ("dev", row["set"][:-4]) if row["set"].endswith("_dev") else ("test", row["set"])
-        same_set = now.get(split, {}).get(name) == (recorded.get(split) or {}).get(name)
+        same_set = same_heldout_set(now.get(split, {}).get(name), (recorded.get(split) or {}).get(name))
         if same_set and row["ppl"] is not None and row["recorded_ppl"] is not None and abs(row["ppl"] / row["recorded_ppl"] - 1) > 1e-6:
             out.append(f"{row['set']} {row['model']}: {row['ppl']:.4f} now, {row['recorded_ppl']:.4f} recorded")
     return out

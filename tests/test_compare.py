@@ -458,3 +458,11 @@ def test_cli_warns_when_general_perplexities_come_from_different_general_sets(sw
     (sweep / "1" / "results.json").write_text(json.dumps(results))
     assert compare_main([str(sweep), "--no-plots", "--format", "csv", "--out", str(tmp_path / "cmp")]) == 0
     assert "general held-out sets" not in capsys.readouterr().err
+    # the same counts but other text (the sets' digests differ) is a different set too
+    for job, digest in (("0", "aaaaaaaaaaaaaaaa"), ("1", "bbbbbbbbbbbbbbbb")):
+        path = sweep / job / "results.json"
+        results = json.loads(path.read_text())
+        results["heldout_sets"] = {"test": {"general": {"documents": 62, "tokens": 304000, "digest": digest}}}
+        path.write_text(json.dumps(results))
+    assert compare_main([str(sweep), "--no-plots", "--format", "csv", "--out", str(tmp_path / "cmp")]) == 0
+    assert "text+masks aaaaaaaa: 0" in capsys.readouterr().err

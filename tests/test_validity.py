@@ -12,6 +12,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -191,6 +192,32 @@ def test_heldout_documents_are_sampled_across_the_whole_split(tmp_path):
             counts[int(minilm_tokenizer().decode(ids).split()[2]) // 100] += 1
     expected = counts.sum() / 10
     assert np.all(np.abs(counts - expected) < 4 * math.sqrt(expected)), counts
+
+
+def test_a_heldout_set_records_a_digest_that_sees_a_change_of_text_the_counts_miss(tmp_path):
+    """Runs are compared (tables, dapt compare, heldout_rescore) only when scored on the same tokens and
+    masks: one word swapped for another single-piece word keeps documents, tokens and masked tokens
+    but must change the recorded set's digest; the same build gives the same digest."""
+    from dapt.data.heldout import build_heldout_set, same_heldout_set
+    from dapt.data.sources import SourceConfig
+    from dapt.masking import build_eval_masker
+
+    tok = minilm_tokenizer()
+    masker = build_eval_masker({"name": "random", "rate": 0.15}, tok)
+
+    def build(word: str) -> dict[str, Any]:
+        path = tmp_path / f"{word}.jsonl"
+        path.write_text("".join(json.dumps({"text": f"document {i} about the {word if i == 7 else 'cat'} " + "word " * 30}) + "\n"
+                                for i in range(40)))
+        return build_heldout_set(SourceConfig(type="jsonl", path=str(path)), None, tok, masker, block_size=64,
+                                 max_tokens=10**6, sample_seed=0, mask_seed=0)[1]
+
+    cat, cat_again, dog = build("cat"), build("cat"), build("dog")
+    assert {k: cat[k] for k in ("documents", "tokens", "masked_tokens")} == {k: dog[k] for k in ("documents", "tokens", "masked_tokens")}
+    assert cat["digest"] == cat_again["digest"] and same_heldout_set(cat, cat_again)
+    assert cat["digest"] != dog["digest"] and not same_heldout_set(cat, dog)
+    old = {k: v for k, v in dog.items() if k != "digest"}  # a run recorded before the digest: counts decide
+    assert same_heldout_set(cat, old) and not same_heldout_set(cat, {**old, "tokens": old["tokens"] + 1})
 
 
 def test_wikitext_markup_is_removed_and_every_other_word_kept():

@@ -82,7 +82,7 @@ class PackedCorpusDataModule(pl.LightningDataModule):
         self.train_stream.batch_size = config.batch_size
         self._prefix_stats: dict[str, ReadStats] = {}
         self.eval_sets: dict[str, dict[str, TensorDataset]] = {}
-        self.eval_info: dict[str, dict[str, dict[str, int]]] = {}
+        self.eval_info: dict[str, dict[str, dict[str, Any]]] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._token_counts: dict[str, torch.Tensor] = {}  # per device, so counting never syncs it
         self._restored_counts: dict[str, int] = {}

@@ -11,6 +11,7 @@ a bootstrap confidence interval over documents (the independent units of a held-
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 from dataclasses import dataclass
@@ -109,6 +110,27 @@ def pack_with_documents(sample: HeldoutSample, packer: BlockPacker) -> dict[str,
     }
 
 
+def tensors_digest(*tensors: torch.Tensor) -> str:
+    """A short content hash of tensors (dtype, shape and values, in order)."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        array = tensor.detach().cpu().contiguous().numpy()
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def same_heldout_set(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two recorded held-out sets (results.json ``heldout_sets`` entries) are the same tokens
+    and masks: equal digests where both recorded one (runs before the digest did not), else equal
+    documents, tokens and masked tokens."""
+    if not a or not b:
+        return False
+    if a.get("digest") and b.get("digest"):
+        return a["digest"] == b["digest"]
+    return all(a.get(k) == b.get(k) for k in ("documents", "tokens", "masked_tokens"))
+
+
 def build_heldout_set(
     source: SourceConfig,
     data_dir: str | None,
@@ -121,8 +143,10 @@ def build_heldout_set(
     mask_seed: int,
     max_doc_tokens: int | None = None,
     policy: QualityPolicy | None = None,
-) -> tuple[TensorDataset, dict[str, int]]:
-    """A fixed-mask ``TensorDataset(input_ids, labels, doc_ids)`` plus its size (documents, tokens)."""
+) -> tuple[TensorDataset, dict[str, Any]]:
+    """A fixed-mask ``TensorDataset(input_ids, labels, doc_ids)`` plus its size (documents, tokens) and
+    ``digest``, a hash of the masked blocks themselves: two runs' perplexities are comparable only on
+    identical tokens and masks, and a change of text that keeps the counts must still be seen."""
     packer = BlockPacker(tokenizer, block_size)
     sample = sample_documents(source, data_dir, packer, max_tokens=max_tokens, seed=sample_seed, max_doc_tokens=max_doc_tokens,
                               policy=policy)
@@ -135,5 +159,6 @@ def build_heldout_set(
         "blocks": int(blocks["input_ids"].shape[0]),
         "tokens": int(blocks["input_ids"].numel()),
         "masked_tokens": int((masked["labels"] != IGNORE_INDEX).sum()),
+        "digest": tensors_digest(masked["input_ids"], masked["labels"], blocks["doc_ids"]),
     }
     return TensorDataset(masked["input_ids"], masked["labels"], blocks["doc_ids"]), info

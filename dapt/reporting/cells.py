@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dapt.data.heldout import same_heldout_set
 from dapt.modeling.perplexity import paired_change_ci
 
 
@@ -93,20 +94,27 @@ def general_sets_warning(jobs: list[dict[str, Any]], label: Callable[[dict[str, 
 
 
 def _general_sets(jobs: list[dict[str, Any]], label: Callable[[dict[str, Any]], str]) -> dict[str, list[str]]:
-    """Jobs grouped by their general held-out sets (results.json ``heldout_sets``: documents, tokens and
-    masked tokens of the dev and test sets; a change of text that keeps all three is not seen). Arms of one study share them while their domain sets may differ (TAPT
-    scores each task's text), so only the general sets are compared; jobs that did not record them
-    are left out."""
-    groups: dict[str, list[str]] = {}
+    """Jobs grouped by their general held-out sets (results.json ``heldout_sets``, dev and test),
+    compared by ``dapt.data.heldout.same_heldout_set``: by the hash of their tokens and masks where both
+    jobs recorded one, else by documents, tokens and masked tokens. Arms of one study share the general
+    sets while their domain sets may differ (TAPT scores each task's text), so only the general sets
+    are compared; jobs that did not record them are left out."""
+    groups: list[tuple[dict[str, Any], str, list[str]]] = []
     for job in jobs:
         sets = job["results"].get("heldout_sets") or {}
         general = {split: (sets.get(split) or {}).get("general") for split in ("dev", "test")}
         if not any(general.values()):
             continue
-        text = ", ".join(f"{split} {g.get('documents')} documents / {g.get('tokens')} tokens / {g.get('masked_tokens')} masked"
-                         for split, g in general.items() if g)
-        groups.setdefault(text, []).append(label(job))
-    return groups
+        for first, _, labels in groups:
+            if all(same_heldout_set(general[split], first[split]) if general[split] or first[split] else True for split in general):
+                labels.append(label(job))
+                break
+        else:
+            text = ", ".join(f"{split} {g.get('documents')} documents / {g.get('tokens')} tokens / {g.get('masked_tokens')} masked"
+                             + (f" / text+masks {g['digest'][:8]}" if g.get("digest") else "")
+                             for split, g in general.items() if g)
+            groups.append((general, text, [label(job)]))
+    return {text: labels for _, text, labels in groups}
 
 
 def missing_line(missing: list[Path]) -> str:
