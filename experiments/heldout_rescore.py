@@ -5,7 +5,7 @@ perplexities and changes are stale, but its models are not: this loads the run's
 cached base), its control and its adapted model, scores all three on the held-out sets the run's own
 overrides compose to now, and prints each perplexity with its CI, the paired changes (adapted vs
 start, adapted vs control) and the run's recorded numbers beside them. Sets built exactly as the run
-built them (same documents, tokens and masked tokens) must score as recorded: otherwise it says
+built them (``dapt.data.heldout.same_heldout_set``) must score as recorded: otherwise it says
 MISMATCH and exits 1 (the check that nothing else moved).
 
     python -m experiments.heldout_rescore RUN_DIR [--out rescore.json]
@@ -67,30 +67,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write every number as JSON here")
     args = parser.parse_args(argv)
 
-    import dapt.commands  # noqa: F401  (registers the config groups' schemas, as the dapt commands do)
-    from dapt.config import compose_config
-    from dapt.data.datamodule import PackedCorpusDataModule
-    from dapt.masking import build_eval_masker, build_masker
-    from dapt.modeling.loading import load_mlm_model, load_tokenizer
-    from dapt.pipeline.fit import evaluate_heldout, make_module, make_trainer
+    from dapt.modeling.loading import load_mlm_model
     from dapt.pipeline.results import perplexity_changes
-    from dapt.pipeline.run_config import validate
+    from experiments.heldout_scoring import compose, score
 
     results = json.loads((args.run_dir / "results.json").read_text())
     overrides = [o for o in yaml.safe_load((args.run_dir / ".hydra" / "overrides.yaml").read_text()) if not o.startswith(SKIP_OVERRIDES)]
-    cfg = compose_config(["tasks=[]", "logger.wandb.enabled=false", *overrides])
-    run = validate(cfg)
-    tokenizer = load_tokenizer(run.model.source)
-    dm = PackedCorpusDataModule(run.data, tokenizer, build_masker(cfg.masking, tokenizer), data_dir=str(cfg.paths.data_dir),
-                                seed=int(cfg.seed), eval_masker=build_eval_masker(cfg.masking, tokenizer))
-    dm.setup()
+    setup = compose(overrides)
+    run = setup.run
+    dm = setup.datamodule()
     scored: dict[str, dict[str, Any]] = {}
     for name, path in _models(results, args.run_dir, run).items():
         t0 = time.time()
         model = load_mlm_model(path, attn_implementation=run.model.attn_implementation).model
-        module = make_module(model, run, eval_names=dm.eval_names, test_names=dm.test_names)
-        trainer = make_trainer({**run.trainer, "enable_progress_bar": False}, callbacks=[], loggers=None, root_dir=str(args.run_dir / "rescore"))
-        scored[name] = evaluate_heldout(trainer, module, dm)
+        scored[name] = score(model, setup, dm, root_dir=str(args.run_dir / "rescore"))
         print(f"{name}: {path} scored in {time.time() - t0:.0f} s", flush=True)
 
     recorded = {"start": "before", "adapted": "after"}

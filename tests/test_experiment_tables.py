@@ -9,6 +9,9 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+from tests.helpers import needs_shared_data
 
 
 def _job(folder: Path, active: list[str], sums: list[float], counts: list[int], control_key: str = "c1") -> None:
@@ -112,3 +115,35 @@ def test_rescore_requires_unchanged_sets_to_score_as_recorded():
         row["ppl"] *= 1.001
     flagged = _unchanged_but_different(rows, rescore["heldout_sets"], rescore["recorded_heldout_sets"])
     assert len(flagged) == 6 and all(line.startswith("domain") for line in flagged)  # 2 domain sets x 3 models
+
+
+@needs_shared_data
+def test_rescoring_an_unchanged_run_reproduces_every_recorded_number(tmp_path):
+    """experiments.heldout_rescore end to end: a finished tiny run (saved start, control, adapted model)
+    re-scored by the current code on sets built exactly as the run built them gives every recorded
+    perplexity and paired change again, and exits 0 (no MISMATCH); its JSON records the same sets."""
+    import subprocess
+    import sys
+
+    from tests.conftest import TINY_OVERRIDES
+    from tests.helpers import minilm_tokenizer
+    from tests.test_finetune import save_tiny
+
+    start = save_tiny(tmp_path / "start", minilm_tokenizer(), seed=0)
+    run_dir = tmp_path / "run"
+    overrides = [*TINY_OVERRIDES, f"model.source={start}", "model.random_init=false", f"hydra.run.dir={run_dir}"]
+    train = subprocess.run([sys.executable, "-m", "dapt.cli", "train", *overrides], capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    out = tmp_path / "rescore.json"
+    proc = subprocess.run([sys.executable, "-m", "experiments.heldout_rescore", str(run_dir), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rescore, results = json.loads(out.read_text()), json.loads((run_dir / "results.json").read_text())
+    assert rescore["mismatch"] == [] and rescore["heldout_sets"] == results["heldout_sets"]
+    scored = [row for row in rescore["rows"] if row["ppl"] is not None]
+    assert len(scored) == 12  # 4 sets x start, control, adapted
+    for row in scored:
+        assert row["ppl"] == pytest.approx(row["recorded_ppl"], rel=1e-6), row
+    for key, value in results["changes"].items():
+        if not key.endswith("_ci"):
+            assert rescore["changes"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key

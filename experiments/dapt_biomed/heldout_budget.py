@@ -25,35 +25,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="write the table as JSON here")
     args = parser.parse_args(argv)
 
-    import dapt.commands  # noqa: F401  (registers the config groups' schemas, as the dapt commands do)
-    from dapt.config import compose_config
-    from dapt.data.datamodule import PackedCorpusDataModule
-    from dapt.masking import build_eval_masker, build_masker
-    from dapt.modeling.loading import load_mlm_model, load_tokenizer
+    from dapt.modeling.loading import load_mlm_model
     from dapt.pipeline.base_prep import needs_preparation, prepare_base
-    from dapt.pipeline.fit import evaluate_heldout, make_module, make_trainer
-    from dapt.pipeline.run_config import validate
+    from experiments.heldout_scoring import compose, score
 
-    cfg = compose_config(["tasks=[]", "logger.wandb.enabled=false", *args.overrides])
-    run = validate(cfg)
-    tokenizer = load_tokenizer(run.model.source)
+    setup = compose(args.overrides)
+    cfg, run = setup.cfg, setup.run
     loaded = load_mlm_model(run.model.source, attn_implementation=run.model.attn_implementation)
     model = loaded.model
     if needs_preparation(run.base_prep, loaded.has_pretrained_head):
-        base = prepare_base(model=model, tokenizer=tokenizer, model_cfg=run.model, model_path=loaded.path, base_cfg=run.base_prep,
+        base = prepare_base(model=model, tokenizer=setup.tokenizer, model_cfg=run.model, model_path=loaded.path, base_cfg=run.base_prep,
                             data_dir=str(cfg.paths.data_dir), cache_dir=str(cfg.paths.cache_dir), trainer_kwargs=run.trainer)
         model = load_mlm_model(base.path, attn_implementation=run.model.attn_implementation).model
-    masker = build_masker(cfg.masking, tokenizer)
-    eval_masker = build_eval_masker(cfg.masking, tokenizer)
     rows: list[dict[str, Any]] = []
     for budget in [int(b) for b in args.budgets.split(",")]:
-        data = type(run.data)(**{**run.data.__dict__, "eval_tokens": budget, "dev_eval_tokens": budget})
-        dm = PackedCorpusDataModule(data, tokenizer, masker, data_dir=str(cfg.paths.data_dir), seed=int(cfg.seed), eval_masker=eval_masker)
         t0 = time.time()
-        dm.setup()
-        module = make_module(model, run, eval_names=dm.eval_names, test_names=dm.test_names)
-        trainer = make_trainer({**run.trainer, "enable_progress_bar": False}, callbacks=[], loggers=None, root_dir="/tmp/heldout_budget")
-        heldout = evaluate_heldout(trainer, module, dm)
+        dm = setup.datamodule(eval_tokens=budget, dev_eval_tokens=budget)
+        heldout = score(model, setup, dm, root_dir="/tmp/heldout_budget")
         seconds = time.time() - t0
         for split, prefix in (("test", ""), ("dev", "_dev")):
             for name in ("domain", "general"):
