@@ -30,12 +30,8 @@ SKIP_OVERRIDES = ("hydra.", "resume=")  # where the run wrote, how it resumed: n
 def _models(results: dict[str, Any], run_dir: Path, run: Any) -> dict[str, str]:
     """Paths of the run's start model, control and adapted model (those it recorded).
 
-    Refuses runs whose start cannot be loaded as it was scored: an extended vocabulary (the run scored
-    every model with its extended tokenizer and extended start) or a random-init start without a
-    saved base."""
-    if run.vocabulary.name != "none":
-        raise SystemExit(f"{run_dir}: vocabulary={run.vocabulary.name} runs are scored with their extended tokenizer and start; "
-                         "re-scoring them is not supported (re-run the arm instead)")
+    Refuses runs whose start cannot be loaded as it was scored: a random-init start without a saved
+    base (``heldout_scoring.compose`` has already refused extended vocabularies)."""
     start = (results.get("base") or {}).get("path")
     if not start:
         if run.model.random_init or run.model.config_overrides:
@@ -71,6 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     from dapt.pipeline.results import perplexity_changes
     from experiments.heldout_scoring import compose, score
 
+    for needed in ("results.json", ".hydra/overrides.yaml"):
+        if not (args.run_dir / needed).is_file():
+            raise SystemExit(f"{args.run_dir}: no {needed} (not a finished dapt train run directory)")
     results = json.loads((args.run_dir / "results.json").read_text())
     overrides = [o for o in yaml.safe_load((args.run_dir / ".hydra" / "overrides.yaml").read_text()) if not o.startswith(SKIP_OVERRIDES)]
     setup = compose(overrides)

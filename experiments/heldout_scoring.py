@@ -15,38 +15,41 @@ from typing import Any
 
 @dataclass
 class HeldoutSetup:
-    """A composed and validated config with the tokenizer and maskers its held-out sets need."""
+    """A composed and validated config with the tokenizer its held-out sets are built with."""
 
     cfg: Any
     run: Any
     tokenizer: Any
-    masker: Any
-    eval_masker: Any
 
     def datamodule(self, **data_overrides: Any) -> Any:
-        """The run's datamodule (``data_overrides`` replace fields of its data config, e.g.
-        ``eval_tokens``), with its held-out sets built."""
-        from dapt.data.datamodule import PackedCorpusDataModule
+        """The run's datamodule, built by the pipeline's own ``run_data`` (``data_overrides`` replace
+        fields of its data config, e.g. ``eval_tokens``), with its held-out sets built."""
+        from dapt.pipeline.run import run_data
 
-        data = replace(self.run.data, **data_overrides) if data_overrides else self.run.data
-        dm = PackedCorpusDataModule(data, self.tokenizer, self.masker, data_dir=str(self.cfg.paths.data_dir),
-                                    seed=int(self.cfg.seed), eval_masker=self.eval_masker)
+        run = replace(self.run, data=replace(self.run.data, **data_overrides)) if data_overrides else self.run
+        _, dm = run_data(self.cfg, run, self.tokenizer)
         dm.setup()
         return dm
 
 
 def compose(overrides: list[str]) -> HeldoutSetup:
-    """Compose ``overrides`` as ``dapt train`` would (no downstream tasks, no W&B) and validate them."""
+    """Compose ``overrides`` as ``dapt train`` would (no downstream tasks, no W&B) and validate them.
+
+    Refuses runs with an extended vocabulary: they score every model with the extended tokenizer and
+    an extended start, which only the run itself builds (re-run the arm instead). A run whose training
+    documents came from a selection (kNN-TAPT/DSIR) is scored on the same held-out sets, but PMI or
+    salient eval masks would be mined from the whole corpus rather than the selection."""
     import dapt.commands  # noqa: F401  (registers the config groups' schemas, as the dapt commands do)
     from dapt.config import compose_config
-    from dapt.masking import build_eval_masker, build_masker
     from dapt.modeling.loading import load_tokenizer
     from dapt.pipeline.run_config import validate
 
     cfg = compose_config(["tasks=[]", "logger.wandb.enabled=false", *overrides])
     run = validate(cfg)
-    tokenizer = load_tokenizer(run.model.source)
-    return HeldoutSetup(cfg, run, tokenizer, build_masker(cfg.masking, tokenizer), build_eval_masker(cfg.masking, tokenizer))
+    if run.vocabulary.name != "none":
+        raise SystemExit(f"vocabulary={run.vocabulary.name}: such runs are scored with their extended tokenizer and start; "
+                         "re-scoring them here is not supported (re-run the arm instead)")
+    return HeldoutSetup(cfg, run, load_tokenizer(run.model.tokenizer or run.model.source))
 
 
 def score(model: Any, setup: HeldoutSetup, dm: Any, *, root_dir: str) -> dict[str, Any]:

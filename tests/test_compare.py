@@ -466,3 +466,23 @@ def test_cli_warns_when_general_perplexities_come_from_different_general_sets(sw
         path.write_text(json.dumps(results))
     assert compare_main([str(sweep), "--no-plots", "--format", "csv", "--out", str(tmp_path / "cmp")]) == 0
     assert "text+masks aaaaaaaa: 0" in capsys.readouterr().err
+
+
+def test_general_set_grouping_does_not_depend_on_the_runs_order():
+    """A run recorded before the digest (counts only) must not bridge two runs whose digests differ:
+    in every order, runs with digests a and c are reported as scored on different sets; a run
+    without a digest joins the one digest group its counts match."""
+    import itertools
+
+    from dapt.reporting.cells import general_sets_warning
+
+    def job(name: str, digest: str | None) -> dict:
+        general = {"documents": 62, "tokens": 232064, "masked_tokens": 34260} | ({"digest": digest} if digest else {})
+        return {"name": name, "results": {"heldout_sets": {"test": {"general": general}}}}
+
+    runs = [job("a", "a" * 16), job("b", None), job("c", "c" * 16)]
+    for order in itertools.permutations(runs):
+        warning = general_sets_warning(list(order), lambda j: j["name"])
+        assert warning is not None and "text+masks aaaaaaaa" in warning and "text+masks cccccccc" in warning, [j["name"] for j in order]
+    for order in itertools.permutations(runs[:2]):
+        assert general_sets_warning(list(order), lambda j: j["name"]) is None

@@ -188,9 +188,10 @@ def test_delta_vs_base_pairs_scores_by_seed_not_by_position(tmp_path):
 
 def test_a_chained_arm_is_compared_with_the_base_over_the_same_documents(tmp_path):
     """DAPT+TAPT's cumulative change: its adapted model's per-document sums against the base's start
-    scores on the same set, taken from an arm that started from the same base; never from an arm that
-    started from another model, and '—' when no arm scored the base on that set."""
-    spec_text = ("title: c\nquestion: q\narms: [{name: dapt}, {name: tapt}, {name: other}, "
+    scores on the same set, taken from an arm that started from the same cached base and scored alike;
+    never from an arm from another model (listed first here), another precision, eval masking or set
+    digest, or an extended vocabulary; '—' with the reason otherwise."""
+    spec_text = ("title: c\nquestion: q\narms: [{name: other}, {name: dapt}, {name: tapt}, "
                  "{name: both, label: DAPT+TAPT, start: dapt}]\n")
     s = study_spec.load(_write(tmp_path, spec_text, "c.yaml"))
     out = tmp_path / "out"
@@ -200,36 +201,64 @@ def test_a_chained_arm_is_compared_with_the_base_over_the_same_documents(tmp_pat
     def table(scale: float, ids: list[int] | None = None) -> dict[str, Any]:
         return {"ids": ids or list(range(30)), "sums": list(counts * scale * rng.uniform(0.9, 1.1, 30)), "counts": list(counts)}
 
+    def sets(domain: str) -> dict[str, Any]:
+        return {"test": {"general": {"documents": 30, "tokens": 999, "masked_tokens": int(counts.sum()), "digest": "g" * 16},
+                         "domain": {"documents": 30, "tokens": 999, "masked_tokens": int(counts.sum()), "digest": domain * 16}}}
+
     general_base, tapt_base, both_general, both_domain = table(3.0), table(5.0), table(3.4), table(2.0)
-    docs = {  # dapt scored the base on the general set, tapt on the task's domain set, other on both but from another model
-        "dapt": ("b1", {"general_ppl": general_base, "domain_ppl": table(4.0, list(range(100, 130)))}),
-        "tapt": ("b1", {"general_ppl": general_base, "domain_ppl": tapt_base}),
-        "other": ("b2", {"general_ppl": table(9.0), "domain_ppl": table(9.0)}),
-        "both": (None, {"general_ppl": table(3.2), "domain_ppl": table(3.0)}),
+    config = {"masking": {"eval_strategy": "random", "eval_rate": 0.15, "eval_seed": 1, "mask_fraction": 0.8, "random_fraction": 0.1},
+              "data": {"max_seq_length": 64, "eval_sample_seed": 0, "eval_max_doc_tokens": None}, "vocabulary": {"name": "none"}}
+    arms = {  # name: (base cache key, start scores, domain set digest); dapt scored the base on the biomed text, tapt on the task's
+        "other": ("b2", {"general_ppl": table(9.0), "domain_ppl": table(9.0)}, "t"),
+        "dapt": ("b1", {"general_ppl": general_base, "domain_ppl": table(4.0, list(range(100, 130)))}, "d"),
+        "tapt": ("b1", {"general_ppl": general_base, "domain_ppl": tapt_base}, "t"),
+        "both": (None, {"general_ppl": table(3.2), "domain_ppl": table(3.0)}, "t"),
     }
-    for name, (base_key, before) in docs.items():
+
+    def write(name: str, **changes: Any) -> None:
+        base_key, before, domain = arms[name]
         folder = out / name / "run"
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
         after = {"general_ppl": both_general, "domain_ppl": both_domain} if name == "both" else before
-        results = {**_results({0: 0.5, 1: 0.6}, {0: 0.5, 1: 0.5}), "base": {"cache_key": base_key}}
+        results = {**_results({0: 0.5, 1: 0.6}, {0: 0.5, 1: 0.5}), "base": {"cache_key": base_key}, "heldout_sets": sets(domain),
+                   "config": config, "provenance": {"finished_at": "t0"}} | changes
         (folder / "results.json").write_text(json.dumps(results))
         (folder / "heldout_documents.json").write_text(json.dumps({"before": before, "after": after, "control": None}))
+
+    for name in arms:
+        write(name)
+    (out / "both" / "arm.json").write_text(json.dumps({"start": {"arm": "dapt", "finished_at": "t0"}}))
+
+    def both_row() -> dict[str, Any]:
+        return next(r for r in study_report.build(s, out, "cmd").perplexity if r["arm"] == "both")
 
     def expected(after: dict[str, Any], base: dict[str, Any]) -> float:
         return math.exp((sum(after["sums"]) - sum(base["sums"])) / sum(counts)) - 1
 
-    row = next(r for r in study_report.build(s, out, "cmd").perplexity if r["arm"] == "both")
+    row = both_row()
     assert row["forgetting_vs_base"] == pytest.approx(expected(both_general, general_base))
     assert row["domain_ppl_change_vs_base"] == pytest.approx(expected(both_domain, tapt_base))
-    assert row["domain_ppl_change_vs_base_ci_low"] < row["domain_ppl_change_vs_base"] < row["domain_ppl_change_vs_base_ci_high"]
+    low, high = row["domain_ppl_change_vs_base_ci_low"], row["domain_ppl_change_vs_base_ci_high"]
+    assert low < row["domain_ppl_change_vs_base"] < high and high - low < 0.2
     assert (row["forgetting_vs_base_base_scored_by"], row["domain_ppl_change_vs_base_base_scored_by"]) == ("dapt", "tapt")
+    assert not any("forgetting_vs_base" in r for r in study_report.build(s, out, "cmd").perplexity if r["arm"] != "both")
 
-    (out / "tapt" / "run" / "results.json").unlink()  # only the other model scored that domain set: no cell
+    # tapt scored alike in all but one respect: its start scores are not used (other, from another base, never)
+    refused = {"precision": {"value": "32-true"}, "config": config | {"masking": config["masking"] | {"mask_fraction": 1.0}},
+               "heldout_sets": sets("x"), "vocabulary_config": config | {"vocabulary": {"name": "extend"}}}
+    for what, change in refused.items():
+        write("tapt", **{("config" if what == "vocabulary_config" else what): change})
+        row = both_row()
+        assert row["domain_ppl_change_vs_base"] is None and row["domain_ppl_change_vs_base_missing"].startswith("no arm scored"), what
+        assert row["forgetting_vs_base"] is not None, what  # dapt still scored the base on the general set
     report = study_report.build(s, out, "cmd")
-    row = next(r for r in report.perplexity if r["arm"] == "both")
-    assert row["domain_ppl_change_vs_base"] is None and row["forgetting_vs_base"] is not None
-    assert re.search(r"^\| DAPT\+TAPT \(from dapt\) \| — \| [+-]\d+\.\d% \[.*\(dapt\) \|$", report.markdown, re.M)
-    assert not any("forgetting_vs_base" in r for r in report.perplexity if r["arm"] != "both")
+    assert re.search(r"^\| DAPT\+TAPT \(from dapt\) \| — \(no arm scored the base on this set alike\) \| [+-]\d+\.\d% \[.*\(dapt\) \|$",
+                     report.markdown, re.M), report.markdown
+    # the DAPT arm was run again after DAPT+TAPT continued it: nothing is paired with a base it did not come from
+    write("tapt")
+    write("dapt", provenance={"finished_at": "t1"})
+    row = both_row()
+    assert row["forgetting_vs_base"] is None and row["forgetting_vs_base_missing"] == "dapt was run again after this arm"
 
 
 def test_an_arm_whose_results_record_an_error_is_not_finished(tmp_path):

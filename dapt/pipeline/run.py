@@ -144,7 +144,6 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
     log.info("precision %s (%s)", run.precision.value, run.precision.reason)
 
     tokenizer = load_tokenizer(run.model.tokenizer or run.model.source)
-    max_steps = int(run.trainer["max_steps"])
     selection = None
     if run.selection.enabled:  # kNN-TAPT / DSIR: train on the corpus documents most like the task's train text
         selection = select_documents(run.selection, sources=[as_source(s) for s in run.data.train], data_dir=data_dir, cache_dir=cache_dir)
@@ -152,21 +151,7 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
         log.info("selection.%s: training on %d selected documents (%s)", run.selection.method, selection.documents, selection.path)
 
     def data_for(tokenizer: Any) -> tuple[Any, PackedCorpusDataModule]:
-        """The masker and checked datamodule of this run for ``tokenizer`` (rebuilt when the vocabulary
-        is extended): missing/empty/binary/malformed corpora fail here, before any model work, and a
-        budget that repeats the corpus is warned about."""
-        context = MaskingContext(
-            tokenizer=tokenizer,
-            domain_documents=lambda: _documents(run.data.train, data_dir),
-            general_documents=lambda: _documents(general_sources(cfg), data_dir),
-            cache_dir=str(Path(cache_dir) / "masking"),
-        )
-        masker = build_masker(cfg.masking, tokenizer, default_schedule_steps=max_steps, context=context)
-        eval_masker = build_eval_masker(cfg.masking, tokenizer, context=context)
-        datamodule = PackedCorpusDataModule(run.data, tokenizer, masker, data_dir=data_dir, seed=seed, eval_masker=eval_masker)
-        datamodule.check_inputs()
-        datamodule.plan_batches(max_steps * int(run.trainer.get("accumulate_grad_batches") or 1))
-        return masker, datamodule
+        return run_data(cfg, run, tokenizer)  # run.data as it is now (after a selection replaced it)
 
     masker, datamodule = data_for(tokenizer)
 
@@ -359,6 +344,27 @@ def _throughput_monitor(model: torch.nn.Module, run: RunConfig, mask_rate: float
     # this process's threads before any rank starts, i.e. the host's, which local ranks share.
     return ThroughputMeter(flops_per_token=flops_per_token(model, run.data.max_seq_length, mask_rate), peak_flops=peak,
                              remeasure_peak=remeasure, peak_per_rank=device == "cuda")
+
+
+def run_data(cfg: DictConfig, run: RunConfig, tokenizer: Any) -> tuple[Any, PackedCorpusDataModule]:
+    """The masker and checked datamodule of a run for ``tokenizer`` (rebuilt when the vocabulary is
+    extended): missing/empty/binary/malformed corpora fail here, before any model work, and a budget
+    that repeats the corpus is warned about. The one place a run's maskers and held-out sets are built,
+    so scripts that re-score saved models (experiments.heldout_scoring) build exactly the run's sets."""
+    data_dir, cache_dir = str(cfg.paths.data_dir), str(cfg.paths.cache_dir)
+    max_steps = int(run.trainer["max_steps"])
+    context = MaskingContext(
+        tokenizer=tokenizer,
+        domain_documents=lambda: _documents(run.data.train, data_dir),
+        general_documents=lambda: _documents(general_sources(cfg), data_dir),
+        cache_dir=str(Path(cache_dir) / "masking"),
+    )
+    masker = build_masker(cfg.masking, tokenizer, default_schedule_steps=max_steps, context=context)
+    eval_masker = build_eval_masker(cfg.masking, tokenizer, context=context)
+    datamodule = PackedCorpusDataModule(run.data, tokenizer, masker, data_dir=data_dir, seed=int(cfg.seed), eval_masker=eval_masker)
+    datamodule.check_inputs()
+    datamodule.plan_batches(max_steps * int(run.trainer.get("accumulate_grad_batches") or 1))
+    return masker, datamodule
 
 
 def _documents(sources: list[Any], data_dir: str) -> Any:

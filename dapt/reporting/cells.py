@@ -93,28 +93,52 @@ def general_sets_warning(jobs: list[dict[str, Any]], label: Callable[[dict[str, 
             "markup was removed), so not comparable across them: " + "; ".join(f"{text}: {', '.join(cells)}" for text, cells in general.items()))
 
 
+def _set_text(general: dict[str, Any]) -> str:
+    return ", ".join(f"{split} {g.get('documents')} documents / {g.get('tokens')} tokens / {g.get('masked_tokens')} masked"
+                     + (f" / text+masks {g['digest'][:8]}" if g.get("digest") else "")
+                     for split, g in general.items() if g)
+
+
 def _general_sets(jobs: list[dict[str, Any]], label: Callable[[dict[str, Any]], str]) -> dict[str, list[str]]:
-    """Jobs grouped by their general held-out sets (results.json ``heldout_sets``, dev and test),
-    compared by ``dapt.data.heldout.same_heldout_set``: by the hash of their tokens and masks where both
-    jobs recorded one, else by documents, tokens and masked tokens. Arms of one study share the general
-    sets while their domain sets may differ (TAPT scores each task's text), so only the general sets
-    are compared; jobs that did not record them are left out."""
-    groups: list[tuple[dict[str, Any], str, list[str]]] = []
+    """Jobs grouped by their general held-out sets (results.json ``heldout_sets``, dev and test).
+
+    Jobs that recorded the sets' digests (tokens and masks) are grouped by them. A job from before the
+    digest joins the one digest group whose documents, tokens and masked tokens it matches
+    (``dapt.data.heldout.same_heldout_set``); matching none or several, it is grouped with such jobs by
+    those counts alone. The grouping does not depend on the jobs' order. Arms of one study share the
+    general sets while their domain sets may differ (TAPT scores each task's text), so only the
+    general sets are compared; jobs that did not record them are left out."""
+    digested: dict[tuple[Any, ...], tuple[dict[str, Any], list[str]]] = {}
+    older: list[tuple[dict[str, Any], str]] = []
     for job in jobs:
         sets = job["results"].get("heldout_sets") or {}
         general = {split: (sets.get(split) or {}).get("general") for split in ("dev", "test")}
         if not any(general.values()):
             continue
-        for first, _, labels in groups:
-            if all(same_heldout_set(general[split], first[split]) if general[split] or first[split] else True for split in general):
-                labels.append(label(job))
+        if all(g.get("digest") for g in general.values() if g):
+            key = tuple((split, (g or {}).get("digest")) for split, g in general.items())
+            digested.setdefault(key, (general, []))[1].append(label(job))
+        else:
+            older.append((general, label(job)))
+
+    def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        return all(same_heldout_set(a[split], b[split]) if a[split] or b[split] else True for split in a)
+
+    groups = {_set_text(general): labels for general, labels in digested.values()}
+    by_counts: list[tuple[dict[str, Any], list[str]]] = []
+    for general, name in older:
+        matches = [labels for first, labels in digested.values() if same(general, first)]
+        if len(matches) == 1:
+            matches[0].append(name)
+            continue
+        for first, labels in by_counts:
+            if same(general, first):
+                labels.append(name)
                 break
         else:
-            text = ", ".join(f"{split} {g.get('documents')} documents / {g.get('tokens')} tokens / {g.get('masked_tokens')} masked"
-                             + (f" / text+masks {g['digest'][:8]}" if g.get("digest") else "")
-                             for split, g in general.items() if g)
-            groups.append((general, text, [label(job)]))
-    return {text: labels for _, text, labels in groups}
+            by_counts.append((general, [name]))
+    groups.update({_set_text(general): labels for general, labels in by_counts})
+    return groups
 
 
 def missing_line(missing: list[Path]) -> str:
