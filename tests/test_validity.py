@@ -263,6 +263,31 @@ def test_general_heldout_set_scores_english_not_wikitext_markup(compose, data_di
         assert describe([source], str(data_dir))[0]["wikitext_rules"] == source_fingerprint(wikitext)
 
 
+def test_eval_max_doc_tokens_truncates_domain_documents_but_never_the_general_set(compose, data_dir):
+    """data=cs truncates long papers in its held-out sets; WikiText articles must not be truncated
+    with them, or a CS run's forgetting is scored on another general set than every other run's."""
+    from dapt.config import to_dataclass
+    from dapt.data.datamodule import DataConfig, PackedCorpusDataModule
+    from dapt.masking import build_eval_masker, build_masker
+
+    def doc_lengths(max_doc_tokens: int | None) -> dict[str, np.ndarray]:
+        cfg = compose([*TINY_OVERRIDES, "data.eval_tokens=20000", "data.dev_eval_tokens=256", f"data.eval_max_doc_tokens={max_doc_tokens or 'null'}"])
+        tok = minilm_tokenizer()
+        dm = PackedCorpusDataModule(to_dataclass(DataConfig, cfg.data, prefix="data"), tok, build_masker(cfg.masking, tok),
+                                    data_dir=str(data_dir), eval_masker=build_eval_masker(cfg.masking, tok))
+        dm.setup()
+        out = {}
+        for name, dataset in dm.eval_sets["test"].items():
+            ids = dataset.tensors[2].flatten()
+            out[name] = np.bincount(ids[ids >= 0].numpy())
+            out[f"{name}_info"] = dm.eval_info["test"][name]
+        return out
+
+    whole, cut = doc_lengths(None), doc_lengths(64)
+    assert cut["domain"].max() <= 64 < whole["domain"].max()
+    assert cut["general"].max() > 64 and cut["general_info"] == whole["general_info"]  # the same set, digest included
+
+
 def test_packed_heldout_tokens_keep_their_document():
     from dapt.data.heldout import NO_DOCUMENT, HeldoutSample, pack_with_documents
     from dapt.data.packing import BlockPacker
@@ -358,6 +383,16 @@ def test_control_on_the_domain_corpus_reproduces_dapt_exactly_and_is_cached(comp
             assert again["results"][f"{key}_{stage}"] == results[f"{key}_{stage}"], (key, stage)
             assert again["results"][f"{key}_{stage}_ci"] == results[f"{key}_{stage}_ci"], (key, stage)
     assert again["results"]["changes"] == results["changes"]
+    # a change to the code that builds or scores the held-out sets: the cached control model is reused,
+    # but its held-out numbers are measured again and stored beside the old ones, never served stale
+    from dapt.pipeline import control as control_module
+
+    marker = Path(control["path"]) / control_module.MARKER
+    assert len(json.loads(marker.read_text())["evals"]) == 1
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(control_module, "evaluation_code_fingerprint", lambda: "other evaluation code")
+        _, third = train(compose(overrides))
+    assert third["results"]["control"]["cached"] and len(json.loads(marker.read_text())["evals"]) == 2
 
 
 def test_control_trains_on_general_text_by_default(compose):

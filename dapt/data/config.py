@@ -8,7 +8,8 @@ from typing import Any
 from dapt.data.quality import QualityPolicy
 from dapt.errors import ConfigError
 
-EVAL_SET_NAMES = ("domain", "general")
+DOMAIN_SET, GENERAL_SET = "domain", "general"
+EVAL_SET_NAMES = (DOMAIN_SET, GENERAL_SET)
 EVAL_SPLITS = ("dev", "test")
 
 
@@ -30,8 +31,9 @@ class DataConfig:
         dev_eval_tokens: the same for the dev sets (null = ``eval_tokens``). Dev sets are scored at
             every ``val_check_interval``, so a smaller budget keeps runs short; changes between arms
             are paired on the same documents and stay narrow.
-        eval_max_doc_tokens: truncate held-out documents to this many tokens (null = whole
-            documents), so that long documents (papers) do not eat the budget.
+        eval_max_doc_tokens: truncate the domain's held-out documents to this many tokens (null =
+            whole documents), so that long documents (papers) do not eat the budget. The general
+            sets are never truncated: they are the same in every run whatever the corpus.
         eval_sample_seed: seed of the document sample (the masks use ``masking.eval_seed``).
         shuffle_buffer: blocks held for shuffling after mixing (0 = mixed order); memory O(buffer).
         doc_shuffle_buffer: documents held per source for the document-level shuffle of each pass

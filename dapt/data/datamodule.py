@@ -25,7 +25,7 @@ import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, TensorDataset
 
-from dapt.data.config import EVAL_SET_NAMES, EVAL_SPLITS, DataConfig
+from dapt.data.config import DOMAIN_SET, EVAL_SET_NAMES, EVAL_SPLITS, DataConfig
 from dapt.data.heldout import build_heldout_set
 from dapt.data.quality import ReadStats
 from dapt.data.sources import SourceConfig, as_source, check_nonempty, describe, scan_prefix
@@ -185,7 +185,9 @@ class PackedCorpusDataModule(pl.LightningDataModule):
                         max_tokens=self.eval_budget(split),
                         sample_seed=self.config.eval_sample_seed,
                         mask_seed=cfg.eval_seed,
-                        max_doc_tokens=self.config.eval_max_doc_tokens,
+                        # the domain's long documents only: the general sets stay the same in every run,
+                        # so forgetting compares across corpus configs (data=cs truncates papers)
+                        max_doc_tokens=self.config.eval_max_doc_tokens if name == DOMAIN_SET else None,
                         policy=self.config.quality_policy,
                     )
                     self.eval_sets[split][name], self.eval_info[split][name] = dataset, info

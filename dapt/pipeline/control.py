@@ -32,7 +32,7 @@ from dapt.data.sources import as_source, describe
 from dapt.errors import ConfigError
 from dapt.io import atomic_save_dir, atomic_write_json, cache_build_lock
 from dapt.pipeline.base_prep import BaseStream
-from dapt.pipeline.fit import content_key, evaluate_heldout, heldout_eval_payload, make_module, make_trainer, stage_keys
+from dapt.pipeline.fit import content_key, evaluate_heldout, evaluation_code_fingerprint, heldout_eval_payload, make_module, make_trainer, stage_keys
 from dapt.pipeline.run_config import general_sources
 from dapt.progress import StepProgressBar
 
@@ -178,7 +178,9 @@ def run_control(
     }
     key = content_key(recipe)
     target = Path(cache_dir) / "controls" / key if control.cache else Path(root_dir) / "control_model"
-    eval_key = content_key({**heldout_eval_payload(run, datamodule), "version": CONTROL_VERSION})
+    # the held-out numbers are keyed on the code that builds and scores the sets too: a change there
+    # (e.g. which sets data.eval_max_doc_tokens truncates) re-scores the cached model, never serves old numbers
+    eval_key = content_key({**heldout_eval_payload(run, datamodule), "version": CONTROL_VERSION, "code": evaluation_code_fingerprint()})
     with cache_build_lock(target):  # one build per machine for concurrent sweep jobs; none under DDP
         marker = target / MARKER
         found = intact_marker(target, MARKER, "control arm") if control.cache else None  # damaged: rebuilt
