@@ -163,7 +163,8 @@ def _not_alike(a: dict[str, Any], b: dict[str, Any], split: str, name: str) -> s
         return "an extended vocabulary"
     if (a.get("precision") or {}).get("value") != (b.get("precision") or {}).get("value"):
         return "another precision"
-    data_keys = _EVAL_DATA_KEYS if name == "domain" else tuple(k for k in _EVAL_DATA_KEYS if k != "eval_max_doc_tokens")  # general: never truncated
+    data_keys = _EVAL_DATA_KEYS if name == "domain" else tuple(k for k in _EVAL_DATA_KEYS if k != "eval_max_doc_tokens")
+    # general sets: not truncated since fc8ac23; older truncated ones are told apart by same_heldout_set below (digest, else counts)
     for group, keys in (("masking", _EVAL_MASKING_KEYS), ("data", data_keys)):
         if any((ca.get(group) or {}).get(k) != (cb.get(group) or {}).get(k) for k in keys):
             return f"other {group} settings for held-out sets"
