@@ -31,7 +31,7 @@ def _models(results: dict[str, Any], run_dir: Path, run: Any) -> dict[str, str]:
     """Paths of the run's start model, control and adapted model (those it recorded).
 
     Refuses runs whose start cannot be loaded as it was scored: a random-init start without a saved
-    base (``heldout_scoring.compose`` has already refused extended vocabularies)."""
+    base (``heldout_scoring.setup_for`` has already refused extended vocabularies)."""
     start = (results.get("base") or {}).get("path")
     if not start:
         if run.model.random_init or run.model.config_overrides:
@@ -65,14 +65,14 @@ def main(argv: list[str] | None = None) -> None:
 
     from dapt.modeling.loading import load_mlm_model
     from dapt.pipeline.results import perplexity_changes
-    from experiments.heldout_scoring import compose, score
+    from experiments.heldout_scoring import score, setup_for
 
     for needed in ("results.json", ".hydra/overrides.yaml"):
         if not (args.run_dir / needed).is_file():
             raise SystemExit(f"{args.run_dir}: no {needed} (not a finished dapt train run directory)")
     results = json.loads((args.run_dir / "results.json").read_text())
     overrides = [o for o in yaml.safe_load((args.run_dir / ".hydra" / "overrides.yaml").read_text()) if not o.startswith(SKIP_OVERRIDES)]
-    setup = compose(overrides)
+    setup = setup_for(overrides)
     run = setup.run
     dm = setup.datamodule()
     scored: dict[str, dict[str, Any]] = {}

@@ -32,7 +32,7 @@ class HeldoutSetup:
         return dm
 
 
-def compose(overrides: list[str]) -> HeldoutSetup:
+def setup_for(overrides: list[str]) -> HeldoutSetup:
     """Compose ``overrides`` as ``dapt train`` would (no downstream tasks, no W&B) and validate them.
 
     Refuses runs with an extended vocabulary: they score every model with the extended tokenizer and

@@ -27,9 +27,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from dapt.modeling.loading import load_mlm_model
     from dapt.pipeline.base_prep import needs_preparation, prepare_base
-    from experiments.heldout_scoring import compose, score
+    from experiments.heldout_scoring import score, setup_for
 
-    setup = compose(args.overrides)
+    setup = setup_for(args.overrides)
     cfg, run = setup.cfg, setup.run
     loaded = load_mlm_model(run.model.source, attn_implementation=run.model.attn_implementation)
     model = loaded.model
