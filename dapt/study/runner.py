@@ -105,6 +105,13 @@ def start_stamp(spec: StudySpec, arm: Arm, out: Path) -> dict[str, Any] | None:
     return {"arm": arm.start, "finished_at": (results.get("provenance") or {}).get("finished_at")}
 
 
+def start_rerun(spec: StudySpec, out: Path, arm: Arm, record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(then, now) stamps of ``arm``'s start arm when that arm was run again after ``arm`` continued it
+    (``record``: ``arm``'s arm.json); None when it was not, or either stamp is unknown."""
+    then, now = record.get("start"), start_stamp(spec, arm, out)
+    return (then, now) if then is not None and now is not None and then != now else None
+
+
 def _check_same_launch(spec: StudySpec, out: Path, arm: Arm, overrides: list[str]) -> None:
     """Refuse to reuse or continue an arm launched with other overrides or from another run of its
     start arm: its results would not be this study's."""
@@ -119,8 +126,8 @@ def _check_same_launch(spec: StudySpec, out: Path, arm: Arm, overrides: list[str
         raise ConfigError(
             f"{path}: arm {arm.name} was launched with other overrides (then: {', '.join(sorted(old)) or '-'}; "
             f"now: {', '.join(sorted(new)) or '-'}); use another --out, or delete {out / arm.name} to run it again")
-    then, now = record.get("start"), start_stamp(spec, arm, out)
-    if then is not None and now is not None and then != now:
+    if stamps := start_rerun(spec, out, arm, record):
+        then, now = stamps
         raise ConfigError(
             f"{path}: arm {arm.name} continued the run of arm {arm.start} that finished at {then.get('finished_at')}, "
             f"but that arm has been run again since (finished at {now.get('finished_at')}); delete {out / arm.name} to run it on the new model")
