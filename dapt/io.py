@@ -99,6 +99,21 @@ def non_finite_keys(data: Any) -> list[str]:
     return json_safe(data)[1]
 
 
+def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A JSON object dapt wrote (results, arm records): {} when the file is absent or half-written,
+    since a run that has not finished yet is not an error; any other JSON value there is not dapt's
+    and is the user's to fix, so it raises naming the file."""
+    from dapt.errors import DaptError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        raise DaptError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
 def atomic_write_json(path: str | os.PathLike[str], data: Any) -> Path:
     """Write ``data`` as strict JSON (non-finite floats as ``null``), atomically."""
     safe, _ = json_safe(data)

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 from dapt import metric_names
 from dapt.errors import DaptError
+from dapt.io import read_json_object
 from dapt.reporting.table import flatten
 
 CURVE_KEYS = tuple(metric_names.heldout(metric_names.DEV_LOOP, name, "ppl") for name in ("domain", "general"))
@@ -81,17 +82,6 @@ def find_run_dirs(root: Path) -> list[Path]:
 
 def _natural_key(path: Path) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(path))]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """A run file's object ({} when absent or unparseable); any other JSON value is the user's to fix."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict):
-        raise DaptError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
 
 
 def _hydra_config(run_dir: Path) -> dict[str, Any]:
@@ -210,8 +200,8 @@ def _metrics_from_results(results: dict[str, Any]) -> dict[str, Any]:
 
 def load_run(run_dir: Path, name: str | None = None) -> Run:
     """Read one run folder; anything missing is left blank."""
-    results = _read_json(run_dir / "results.json")
-    failure = _read_json(run_dir / "failure.json")
+    results = read_json_object(run_dir / "results.json")
+    failure = read_json_object(run_dir / "failure.json")
     config = flatten(results["config"]) if isinstance(results.get("config"), dict) and results["config"] else _hydra_config(run_dir)
     late = results.get("error") if isinstance(results.get("error"), dict) else None  # a stage after training failed
     if late:

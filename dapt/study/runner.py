@@ -30,7 +30,7 @@ from typing import Any, Callable, TextIO
 
 from dapt.config import config_dir
 from dapt.errors import ConfigError
-from dapt.io import atomic_write_json
+from dapt.io import atomic_write_json, read_json_object
 from dapt.study.spec import Arm, StudySpec
 
 ARM_FILE = "arm.json"
@@ -96,6 +96,11 @@ def check_arm(spec: StudySpec, arm: Arm, overrides: list[str]) -> None:
         raise ConfigError(f"study {spec.name}, arm {arm.name}: {exc}") from None
 
 
+def arm_record(out: Path, arm: Arm) -> dict[str, Any]:
+    """The arm's arm.json (launch overrides, start stamp, attempts); {} before its first launch."""
+    return read_json_object(out / arm.name / ARM_FILE)
+
+
 def start_stamp(spec: StudySpec, arm: Arm, out: Path) -> dict[str, Any] | None:
     """Which run of the start arm this arm continues (its name and ``provenance.finished_at``): a start
     arm that was deleted and run again is a different model, even at the same path."""
@@ -115,11 +120,9 @@ def start_rerun(spec: StudySpec, out: Path, arm: Arm, record: dict[str, Any]) ->
 def _check_same_launch(spec: StudySpec, out: Path, arm: Arm, overrides: list[str]) -> None:
     """Refuse to reuse or continue an arm launched with other overrides or from another run of its
     start arm: its results would not be this study's."""
-    path = out / arm.name / ARM_FILE
-    try:
-        record = json.loads(path.read_text())
-        before = record["overrides"]
-    except (OSError, ValueError, KeyError):
+    path, record = out / arm.name / ARM_FILE, arm_record(out, arm)
+    before = record.get("overrides")
+    if before is None:
         return
     if before != overrides:
         old, new = set(before) - set(overrides), set(overrides) - set(before)
@@ -169,10 +172,7 @@ def check_signature(out: Path, arm: Arm, overrides: list[str]) -> str | None:
 
 def _attempts(out: Path, arm: Arm) -> list[dict[str, Any]]:
     """The arm's earlier attempts (start time, wall seconds, exit status) from its arm.json."""
-    try:
-        return list(json.loads((out / arm.name / ARM_FILE).read_text()).get("attempts") or [])
-    except (OSError, ValueError):
-        return []
+    return list(arm_record(out, arm).get("attempts") or [])
 
 
 def wall_seconds(out: Path, arm: Arm) -> float:
