@@ -261,6 +261,73 @@ def test_a_chained_arm_is_compared_with_the_base_over_the_same_documents(tmp_pat
     assert row["forgetting_vs_base"] is None and row["forgetting_vs_base_missing"] == "dapt was run again after this arm"
 
 
+
+def test_arms_are_compared_with_the_reference_arm_paired_by_seed_and_document_with_holm_over_the_arms(tmp_path):
+    """An ablation's question (does whole-word masking beat random?) is answered by the paired
+    difference to its reference arm, not by two CIs against the control: by seed downstream (Holm over
+    the table's arms on that task), by document for perplexity; an arm from another base, with other
+    fine-tuning settings or other eval masking is not paired, and says why."""
+    from scipy.stats import ttest_rel
+
+    spec_text = ("title: r\nquestion: q\nreference: ref\narms: [{name: ref, label: random}, {name: a, label: A}, "
+                 "{name: b, label: B}, {name: far, label: FAR}]\n")
+    s = study_spec.load(_write(tmp_path, spec_text, "r.yaml"))
+    out = tmp_path / "out"
+    rng = np.random.default_rng(1)
+    counts = rng.integers(5, 40, size=25).astype(float)
+    ref_scores = {0: 0.60, 1: 0.70, 2: 0.80, 3: 0.65}
+    gains = {"a": {0: 0.010, 1: 0.030, 2: 0.020, 3: 0.025}, "b": {0: -0.05, 1: 0.04, 2: -0.02, 3: 0.01}, "far": {0: 0.1, 1: 0.1, 2: 0.1, 3: 0.2}}
+    config = {"masking": {"eval_strategy": "random", "eval_rate": 0.15, "eval_seed": 1, "mask_fraction": 0.8, "random_fraction": 0.1},
+              "data": {"max_seq_length": 64, "eval_sample_seed": 0, "eval_max_doc_tokens": None}, "vocabulary": {"name": "none"},
+              "downstream": {"lr": 2e-4, "seeds": [0, 1, 2, 3], "progress_bar": False}}
+    sets = {"test": {name: {"documents": 25, "tokens": 999, "masked_tokens": int(counts.sum()), "digest": name[0] * 16}
+                     for name in ("general", "domain")}}
+    losses = {name: {key: {"ids": list(range(25)), "sums": list(counts * scale * rng.uniform(0.9, 1.1, 25)), "counts": list(counts)}
+                     for key in ("general_ppl", "domain_ppl")} for name, scale in (("ref", 3.0), ("a", 2.5), ("b", 3.3), ("far", 2.0))}
+
+    def write(name: str, **changes: Any) -> None:
+        order = (0, 1, 2, 3) if name == "ref" else (2, 0, 3, 1)  # the arms list their seeds in another order
+        after = {seed: ref_scores[seed] + gains.get(name, {}).get(seed, 0.0) for seed in order}
+        results = {**_results(after, {0: 0.5, 1: 0.5, 2: 0.5, 3: 0.5}), "base": {"cache_key": "far" if name == "far" else "b1"},
+                   "heldout_sets": sets, "config": config} | changes
+        folder = out / name / "run"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "results.json").write_text(json.dumps(results))
+        (folder / "heldout_documents.json").write_text(json.dumps({"before": {}, "after": losses[name], "control": None}))
+
+    for name in ("ref", "a", "b", "far"):
+        write(name)
+    report = study_report.build(s, out, "cmd")
+    rows = {r["arm"]: r for r in report.reference}
+    assert set(rows) == {"a", "b", "far"}
+    p_values = [ttest_rel([ref_scores[k] + gains[n][k] for k in range(4)], [ref_scores[k] for k in range(4)]).pvalue for n in ("a", "b")]
+    assert rows["a"]["vs_reference"] == pytest.approx(0.02125) and rows["b"]["vs_reference"] == pytest.approx(-0.005)
+    assert rows["a"]["vs_reference_holm_m"] == 2 and rows["a"]["vs_reference_p_holm"] == pytest.approx(min(1.0, 2 * min(p_values)))
+    assert rows["a"]["vs_reference_ci_low"] > 0 and "significant gain" in rows["a"]["vs_reference_verdict"]
+    assert rows["far"]["vs_reference"] is None and rows["far"]["vs_reference_missing"] == "another start model"
+    expected = math.exp((sum(losses["a"]["domain_ppl"]["sums"]) - sum(losses["ref"]["domain_ppl"]["sums"])) / counts.sum()) - 1
+    assert rows["a"]["domain_ppl_change_vs_reference"] == pytest.approx(expected) and expected < 0
+    low, high = rows["a"]["domain_ppl_change_vs_reference_ci_low"], rows["a"]["domain_ppl_change_vs_reference_ci_high"]
+    assert low < expected < high < 0
+    assert re.search(r"^\| A \| t \(f1\) \| 70\.9 \| 68\.\d \| \+2\.1 \[\+\d\.\d, \+\d\.\d\] \| significant gain \(Holm m=2\) \| -\d+\.\d% \[.*\] lower \|",
+                     report.markdown, re.M), report.markdown
+    assert (out / "vs_reference.csv").exists() is False and "vs_reference.csv" in {p.name for p in study_report.write(s, out, "cmd")[1]}
+
+    # B scored with other eval masks, fine-tuned with another learning rate: neither is paired
+    write("b", config=config | {"masking": config["masking"] | {"mask_fraction": 1.0}, "downstream": config["downstream"] | {"lr": 1e-4}})
+    rows = {r["arm"]: r for r in study_report.build(s, out, "cmd").reference}
+    assert rows["b"]["vs_reference"] is None and rows["b"]["vs_reference_missing"] == "other fine-tuning settings"
+    assert rows["b"]["domain_ppl_change_vs_reference"] is None
+    assert rows["b"]["domain_ppl_change_vs_reference_missing"] == "other masking settings for held-out sets"
+    assert rows["a"]["vs_reference_holm_m"] == 1  # the family is what was compared
+
+
+@pytest.mark.parametrize("reference, message", [("nope", "reference 'nope' names no arm"), ("c", "reference 'c' names no arm")])
+def test_a_reference_must_be_an_arm_from_the_base(tmp_path, reference, message):
+    text = f"title: t\nquestion: q\nreference: {reference}\narms: [{{name: a}}, {{name: c, start: a}}]\n"
+    with pytest.raises(ConfigError, match=message):
+        study_spec.load(_write(tmp_path, text))
+
 def test_an_arm_whose_results_record_an_error_is_not_finished(tmp_path):
     failed = {**_results({0: 0.5, 1: 0.6}, {0: 0.5, 1: 0.5}), "error": {"stage": "downstream", "message": "boom"}}
     s, out = _fake_study(tmp_path, {"a": failed})

@@ -19,13 +19,13 @@ import csv
 import io
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dapt.data.heldout import same_heldout_set
 from dapt.errors import ConfigError
-from dapt.evaluation.stats import paired_comparison
+from dapt.evaluation.stats import apply_holm, paired_comparison
 from dapt.io import atomic_write_text, read_json_object
 from dapt.reporting.cells import paired_ppl, pct, provenance_lines
 from dapt.reporting.plots import pyplot, save_figure
@@ -45,6 +45,7 @@ class Report:
     perplexity: list[dict[str, Any]]
     markdown: str
     missing: list[str]
+    reference: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _score(results: dict[str, Any], task: str, role: str) -> dict[str, Any]:
@@ -229,6 +230,69 @@ def perplexity_rows(spec: StudySpec, finished: dict[str, dict[str, Any]],
     return rows
 
 
+# fine-tuning settings that do not change a score: two arms' fine-tunes of a seed pair up if the rest agree
+_DOWNSTREAM_INERT = ("progress_bar", "cache", "eval_batch_size")
+
+
+def _not_paired_downstream(a: dict[str, Any], b: dict[str, Any], task: str) -> str | None:
+    """Why two arms' fine-tunes on ``task`` cannot be paired by seed, or None when they can: the same
+    start model (a seed's fine-tunes then differ only in the adapted encoder), fine-tuning settings and
+    precision."""
+    start_a, start_b = (_score(r, task, "before") for r in (a, b))
+    if not start_a or not start_b or _start_id(a, start_a) != _start_id(b, start_b):
+        return "another start model"
+    da, db = ({k: v for k, v in ((r.get("config") or {}).get("downstream") or {}).items() if k not in _DOWNSTREAM_INERT} for r in (a, b))
+    if da != db:
+        return "other fine-tuning settings"
+    if (a.get("precision") or {}).get("value") != (b.get("precision") or {}).get("value"):
+        return "another precision"
+    return None
+
+
+def reference_rows(spec: StudySpec, finished: dict[str, dict[str, Any]], docs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every finished arm against the study's ``reference`` arm, per task: the downstream test score
+    difference paired by fine-tuning seed, Holm-adjusted over that task's comparisons in this table
+    (the study asks which of its k-1 arms beats the reference, so those are the family), with its MDE
+    at the adjusted level; and the domain and general test perplexity change paired over the same
+    documents and masks, where the two arms' held-out sets were scored alike (``_not_alike``). A cell
+    that cannot be paired says why instead."""
+    ref = finished.get(spec.reference) if spec.reference else None
+    if ref is None:
+        return []
+    rows: list[dict[str, Any]] = []
+    for task in _tasks(finished) or [None]:
+        family: list[dict[str, Any]] = []
+        for arm in spec.arms:
+            results = finished.get(arm.name)
+            if arm.name == spec.reference or results is None or arm.start is not None:
+                continue
+            row: dict[str, Any] = {"arm": arm.name, "label": arm.label, "reference": spec.reference, "task": task}
+            after = _score(results, task, "after") if task else {}
+            if after:
+                why = _not_paired_downstream(results, ref, task)
+                comparison = None if why else _paired(after, _score(ref, task, "after"))
+                row.update({"metric": after["metric"], "mean": after["mean"], "reference_mean": _score(ref, task, "after").get("mean"),
+                            "comparison": comparison, "vs_reference_missing": why or (None if comparison else "fewer than 2 shared seeds")})
+                if comparison:
+                    family.append(comparison)
+            for key, test_set in (("domain_ppl_change_vs_reference", "domain"), ("general_ppl_change_vs_reference", "general")):
+                why = _not_alike(results, ref, "test", test_set)
+                change = None if why else paired_ppl({"docs": (docs.get(arm.name) or {}).get("after") or {}},
+                                                     {"docs": (docs.get(spec.reference) or {}).get("after") or {}}, f"{test_set}_ppl")
+                row[key], row[f"{key}_ci_low"], row[f"{key}_ci_high"] = change or (None, None, None)
+                if change is None:
+                    row[f"{key}_missing"] = why or "no per-document losses"
+            rows.append(row)
+        apply_holm(family)
+    for row in rows:
+        comparison = row.pop("comparison", None) or {}
+        low, high = comparison.get("delta_ci") or (None, None)
+        row.update({"vs_reference": comparison.get("delta"), "vs_reference_ci_low": low, "vs_reference_ci_high": high,
+                    "vs_reference_verdict": comparison.get("verdict"), "vs_reference_holm_m": comparison.get("holm_m"),
+                    "vs_reference_p_holm": comparison.get("p_holm")})
+    return rows
+
+
 def _pts(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
 
@@ -274,8 +338,33 @@ def _machine(finished: dict[str, dict[str, Any]]) -> str:
     return "; ".join(machines) or "unknown"
 
 
+def _reference_lines(spec: StudySpec, rows: list[dict[str, Any]]) -> list[str]:
+    label = spec.arm(spec.reference).label if spec.reference else ""
+    lines = ["", f"Each arm against {label} (this study's reference arm, same base): downstream test score difference paired over "
+             "the same fine-tuning seeds (95% t CI), its verdict Holm-adjusted over this table's m comparisons on that task, "
+             "with the MDE at that level; test perplexity change paired over the same documents and masks (95% bootstrap CI "
+             "over documents, given one training run per arm). '—': the reason is in brackets.", ""]
+    if not rows:
+        return lines + [f"{label} has not finished."]
+    lines += [f"| arm | task | score | {label} | Δ vs {label} [95% CI] | verdict | domain ppl vs {label} | general ppl vs {label} |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        task = f"{row['task']} ({row['metric']})" if row.get("metric") else (row["task"] or "—")
+        if row.get("vs_reference_missing") and row.get("vs_reference") is None:
+            delta, verdict = f"— ({row['vs_reference_missing']})", "—"
+        else:
+            delta = _delta(row.get("vs_reference"), row.get("vs_reference_ci_low"), row.get("vs_reference_ci_high"))
+            verdict = _verdict(row.get("vs_reference_verdict"), row.get("vs_reference_holm_m"))
+        ppl = [_direction(row, key) + (f" ({row[f'{key}_missing']})" if row.get(f"{key}_missing") else "")
+               for key in ("domain_ppl_change_vs_reference", "general_ppl_change_vs_reference")]
+        lines.append(f"| {row['label']} | {task} | {_pts(row.get('mean'))} | {_pts(row.get('reference_mean'))} | {delta} | {verdict} "
+                     f"| {ppl[0]} | {ppl[1]} |")
+    return lines
+
+
 def _markdown(spec: StudySpec, down: list[dict[str, Any]], ppl: list[dict[str, Any]], finished: dict[str, dict[str, Any]],
-              missing: list[str], command: str, walls: dict[str, float]) -> str:
+              missing: list[str], command: str, walls: dict[str, float], ref_rows: list[dict[str, Any]] | None = None) -> str:
+    ref_rows = ref_rows or []
     lines = [f"**{spec.title}**", "", f"Question: {spec.question}", ""]
     lines += ["Downstream test score ×100 (mean ± sd over fine-tuning seeds, n = seeds). Differences are paired over the same seeds "
               "with an unadjusted 95% t CI. The verdict against the arm's own control (same start and steps on general text) is the "
@@ -328,6 +417,8 @@ def _markdown(spec: StudySpec, down: list[dict[str, Any]], ppl: list[dict[str, A
                      for key in ("domain_ppl_change_vs_base", "forgetting_vs_base")]
             data = f" · {row['data']}" if row.get("data") else ""
             lines.append(f"| {row['label']} (from {row['start']}){data} | {cells[0]} | {cells[1]} |")
+    if spec.reference:
+        lines += _reference_lines(spec, ref_rows)
     jobs = [{"results": r, "label": name} for name, r in finished.items()]
     lines += ["", provenance_lines(jobs, lambda job: job["label"]) if jobs else "No finished arm."]
     lines += [f"Arms finished: {len(finished)} of {len(spec.arms)}." + (f" Not finished (no complete results.json): {', '.join(missing)}." if missing else "")]
@@ -353,9 +444,10 @@ def collect(spec: StudySpec, out: Path) -> tuple[dict[str, dict[str, Any]], list
 
 
 def _documents(out: Path, spec: StudySpec, finished: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """heldout_documents.json of the arms whose base comparisons need them (chained arms, and arms
-    from the base), by arm name; an arm without a readable file is left out (its cells say '—')."""
-    if not any(arm.start for arm in spec.arms if arm.name in finished):
+    """heldout_documents.json of the arms whose base or reference comparisons need them (chained arms,
+    arms from the base, the reference), by arm name; an arm without a readable file is left out (its
+    cells say '—')."""
+    if not spec.reference and not any(arm.start for arm in spec.arms if arm.name in finished):
         return {}
     docs = {}
     for arm in spec.arms:
@@ -366,9 +458,10 @@ def _documents(out: Path, spec: StudySpec, finished: dict[str, dict[str, Any]]) 
 
 def build(spec: StudySpec, out: Path, command: str) -> Report:
     finished, missing = collect(spec, out)
-    down, ppl = downstream_rows(spec, finished), perplexity_rows(spec, finished, _documents(out, spec, finished), out)
+    docs = _documents(out, spec, finished)
+    down, ppl, ref = downstream_rows(spec, finished), perplexity_rows(spec, finished, docs, out), reference_rows(spec, finished, docs)
     walls = {arm.name: wall_seconds(out, arm) for arm in spec.arms if arm.name in finished and wall_seconds(out, arm) > 0}
-    return Report(down, ppl, _markdown(spec, down, ppl, finished, missing, command, walls), missing)
+    return Report(down, ppl, _markdown(spec, down, ppl, finished, missing, command, walls, ref), missing, ref)
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
@@ -423,12 +516,15 @@ def figure(spec: StudySpec, report: Report) -> Any | None:
 
 
 def write(spec: StudySpec, out: Path, command: str) -> tuple[Report, list[Path]]:
-    """Write ``table.md``, ``downstream.csv``, ``perplexity.csv`` and ``table.png`` (when any arm
-    finished) into ``out``, each atomically; returns the report and the files written."""
+    """Write ``table.md``, ``downstream.csv``, ``perplexity.csv``, ``vs_reference.csv`` (a study with a
+    reference arm) and ``table.png`` (when any arm finished) into ``out``, each atomically; returns the
+    report and the files written."""
     report = build(spec, out, command)
     paths = [atomic_write_text(out / "table.md", report.markdown + "\n"),
              atomic_write_text(out / "downstream.csv", _csv(report.downstream)),
              atomic_write_text(out / "perplexity.csv", _csv(report.perplexity))]
+    if spec.reference:
+        paths.append(atomic_write_text(out / "vs_reference.csv", _csv(report.reference)))
     fig = figure(spec, report)
     if fig is not None:
         paths.append(save_figure(fig, out / "table.png"))

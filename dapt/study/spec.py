@@ -26,7 +26,7 @@ from dapt.errors import ConfigError
 
 ARM_NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 STUDY_KEYS = {"title", "question", "paper_source", "wall_time", "paper_scale", "gpu_hours", "common", "base_paper",
-              "arms", "notes", "readme", "control_label", "guard"}
+              "arms", "notes", "readme", "control_label", "guard", "reference"}
 ARM_KEYS = {"name", "label", "overrides", "start", "paper"}
 
 
@@ -66,6 +66,9 @@ class StudySpec:
         readme: the README (repo-relative) that embeds the generated table (``--readme``).
         control_label: the control rows' label.
         guard: the regression guard's expectations (``dapt.study.report.check_guard``).
+        reference: an arm every other arm is compared with directly (an ablation's default, e.g. random
+            masking): the question such a study asks is which arm beats it, which the control and base
+            columns answer only indirectly (the difference of two CIs is not the CI of the difference).
         path: the YAML file it was read from.
     """
 
@@ -83,6 +86,7 @@ class StudySpec:
     readme: str | None = None
     control_label: str = "control (same steps, general text)"
     guard: dict[str, Any] = field(default_factory=dict)
+    reference: str | None = None
     path: Path | None = None
 
     def arm(self, name: str) -> Arm:
@@ -162,11 +166,16 @@ def load(name_or_path: str | Path) -> StudySpec:
     guard = raw.get("guard") or {}
     if not isinstance(guard, dict):
         raise ConfigError(f"{path}: guard must be a mapping")
+    reference = raw.get("reference")
+    if reference is not None and not any(a.name == reference and a.start is None for a in arms):
+        raise ConfigError(f"{path}: reference '{reference}' names no arm that starts from the study's base "
+                          f"(arms: {', '.join(a.name for a in arms if a.start is None)})")
     return StudySpec(
         name=path.stem, title=str(raw["title"]), question=str(raw["question"]).strip(), arms=tuple(arms),
         common=_strings(raw.get("common"), f"{path}: common"), paper_source=str(raw.get("paper_source") or ""),
         base_paper=_scores(raw.get("base_paper"), f"{path}: base_paper"), wall_time=str(raw.get("wall_time") or "").strip(),
         paper_scale=_strings(raw.get("paper_scale"), f"{path}: paper_scale"), gpu_hours=str(raw.get("gpu_hours") or "").strip(),
         notes=_strings(raw.get("notes"), f"{path}: notes"), readme=raw.get("readme"),
-        control_label=str(raw.get("control_label") or StudySpec.control_label), guard=dict(guard), path=path,
+        control_label=str(raw.get("control_label") or StudySpec.control_label), guard=dict(guard),
+        reference=None if reference is None else str(reference), path=path,
     )
