@@ -285,10 +285,10 @@ def test_arms_are_compared_with_the_reference_arm_paired_by_seed_and_document_wi
     losses = {name: {key: {"ids": list(range(25)), "sums": list(counts * scale * rng.uniform(0.9, 1.1, 25)), "counts": list(counts)}
                      for key in ("general_ppl", "domain_ppl")} for name, scale in (("ref", 3.0), ("a", 2.5), ("b", 3.3), ("far", 2.0))}
 
-    def write(name: str, **changes: Any) -> None:
+    def write(name: str, start: dict[int, float] | None = None, **changes: Any) -> None:
         order = (0, 1, 2, 3) if name == "ref" else (2, 0, 3, 1)  # the arms list their seeds in another order
         after = {seed: ref_scores[seed] + gains.get(name, {}).get(seed, 0.0) for seed in order}
-        results = {**_results(after, {0: 0.5, 1: 0.5, 2: 0.5, 3: 0.5}), "base": {"cache_key": "far" if name == "far" else "b1"},
+        results = {**_results(after, start or {0: 0.5, 1: 0.5, 2: 0.5, 3: 0.5}), "base": {"cache_key": "far" if name == "far" else "b1"},
                    "heldout_sets": sets, "config": config} | changes
         folder = out / name / "run"
         folder.mkdir(parents=True, exist_ok=True)
@@ -305,21 +305,36 @@ def test_arms_are_compared_with_the_reference_arm_paired_by_seed_and_document_wi
     assert rows["a"]["vs_reference_holm_m"] == 2 and rows["a"]["vs_reference_p_holm"] == pytest.approx(min(1.0, 2 * min(p_values)))
     assert rows["a"]["vs_reference_ci_low"] > 0 and "significant gain" in rows["a"]["vs_reference_verdict"]
     assert rows["far"]["vs_reference"] is None and rows["far"]["vs_reference_missing"] == "another start model"
+    assert rows["far"]["domain_ppl_change_vs_reference"] is None and rows["far"]["general_ppl_change_vs_reference_missing"] == "another start model"
     expected = math.exp((sum(losses["a"]["domain_ppl"]["sums"]) - sum(losses["ref"]["domain_ppl"]["sums"])) / counts.sum()) - 1
     assert rows["a"]["domain_ppl_change_vs_reference"] == pytest.approx(expected) and expected < 0
     low, high = rows["a"]["domain_ppl_change_vs_reference_ci_low"], rows["a"]["domain_ppl_change_vs_reference_ci_high"]
     assert low < expected < high < 0
-    assert re.search(r"^\| A \| t \(f1\) \| 70\.9 \| 68\.\d \| \+2\.1 \[\+\d\.\d, \+\d\.\d\] \| significant gain \(Holm m=2\) \| -\d+\.\d% \[.*\] lower \|",
+    assert re.search(r"^\| A \| t \(f1\) \| 70\.9 \| 68\.\d \| \+2\.1 \[\+\d\.\d, \+\d\.\d\] \| significant gain \(p_Holm=0\.0\d+, m=2\) \| -\d+\.\d% \[.*\] lower \|",
                      report.markdown, re.M), report.markdown
     assert (out / "vs_reference.csv").exists() is False and "vs_reference.csv" in {p.name for p in study_report.write(s, out, "cmd")[1]}
 
-    # B scored with other eval masks, fine-tuned with another learning rate: neither is paired
-    write("b", config=config | {"masking": config["masking"] | {"mask_fraction": 1.0}, "downstream": config["downstream"] | {"lr": 1e-4}})
+    # B scored with other eval masks, fine-tuned another way (its start model's fine-tunes score otherwise
+    # on one seed): neither is paired; nor is a general set with another digest (other text or masks)
+    write("b", start={0: 0.5, 1: 0.5, 2: 0.51, 3: 0.5}, config=config | {"masking": config["masking"] | {"mask_fraction": 1.0}},
+          heldout_sets={"test": sets["test"] | {"general": sets["test"]["general"] | {"digest": "x" * 16}}})
     rows = {r["arm"]: r for r in study_report.build(s, out, "cmd").reference}
-    assert rows["b"]["vs_reference"] is None and rows["b"]["vs_reference_missing"] == "other fine-tuning settings"
+    assert rows["b"]["vs_reference"] is None and rows["b"]["vs_reference_missing"].startswith("another fine-tuning set-up")
     assert rows["b"]["domain_ppl_change_vs_reference"] is None
     assert rows["b"]["domain_ppl_change_vs_reference_missing"] == "other masking settings for held-out sets"
     assert rows["a"]["vs_reference_holm_m"] == 1  # the family is what was compared
+    write("b", heldout_sets={"test": sets["test"] | {"general": sets["test"]["general"] | {"digest": "x" * 16}}})
+    rows = {r["arm"]: r for r in study_report.build(s, out, "cmd").reference}
+    assert rows["b"]["general_ppl_change_vs_reference_missing"] == "another held-out set" and rows["b"]["domain_ppl_change_vs_reference"] is not None
+    assert rows["b"]["vs_reference"] is not None and rows["b"]["vs_reference_p"] is not None
+
+    # one Holm family over tasks x arms, as a run's own verdicts: a second task doubles it
+    for name in ("ref", "a", "b"):
+        results = json.loads((out / name / "run" / "results.json").read_text())
+        results["downstream"]["u"] = results["downstream"]["t"]
+        (out / name / "run" / "results.json").write_text(json.dumps(results))
+    rows = [r for r in study_report.build(s, out, "cmd").reference if r["vs_reference"] is not None]
+    assert len(rows) == 4 and {r["vs_reference_holm_m"] for r in rows} == {4}
 
 
 @pytest.mark.parametrize("reference, message", [("nope", "reference 'nope' names no arm"), ("c", "reference 'c' names no arm")])

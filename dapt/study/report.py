@@ -63,7 +63,8 @@ def _score(results: dict[str, Any], task: str, role: str) -> dict[str, Any]:
 
 def _paired(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any] | None:
     """``after - before`` paired by fine-tuning seed (the seeds both have; the fine-tunes of a seed share
-    the classifier's initialisation and data order), at the run's alpha and equivalence margin."""
+    the classifier's initialisation, and their data order when both models tokenize alike: the sampler
+    buckets by sub-token length), at the run's alpha and equivalence margin."""
     if not after or not before:
         return None
     b = dict(zip(before["seeds"], before["values"]))
@@ -230,66 +231,80 @@ def perplexity_rows(spec: StudySpec, finished: dict[str, dict[str, Any]],
     return rows
 
 
-# fine-tuning settings that do not change a score: two arms' fine-tunes of a seed pair up if the rest agree
-_DOWNSTREAM_INERT = ("progress_bar", "cache", "eval_batch_size")
+def _start_model(results: dict[str, Any]) -> Any:
+    """What a run adapted: the cached base's content key, else the model it loaded (``model.source``)."""
+    return (results.get("base") or {}).get("cache_key") or ((results.get("config") or {}).get("model") or {}).get("source")
 
 
-def _not_paired_downstream(a: dict[str, Any], b: dict[str, Any], task: str) -> str | None:
-    """Why two arms' fine-tunes on ``task`` cannot be paired by seed, or None when they can: the same
-    start model (a seed's fine-tunes then differ only in the adapted encoder), fine-tuning settings and
-    precision."""
-    start_a, start_b = (_score(r, task, "before") for r in (a, b))
-    if not start_a or not start_b or _start_id(a, start_a) != _start_id(b, start_b):
+def _not_paired_downstream(a: dict[str, Any], ref: dict[str, Any], task: str) -> str | None:
+    """Why arm ``a``'s fine-tunes on ``task`` cannot be paired by seed with the reference's, or None when
+    they can: the same start model whose fine-tunes scored identically on every shared seed (they come
+    from one cache key of model, task data, fine-tuning settings, precision and recipe, so equal scores
+    show one fine-tuning set-up) and the same precision."""
+    if not _score(ref, task, "after"):
+        return "the reference has no scores on this task"
+    start_a, start_ref = _score(a, task, "before"), _score(ref, task, "before")
+    if not start_a or not start_ref:
+        return "no start-model scores to check the fine-tuning set-up"
+    if _start_id(a, start_a) != _start_id(ref, start_ref):
         return "another start model"
-    da, db = ({k: v for k, v in ((r.get("config") or {}).get("downstream") or {}).items() if k not in _DOWNSTREAM_INERT} for r in (a, b))
-    if da != db:
-        return "other fine-tuning settings"
-    if (a.get("precision") or {}).get("value") != (b.get("precision") or {}).get("value"):
+    by_seed = dict(zip(start_ref["seeds"], start_ref["values"]))
+    if any(seed in by_seed and not math.isclose(value, by_seed[seed], rel_tol=0, abs_tol=1e-9)
+           for seed, value in zip(start_a["seeds"], start_a["values"])):
+        return "another fine-tuning set-up (the start model's scores differ by seed)"
+    if (a.get("precision") or {}).get("value") != (ref.get("precision") or {}).get("value"):
         return "another precision"
     return None
 
 
 def reference_rows(spec: StudySpec, finished: dict[str, dict[str, Any]], docs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every finished arm against the study's ``reference`` arm, per task: the downstream test score
-    difference paired by fine-tuning seed, Holm-adjusted over that task's comparisons in this table
-    (the study asks which of its k-1 arms beats the reference, so those are the family), with its MDE
-    at the adjusted level; and the domain and general test perplexity change paired over the same
-    documents and masks, where the two arms' held-out sets were scored alike (``_not_alike``). A cell
-    that cannot be paired says why instead."""
+    """Every finished arm from the base against the study's ``reference`` arm, per task: the downstream
+    test score difference paired by fine-tuning seed, Holm-adjusted over all of this block's comparisons
+    (tasks x arms, as a run's own verdicts are over its tasks), with its MDE at the adjusted level; and
+    the domain and general test perplexity change paired over the same documents and masks, where both
+    arms adapted the same start model and their held-out sets were scored alike (``_not_alike``). A
+    cell that cannot be paired says why instead."""
     ref = finished.get(spec.reference) if spec.reference else None
     if ref is None:
         return []
     rows: list[dict[str, Any]] = []
+    family: list[dict[str, Any]] = []
     for task in _tasks(finished) or [None]:
-        family: list[dict[str, Any]] = []
         for arm in spec.arms:
             results = finished.get(arm.name)
             if arm.name == spec.reference or results is None or arm.start is not None:
                 continue
             row: dict[str, Any] = {"arm": arm.name, "label": arm.label, "reference": spec.reference, "task": task}
             after = _score(results, task, "after") if task else {}
-            if after:
+            comparison = None
+            if not after:
+                row["vs_reference_missing"] = "no scores on this task"
+            else:
                 why = _not_paired_downstream(results, ref, task)
                 comparison = None if why else _paired(after, _score(ref, task, "after"))
                 row.update({"metric": after["metric"], "mean": after["mean"], "reference_mean": _score(ref, task, "after").get("mean"),
-                            "comparison": comparison, "vs_reference_missing": why or (None if comparison else "fewer than 2 shared seeds")})
+                            "vs_reference_missing": why or (None if comparison else "fewer than 2 shared seeds")})
                 if comparison:
                     family.append(comparison)
+            row["comparison"] = comparison
+            other_start = _start_model(results) != _start_model(ref)
             for key, test_set in (("domain_ppl_change_vs_reference", "domain"), ("general_ppl_change_vs_reference", "general")):
-                why = _not_alike(results, ref, "test", test_set)
+                why = "another start model" if other_start else _not_alike(results, ref, "test", test_set)
                 change = None if why else paired_ppl({"docs": (docs.get(arm.name) or {}).get("after") or {}},
                                                      {"docs": (docs.get(spec.reference) or {}).get("after") or {}}, f"{test_set}_ppl")
                 row[key], row[f"{key}_ci_low"], row[f"{key}_ci_high"] = change or (None, None, None)
                 if change is None:
                     row[f"{key}_missing"] = why or "no per-document losses"
             rows.append(row)
-        apply_holm(family)
+    apply_holm(family)
     for row in rows:
         comparison = row.pop("comparison", None) or {}
         low, high = comparison.get("delta_ci") or (None, None)
         row.update({"vs_reference": comparison.get("delta"), "vs_reference_ci_low": low, "vs_reference_ci_high": high,
-                    "vs_reference_verdict": comparison.get("verdict"), "vs_reference_holm_m": comparison.get("holm_m"),
-                    "vs_reference_p_holm": comparison.get("p_holm")})
+                    "vs_reference_alpha": comparison.get("alpha"), "vs_reference_n": comparison.get("n"),
+                    "vs_reference_p": comparison.get("p_value"), "vs_reference_p_holm": comparison.get("p_holm"),
+                    "vs_reference_holm_m": comparison.get("holm_m"), "vs_reference_mde_holm": comparison.get("mde"),
+                    "vs_reference_verdict": comparison.get("verdict")})
     return rows
 
 
@@ -340,21 +355,25 @@ def _machine(finished: dict[str, dict[str, Any]]) -> str:
 
 def _reference_lines(spec: StudySpec, rows: list[dict[str, Any]]) -> list[str]:
     label = spec.arm(spec.reference).label if spec.reference else ""
-    lines = ["", f"Each arm against {label} (this study's reference arm, same base): downstream test score difference paired over "
-             "the same fine-tuning seeds (95% t CI), its verdict Holm-adjusted over this table's m comparisons on that task, "
-             "with the MDE at that level; test perplexity change paired over the same documents and masks (95% bootstrap CI "
-             "over documents, given one training run per arm). '—': the reason is in brackets.", ""]
+    alpha = next((r["vs_reference_alpha"] for r in rows if r.get("vs_reference_alpha") is not None), 0.05)
+    lines = ["", f"Each arm against {label} (this study's reference arm; pairs need the same start model): downstream test score "
+             f"difference paired over the same fine-tuning seeds ({round(100 * (1 - alpha))}% t CI, unadjusted), its verdict "
+             "Holm-adjusted over this block's m comparisons (tasks × arms) with that p and the MDE at that level, so a CI that "
+             "excludes 0 can still be inconclusive; test perplexity change paired over the same documents and masks (95% bootstrap "
+             "CI over documents, given one training run per arm). '—': the reason is in brackets.", ""]
     if not rows:
         return lines + [f"{label} has not finished."]
-    lines += [f"| arm | task | score | {label} | Δ vs {label} [95% CI] | verdict | domain ppl vs {label} | general ppl vs {label} |",
+    lines += [f"| arm | task | score | {label} | Δ vs {label} [CI] | verdict | domain ppl vs {label} | general ppl vs {label} |",
               "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         task = f"{row['task']} ({row['metric']})" if row.get("metric") else (row["task"] or "—")
-        if row.get("vs_reference_missing") and row.get("vs_reference") is None:
-            delta, verdict = f"— ({row['vs_reference_missing']})", "—"
+        if row.get("vs_reference") is None:
+            delta, verdict = f"— ({row.get('vs_reference_missing') or 'not compared'})", "—"
         else:
             delta = _delta(row.get("vs_reference"), row.get("vs_reference_ci_low"), row.get("vs_reference_ci_high"))
             verdict = _verdict(row.get("vs_reference_verdict"), row.get("vs_reference_holm_m"))
+            if row.get("vs_reference_p_holm") is not None and (row.get("vs_reference_holm_m") or 1) > 1:
+                verdict = verdict.replace("Holm m=", f"p_Holm={row['vs_reference_p_holm']:.2g}, m=", 1)
         ppl = [_direction(row, key) + (f" ({row[f'{key}_missing']})" if row.get(f"{key}_missing") else "")
                for key in ("domain_ppl_change_vs_reference", "general_ppl_change_vs_reference")]
         lines.append(f"| {row['label']} | {task} | {_pts(row.get('mean'))} | {_pts(row.get('reference_mean'))} | {delta} | {verdict} "
