@@ -126,3 +126,24 @@ def test_mde_is_reported_at_the_holm_level_of_the_table():
         assert c["mde_unadjusted"] == before
         assert c["mde"] == pytest.approx(minimum_detectable_effect(c["delta_std"], 5, alpha=0.05 / 4))
         assert c["mde"] > 1.3 * before
+
+
+def test_no_effect_in_a_holm_family_needs_the_ci_at_alpha_over_m_inside_the_margin():
+    """Claiming "no effect" in one of m comparisons is held to the family-wise level as claiming an
+    effect is: an unadjusted CI inside ±margin is not enough when the alpha/m CI is wider."""
+    from scipy.stats import t
+
+    from dapt.evaluation.stats import apply_holm, paired_comparison
+
+    base = [0.700, 0.710, 0.690, 0.705, 0.695]
+    diffs = [0.004, 0.009, -0.001, 0.007, 0.001]
+    alone = paired_comparison(base, [b + d for b, d in zip(base, diffs)])
+    assert alone["verdict"].startswith("no effect larger than 0.01") and alone["delta_ci"][1] < 0.01
+    family = [paired_comparison(base, [b + d for b, d in zip(base, diffs)]) for _ in range(4)]
+    apply_holm(family)
+    half = t.ppf(1 - 0.05 / 8, 4) * family[0]["delta_std"] / math.sqrt(5)
+    assert family[0]["delta"] + half > 0.01  # the alpha/4 interval leaves the margin
+    assert family[0]["verdict"].startswith("inconclusive")
+    wide_margin = [paired_comparison(base, [b + d for b, d in zip(base, diffs)], margin=0.02) for _ in range(4)]
+    apply_holm(wide_margin)
+    assert wide_margin[0]["verdict"].startswith("no effect larger than 0.02") and "at alpha/4 for 4 comparisons" in wide_margin[0]["verdict"]

@@ -113,12 +113,22 @@ def _p_text(p: float, m: int) -> str:
     return f"Holm-adjusted p={p:.3g} over {m} comparisons" if m > 1 else f"p={p:.3g}"
 
 
+def _interval_at(comparison: Mapping[str, Any], alpha: float) -> tuple[float, float]:
+    """The (1 - alpha) t interval of the mean paired difference, from the comparison's delta, SD and n."""
+    from scipy.stats import t
+
+    half = float(t.ppf(1 - alpha / 2, comparison["n"] - 1)) * comparison["delta_std"] / math.sqrt(comparison["n"])
+    return comparison["delta"] - half, comparison["delta"] + half
+
+
 def verdict(comparison: Mapping[str, Any], *, margin: float = DEFAULT_EQUIVALENCE_MARGIN) -> str:
     """The plain-words reading of a comparison (keys of ``paired_comparison``), in this order:
 
     * fewer than 2 seeds or no variance: says so (no test);
     * ``significant`` (Holm-adjusted p < alpha): "significant gain" / "significant loss";
-    * the whole CI inside ±margin: "no effect larger than <margin>";
+    * the whole CI inside ±margin: "no effect larger than <margin>"; in a Holm family of m the CI at
+      alpha/m (Bonferroni, as Holm's first step), so that claiming no effect anywhere in a table is
+      held to the family-wise level too, like claiming one;
     * otherwise "inconclusive (CI a..b)", with the minimum detectable effect: the data cannot tell
       a real effect from none, which is not the same as showing there is none.
     """
@@ -135,7 +145,11 @@ def verdict(comparison: Mapping[str, Any], *, margin: float = DEFAULT_EQUIVALENC
     interval = f"{level}% CI {_fmt(ci[0])}..{_fmt(ci[1])}"
     if comparison.get("significant"):
         return f"significant {'gain' if delta > 0 else 'loss'}: {_fmt(delta)} ({interval}, {p_text})"
-    if -margin <= ci[0] and ci[1] <= margin:
+    equivalence_ci, m = ci, comparison.get("holm_m", 1)
+    if m > 1:
+        equivalence_ci, level = _interval_at(comparison, comparison.get("alpha", 0.05) / m), 100 * (1 - comparison.get("alpha", 0.05) / m)
+        interval = f"{level:.4g}% CI {_fmt(equivalence_ci[0])}..{_fmt(equivalence_ci[1])}, at alpha/{m} for {m} comparisons"
+    if -margin <= equivalence_ci[0] and equivalence_ci[1] <= margin:
         return f"no effect larger than {margin:g}: {_fmt(delta)} ({interval} inside ±{margin:g})"
     mde = comparison.get("mde")
     tail = f"; {n} seeds detect only effects >= {mde:.3f} with 80% power" if mde is not None else ""
