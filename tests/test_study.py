@@ -313,6 +313,9 @@ def test_arms_are_compared_with_the_reference_arm_paired_by_seed_and_document_wi
     assert re.search(r"^\| A \| t \(f1\) \| 70\.9 \| 68\.\d \| \+2\.1 \[\+\d\.\d, \+\d\.\d\] \| significant gain \(p_Holm=0\.0\d+, m=2\) \| -\d+\.\d% \[.*\] lower \|",
                      report.markdown, re.M), report.markdown
     assert (out / "vs_reference.csv").exists() is False and "vs_reference.csv" in {p.name for p in study_report.write(s, out, "cmd")[1]}
+    fig = study_report.figure(s, report)  # a third panel: each arm against the reference, with its CI
+    assert len(fig.axes) == 3 and [t.get_text() for t in fig.axes[2].get_yticklabels()] == ["A · t", "B · t"]
+    assert [round(p.get_width(), 3) for p in fig.axes[2].patches] == [round(100 * rows["a"]["vs_reference"], 3), round(100 * rows["b"]["vs_reference"], 3)]
 
     # B scored with other eval masks, fine-tuned another way (its start model's fine-tunes score otherwise
     # on one seed): neither is paired; nor is a general set with another digest (other text or masks)

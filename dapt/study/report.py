@@ -495,40 +495,50 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
+def _bars(ax: Any, labels: list[str], values: list[float], lows: list[float | None], highs: list[float | None], xlabel: str) -> None:
+    """Horizontal bars with CI whiskers (a missing bound draws no whisker on that side)."""
+    ys = list(range(len(labels)))
+    err = [[v - (lo if lo is not None else v) for v, lo in zip(values, lows)],
+           [(hi if hi is not None else v) - v for v, hi in zip(values, highs)]]
+    ax.barh(ys, values, xerr=err, color="#4c72b0", alpha=0.8, capsize=3)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(ys, labels)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+
+
+def _series(rows: list[dict[str, Any]], keys: list[tuple[str, str]], scale: float = 100.0) -> tuple[list[str], list[float], list[float | None], list[float | None]]:
+    """(labels, values, lows, highs) of ``rows``' ``key`` cells (×``scale``) for each (key, suffix) in ``keys``."""
+    labels, values, lows, highs = [], [], [], []
+    for r in rows:
+        for key, suffix in keys:
+            if r.get(key) is None:
+                continue
+            labels.append(f"{r['label']} · {suffix or r.get('task')}")
+            values.append(scale * r[key])
+            lows.append(None if r.get(f"{key}_ci_low") is None else scale * r[f"{key}_ci_low"])
+            highs.append(None if r.get(f"{key}_ci_high") is None else scale * r[f"{key}_ci_high"])
+    return labels, values, lows, highs
+
+
 def figure(spec: StudySpec, report: Report) -> Any | None:
-    """Left: each arm's downstream difference to its control (points ×100, 95% CI); right: its domain
-    and general perplexity change against its control (%, 95% CI). None when nothing finished."""
+    """Left: each arm's downstream difference to its control (points ×100, 95% CI); middle: its domain
+    and general perplexity change against its control (%, 95% CI); right, in a study with a reference
+    arm: each arm's downstream difference to the reference (points, unadjusted CI). None when nothing
+    finished."""
     arms = [r for r in report.downstream if r["arm"] != BASE and r.get("vs_control") is not None]
     ppl = [r for r in report.perplexity if r.get("domain_ppl_change_vs_control") is not None]
+    ref = [r for r in report.reference if r.get("vs_reference") is not None]
     if not arms and not ppl:
         return None
     plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, max(3.0, 0.45 * max(len(arms), 2 * len(ppl)) + 1.5)))
-
-    def bars(ax: Any, labels: list[str], values: list[float], lows: list[float | None], highs: list[float | None], xlabel: str) -> None:
-        ys = list(range(len(labels)))
-        err = [[v - (lo if lo is not None else v) for v, lo in zip(values, lows)],
-               [(hi if hi is not None else v) - v for v, hi in zip(values, highs)]]
-        ax.barh(ys, values, xerr=err, color="#4c72b0", alpha=0.8, capsize=3)
-        ax.axvline(0, color="black", linewidth=0.8)
-        ax.set_yticks(ys, labels)
-        ax.invert_yaxis()
-        ax.set_xlabel(xlabel)
-
-    bars(left, [f"{r['label']} · {r['task']}" for r in arms], [100 * r["vs_control"] for r in arms],
-         [None if r["vs_control_ci_low"] is None else 100 * r["vs_control_ci_low"] for r in arms],
-         [None if r["vs_control_ci_high"] is None else 100 * r["vs_control_ci_high"] for r in arms],
-         "test score − control (points ×100, 95% CI)")
-    labels, values, lows, highs = [], [], [], []
-    for r in ppl:
-        for key, what in (("domain_ppl_change_vs_control", "domain"), ("forgetting_vs_control", "general")):
-            if r.get(key) is None:
-                continue
-            labels.append(f"{r['label']} · {what}")
-            values.append(100 * r[key])
-            lows.append(None if r[f"{key}_ci_low"] is None else 100 * r[f"{key}_ci_low"])
-            highs.append(None if r[f"{key}_ci_high"] is None else 100 * r[f"{key}_ci_high"])
-    bars(right, labels, values, lows, highs, "test perplexity vs control (%, 95% CI; < 0 is better)")
+    panels = 3 if ref else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, max(3.0, 0.45 * max(len(arms), 2 * len(ppl)) + 1.5)))
+    _bars(axes[0], *_series(arms, [("vs_control", "")]), "test score − control (points ×100, 95% CI)")
+    _bars(axes[1], *_series(ppl, [("domain_ppl_change_vs_control", "domain"), ("forgetting_vs_control", "general")]),
+          "test perplexity vs control (%, 95% CI; < 0 is better)")
+    if ref:
+        _bars(axes[2], *_series(ref, [("vs_reference", "")]), f"test score − {spec.arm(spec.reference).label} (points ×100, CI)")
     fig.suptitle(spec.title, fontsize=10)
     fig.tight_layout()
     return fig
