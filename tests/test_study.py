@@ -67,6 +67,15 @@ def test_unknown_study_lists_the_studies():
         study_spec.load("nope")
 
 
+def test_the_ablation_studies_name_their_reference_arm_and_help_says_so():
+    from dapt.commands.study import _epilog
+
+    expected = {"masking_strategy": "random", "masking_rate": "r15_801010", "forgetting": "plain", "vocabulary": "plain"}
+    assert {name: study_spec.load(name).reference for name in expected} == expected
+    assert study_spec.load("dont_stop_pretraining").reference is None
+    assert "(each compared with random)" in _epilog()
+
+
 def test_the_issue_studies_ship_with_5_seeds_and_a_budget():
     studies = study_spec.available()
     assert {"dont_stop_pretraining", "masking_rate", "masking_strategy", "forgetting", "vocabulary"} <= set(studies)

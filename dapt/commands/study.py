@@ -35,7 +35,8 @@ def _epilog() -> str:
             lines.append(f"  {name:<24} (invalid: {exc})")
             continue
         lines.append(f"  {name:<24} {s.title}")
-        lines.append(f"  {'':<24} {len(s.arms)} arms: {', '.join(a.name for a in s.arms)}")
+        lines.append(f"  {'':<24} {len(s.arms)} arms: {', '.join(a.name for a in s.arms)}"
+                     + (f" (each compared with {s.reference})" if s.reference else ""))
         if s.wall_time:
             lines.append(f"  {'':<24} budget: {s.wall_time.splitlines()[0]}")
     return "\n".join(lines)
