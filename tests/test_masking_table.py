@@ -58,8 +58,9 @@ def test_table_says_which_code_made_the_cells_and_warns_when_it_differs(tmp_path
         results = json.loads(path.read_text())
         results["heldout_sets"] = {"test": {"general": {"documents": 62, "tokens": tokens}, "domain": {"documents": int(job), "tokens": 9}}}
         path.write_text(json.dumps(results))
-    assert ("WARNING: general perplexities scored on different general held-out sets (e.g. before and after WikiText's markup was "
-            "removed, or truncated by data.eval_max_doc_tokens before commit fc8ac23), so not comparable across them: test 62 documents / 304000 tokens / None masked:") in table([sweep])
+    assert ("WARNING: general perplexities scored on different general held-out sets (e.g. another eval corruption, masking.mask_fraction "
+            "or random_fraction; before and after WikiText's markup was removed; or truncated by data.eval_max_doc_tokens before commit "
+            "fc8ac23), so not comparable across them: test 62 documents / 304000 tokens / None masked:") in table([sweep])
     results["heldout_sets"]["test"]["general"]["tokens"] = 304000  # same general set, different domain sets: no warning
     (sweep / "1" / "results.json").write_text(json.dumps(results))
     assert "general held-out sets" not in table([sweep])

@@ -89,8 +89,9 @@ def general_sets_warning(jobs: list[dict[str, Any]], label: Callable[[dict[str, 
     general = _general_sets(jobs, label)
     if len(general) <= 1:
         return None
-    return ("WARNING: general perplexities scored on different general held-out sets (e.g. before and after WikiText's "
-            "markup was removed, or truncated by data.eval_max_doc_tokens before commit fc8ac23), so not comparable across them: " + "; ".join(f"{text}: {', '.join(cells)}" for text, cells in general.items()))
+    return ("WARNING: general perplexities scored on different general held-out sets (e.g. another eval corruption, "
+            "masking.mask_fraction or random_fraction; before and after WikiText's markup was removed; or truncated by "
+            "data.eval_max_doc_tokens before commit fc8ac23), so not comparable across them: " + "; ".join(f"{text}: {', '.join(cells)}" for text, cells in general.items()))
 
 
 def _set_text(general: dict[str, Any]) -> str:
