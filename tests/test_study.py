@@ -195,6 +195,12 @@ def test_delta_vs_base_pairs_scores_by_seed_not_by_position(tmp_path):
     assert "| A | t (f1) | 72.0 ± 0.0 (n=3) | 50.0 ± 0.0 | +1.0 [-2.0, +4.0] | inconclusive (MDE 5.0) | +2.0 [" in report.markdown
 
 
+def _heldout_config() -> dict[str, Any]:
+    """The config keys that decide whether two runs' held-out scores pair up (report._not_alike)."""
+    return {"masking": {"eval_strategy": "random", "eval_rate": 0.15, "eval_seed": 1, "mask_fraction": 0.8, "random_fraction": 0.1},
+            "data": {"max_seq_length": 64, "eval_sample_seed": 0, "eval_max_doc_tokens": None}, "vocabulary": {"name": "none"}}
+
+
 def test_a_chained_arm_is_compared_with_the_base_over_the_same_documents(tmp_path):
     """DAPT+TAPT's cumulative change: its adapted model's per-document sums against the base's start
     scores on the same set, taken from an arm that started from the same cached base and scored alike;
@@ -215,8 +221,7 @@ def test_a_chained_arm_is_compared_with_the_base_over_the_same_documents(tmp_pat
                          "domain": {"documents": 30, "tokens": 999, "masked_tokens": int(counts.sum()), "digest": domain * 16}}}
 
     general_base, tapt_base, both_general, both_domain = table(3.0), table(5.0), table(3.4), table(2.0)
-    config = {"masking": {"eval_strategy": "random", "eval_rate": 0.15, "eval_seed": 1, "mask_fraction": 0.8, "random_fraction": 0.1},
-              "data": {"max_seq_length": 64, "eval_sample_seed": 0, "eval_max_doc_tokens": None}, "vocabulary": {"name": "none"}}
+    config = _heldout_config()
     arms = {  # name: (base cache key, start scores, domain set digest); dapt scored the base on the biomed text, tapt on the task's
         "other": ("b2", {"general_ppl": table(9.0), "domain_ppl": table(9.0)}, "t"),
         "dapt": ("b1", {"general_ppl": general_base, "domain_ppl": table(4.0, list(range(100, 130)))}, "d"),
@@ -286,9 +291,7 @@ def test_arms_are_compared_with_the_reference_arm_paired_by_seed_and_document_wi
     counts = rng.integers(5, 40, size=25).astype(float)
     ref_scores = {0: 0.60, 1: 0.70, 2: 0.80, 3: 0.65}
     gains = {"a": {0: 0.010, 1: 0.030, 2: 0.020, 3: 0.025}, "b": {0: -0.05, 1: 0.04, 2: -0.02, 3: 0.01}, "far": {0: 0.1, 1: 0.1, 2: 0.1, 3: 0.2}}
-    config = {"masking": {"eval_strategy": "random", "eval_rate": 0.15, "eval_seed": 1, "mask_fraction": 0.8, "random_fraction": 0.1},
-              "data": {"max_seq_length": 64, "eval_sample_seed": 0, "eval_max_doc_tokens": None}, "vocabulary": {"name": "none"},
-              "downstream": {"lr": 2e-4, "seeds": [0, 1, 2, 3], "progress_bar": False}}
+    config = _heldout_config() | {"downstream": {"lr": 2e-4, "seeds": [0, 1, 2, 3], "progress_bar": False}}
     sets = {"test": {name: {"documents": 25, "tokens": 999, "masked_tokens": int(counts.sum()), "digest": name[0] * 16}
                      for name in ("general", "domain")}}
     losses = {name: {key: {"ids": list(range(25)), "sums": list(counts * scale * rng.uniform(0.9, 1.1, 25)), "counts": list(counts)}

@@ -270,6 +270,7 @@ def reference_rows(spec: StudySpec, finished: dict[str, dict[str, Any]], docs: d
     rows: list[dict[str, Any]] = []
     family: list[dict[str, Any]] = []
     for task in _tasks(finished) or [None]:
+        ref_after = _score(ref, task, "after") if task else {}
         for arm in spec.arms:
             results = finished.get(arm.name)
             if arm.name == spec.reference or results is None or arm.start is not None:
@@ -281,8 +282,8 @@ def reference_rows(spec: StudySpec, finished: dict[str, dict[str, Any]], docs: d
                 row["vs_reference_missing"] = "no scores on this task"
             else:
                 why = _not_paired_downstream(results, ref, task)
-                comparison = None if why else _paired(after, _score(ref, task, "after"))
-                row.update({"metric": after["metric"], "mean": after["mean"], "reference_mean": _score(ref, task, "after").get("mean"),
+                comparison = None if why else _paired(after, ref_after)
+                row.update({"metric": after["metric"], "mean": after["mean"], "reference_mean": ref_after.get("mean"),
                             "vs_reference_missing": why or (None if comparison else "fewer than 2 shared seeds")})
                 if comparison:
                     family.append(comparison)
@@ -321,14 +322,15 @@ def _delta(value: float | None, low: float | None, high: float | None) -> str:
     return f"{100 * value:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
 
 
-def _verdict(text: str | None, holm_m: int | None) -> str:
+def _verdict(text: str | None, holm_m: int | None, p_holm: float | None = None) -> str:
     """The verdict's words without the numbers the neighbouring cells already show, with the size of
-    its Holm family and its (Holm-adjusted) minimum detectable effect."""
+    its Holm family (and its Holm-adjusted p, when given) and its (Holm-adjusted) minimum detectable effect."""
     if not text:
         return "—"
     head = re.split(r"[:(]", text, maxsplit=1)[0].strip()
     mde = re.search(r"effects >= ([0-9.]+)", text)
-    extra = [f"Holm m={holm_m}"] if holm_m and holm_m > 1 else []
+    family = f"p_Holm={p_holm:.2g}, m={holm_m}" if p_holm is not None else f"Holm m={holm_m}"
+    extra = [family] if holm_m and holm_m > 1 else []
     extra += [f"MDE {100 * float(mde.group(1)):.1f}"] if mde else []
     return head + (f" ({', '.join(extra)})" if extra else "")
 
@@ -371,9 +373,7 @@ def _reference_lines(spec: StudySpec, rows: list[dict[str, Any]]) -> list[str]:
             delta, verdict = f"— ({row.get('vs_reference_missing') or 'not compared'})", "—"
         else:
             delta = _delta(row.get("vs_reference"), row.get("vs_reference_ci_low"), row.get("vs_reference_ci_high"))
-            verdict = _verdict(row.get("vs_reference_verdict"), row.get("vs_reference_holm_m"))
-            if row.get("vs_reference_p_holm") is not None and (row.get("vs_reference_holm_m") or 1) > 1:
-                verdict = verdict.replace("Holm m=", f"p_Holm={row['vs_reference_p_holm']:.2g}, m=", 1)
+            verdict = _verdict(row.get("vs_reference_verdict"), row.get("vs_reference_holm_m"), row.get("vs_reference_p_holm"))
         ppl = [_direction(row, key) + (f" ({row[f'{key}_missing']})" if row.get(f"{key}_missing") else "")
                for key in ("domain_ppl_change_vs_reference", "general_ppl_change_vs_reference")]
         lines.append(f"| {row['label']} | {task} | {_pts(row.get('mean'))} | {_pts(row.get('reference_mean'))} | {delta} | {verdict} "
@@ -382,8 +382,7 @@ def _reference_lines(spec: StudySpec, rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _markdown(spec: StudySpec, down: list[dict[str, Any]], ppl: list[dict[str, Any]], finished: dict[str, dict[str, Any]],
-              missing: list[str], command: str, walls: dict[str, float], ref_rows: list[dict[str, Any]] | None = None) -> str:
-    ref_rows = ref_rows or []
+              missing: list[str], command: str, walls: dict[str, float], ref_rows: list[dict[str, Any]]) -> str:
     lines = [f"**{spec.title}**", "", f"Question: {spec.question}", ""]
     lines += ["Downstream test score ×100 (mean ± sd over fine-tuning seeds, n = seeds). Differences are paired over the same seeds "
               "with an unadjusted 95% t CI. The verdict against the arm's own control (same start and steps on general text) is the "
