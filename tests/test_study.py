@@ -74,6 +74,10 @@ def test_the_ablation_studies_name_their_reference_arm_and_help_says_so():
     assert {name: study_spec.load(name).reference for name in expected} == expected
     assert study_spec.load("dont_stop_pretraining").reference is None
     assert "(each compared with random)" in _epilog()
+    rate = study_spec.load("masking_rate")  # within a scheme, a rate against 0.15 of the same scheme
+    assert {a.name: rate.reference_of(a) for a in rate.arms if "mask_only" in a.name} == {
+        "r15_mask_only": "r15_801010", "r30_mask_only": "r15_mask_only", "r40_mask_only": "r15_mask_only", "r60_mask_only": "r15_mask_only"}
+    assert "(compared with r15_801010; r30_mask_only, r40_mask_only, r60_mask_only with r15_mask_only)" in _epilog()
 
 
 def test_the_issue_studies_ship_with_5_seeds_and_a_budget():
@@ -357,6 +361,65 @@ def test_a_reference_must_be_an_arm_from_the_base(tmp_path, reference, message):
     text = f"title: t\nquestion: q\nreference: {reference}\narms: [{{name: a}}, {{name: c, start: a}}]\n"
     with pytest.raises(ConfigError, match=message):
         study_spec.load(_write(tmp_path, text))
+
+
+def test_an_arm_may_name_its_own_reference_and_the_block_says_which(tmp_path):
+    """masking_rate asks two questions: does a rate beat 0.15 within its corruption scheme (Wettig et
+    al.'s comparison), and does mask-only beat 80/10/10 at 0.15. One study-wide reference cannot pair
+    0.30 mask-only with 0.15 mask-only, so an arm may name its own; the rows say which reference each
+    used, perplexities pair within the scheme, and the Holm family is still the whole block."""
+    spec_text = ("title: r\nquestion: q\nreference: ref\narms: [{name: ref, label: R}, {name: m15, label: M15}, "
+                 "{name: m30, label: M30, reference: m15}]\n")
+    s = study_spec.load(_write(tmp_path, spec_text, "r.yaml"))
+    assert [s.reference_of(a) for a in s.arms] == [None, "ref", "m15"] and s.references() == ["ref", "m15"]
+    out = tmp_path / "out"
+    rng = np.random.default_rng(2)
+    counts = rng.integers(5, 40, size=20).astype(float)
+    scores = {"ref": {0: 0.60, 1: 0.70, 2: 0.80}, "m15": {0: 0.62, 1: 0.73, 2: 0.81}, "m30": {0: 0.63, 1: 0.75, 2: 0.80}}
+    mask_only = _heldout_config()["masking"] | {"mask_fraction": 1.0, "random_fraction": 0.0}
+    losses = {name: {key: {"ids": list(range(20)), "sums": list(counts * scale * rng.uniform(0.9, 1.1, 20)), "counts": list(counts)}
+                     for key in ("general_ppl", "domain_ppl")} for name, scale in (("ref", 3.0), ("m15", 2.5), ("m30", 2.2))}
+    for name, after in scores.items():
+        config = _heldout_config() | ({} if name == "ref" else {"masking": mask_only})
+        sets = {"test": {k: {"documents": 20, "tokens": 9, "masked_tokens": int(counts.sum()), "digest": (k[0] if name == "ref" else "m") * 16}
+                         for k in ("general", "domain")}}
+        results = {**_results(after, {0: 0.5, 1: 0.5, 2: 0.5}), "base": {"cache_key": "b1"}, "heldout_sets": sets, "config": config}
+        folder = out / name / "run"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(results))
+        (folder / "heldout_documents.json").write_text(json.dumps({"before": {}, "after": losses[name], "control": None}))
+    report = study_report.build(s, out, "cmd")
+    rows = {r["arm"]: r for r in report.reference}
+    assert {a: r["reference"] for a, r in rows.items()} == {"m15": "ref", "m30": "m15"}
+    assert rows["m30"]["vs_reference"] == pytest.approx((0.01 + 0.02 - 0.01) / 3)
+    assert rows["m15"]["vs_reference"] == pytest.approx((0.02 + 0.03 + 0.01) / 3)
+    assert {r["vs_reference_holm_m"] for r in rows.values()} == {2}
+    assert rows["m15"]["domain_ppl_change_vs_reference"] is None  # another corruption than its reference
+    expected = math.exp((sum(losses["m30"]["domain_ppl"]["sums"]) - sum(losses["m15"]["domain_ppl"]["sums"])) / counts.sum()) - 1
+    assert rows["m30"]["domain_ppl_change_vs_reference"] == pytest.approx(expected)
+    assert "| arm | task | score | reference | reference's score | Δ vs reference [CI] |" in report.markdown
+    assert re.search(r"^\| M30 \| t \(f1\) \| 72\.7 \| M15 \| 72\.0 \| \+0\.7 \[", report.markdown, re.M), report.markdown
+    assert "Each arm against its reference arm (the row's 'reference'" in report.markdown
+    fig = study_report.figure(s, report)
+    assert [t.get_text() for t in fig.axes[2].get_yticklabels()] == ["M15 − R · t", "M30 − M15 · t"]
+    assert "vs_reference.csv" in {p.name for p in study_report.write(s, out, "cmd")[1]}
+    for name in ("m30", "m15"):  # what the block says while arms or references are missing
+        (out / name / "run" / "results.json").unlink()
+    assert not study_report.build(s, out, "cmd").reference and "M15 has not finished." in study_report.build(s, out, "cmd").markdown
+    (out / "m15" / "run" / "results.json").write_text(json.dumps(_results(scores["m15"], {0: 0.5, 1: 0.5, 2: 0.5})))
+    (out / "ref" / "run" / "results.json").unlink()
+    assert "R has not finished." in study_report.build(s, out, "cmd").markdown
+
+
+@pytest.mark.parametrize("arms, message", [
+    ("[{name: a}, {name: b, reference: nope}]", "arms[1]: reference 'nope' names no arm"),
+    ("[{name: a}, {name: b, reference: b}]", "arms[1]: reference 'b' is the arm itself"),
+    ("[{name: a}, {name: c, start: a}, {name: b, reference: c}]", "arms[2]: reference 'c' names no arm"),
+    ("[{name: a}, {name: c, start: a, reference: a}]", "arms[1]: an arm that continues another (start: a) has no reference"),
+])
+def test_an_arms_reference_must_be_another_arm_from_the_base(tmp_path, arms, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        study_spec.load(_write(tmp_path, f"title: t\nquestion: q\narms: {arms}\n"))
 
 def test_an_arm_whose_results_record_an_error_is_not_finished(tmp_path):
     failed = {**_results({0: 0.5, 1: 0.6}, {0: 0.5, 1: 0.5}), "error": {"stage": "downstream", "message": "boom"}}

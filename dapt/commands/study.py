@@ -26,6 +26,17 @@ from dapt.study import runner
 from dapt.study import spec as study_spec
 
 
+def _compared(s: study_spec.StudySpec) -> str:
+    """' (each compared with X; a, b with Y)': which reference each arm's paired comparisons use."""
+    own = {}
+    for arm in s.arms:
+        if arm.reference and s.reference_of(arm) != s.reference:
+            own.setdefault(arm.reference, []).append(arm.name)
+    parts = ([f"{'' if own else 'each '}compared with {s.reference}"] if s.reference else [])
+    parts += [f"{', '.join(names)} with {ref}" for ref, names in own.items()]
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def _epilog() -> str:
     lines = ["studies (conf/study/<name>.yaml):"]
     for name, path in study_spec.available().items():
@@ -35,8 +46,7 @@ def _epilog() -> str:
             lines.append(f"  {name:<24} (invalid: {exc})")
             continue
         lines.append(f"  {name:<24} {s.title}")
-        lines.append(f"  {'':<24} {len(s.arms)} arms: {', '.join(a.name for a in s.arms)}"
-                     + (f" (each compared with {s.reference})" if s.reference else ""))
+        lines.append(f"  {'':<24} {len(s.arms)} arms: {', '.join(a.name for a in s.arms)}" + _compared(s))
         if s.wall_time:
             lines.append(f"  {'':<24} budget: {s.wall_time.splitlines()[0]}")
     return "\n".join(lines)

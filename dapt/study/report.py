@@ -258,29 +258,28 @@ def _not_paired_downstream(a: dict[str, Any], ref: dict[str, Any], task: str) ->
 
 
 def reference_rows(spec: StudySpec, finished: dict[str, dict[str, Any]], docs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every finished arm from the base against the study's ``reference`` arm, per task: the downstream
-    test score difference paired by fine-tuning seed, Holm-adjusted over all of this block's comparisons
-    (tasks x arms, as a run's own verdicts are over its tasks), with its MDE at the adjusted level; and
-    the domain and general test perplexity change paired over the same documents and masks, where both
-    arms adapted the same start model and their held-out sets were scored alike (``_not_alike``). A
-    cell that cannot be paired says why instead."""
-    ref = finished.get(spec.reference) if spec.reference else None
-    if ref is None:
-        return []
+    """Every finished arm from the base against its reference arm (``StudySpec.reference_of``), per
+    task: the downstream test score difference paired by fine-tuning seed, Holm-adjusted over all of
+    this block's comparisons (tasks x arms, as a run's own verdicts are over its tasks), with its MDE at
+    the adjusted level; and the domain and general test perplexity change paired over the same
+    documents and masks, where both arms adapted the same start model and their held-out sets were
+    scored alike (``_not_alike``). A cell that cannot be paired says why instead."""
     rows: list[dict[str, Any]] = []
     family: list[dict[str, Any]] = []
     for task in _tasks(finished) or [None]:
-        ref_after = _score(ref, task, "after") if task else {}
         for arm in spec.arms:
-            results = finished.get(arm.name)
-            if arm.name == spec.reference or results is None or arm.start is not None:
+            results, ref_name = finished.get(arm.name), spec.reference_of(arm)
+            ref = finished.get(ref_name) if ref_name else None
+            if results is None or ref is None:
                 continue
-            row: dict[str, Any] = {"arm": arm.name, "label": arm.label, "reference": spec.reference, "task": task}
+            row: dict[str, Any] = {"arm": arm.name, "label": arm.label, "reference": ref_name,
+                                   "reference_label": spec.arm(ref_name).label, "task": task}
             after = _score(results, task, "after") if task else {}
             comparison = None
             if not after:
                 row["vs_reference_missing"] = "no scores on this task"
             else:
+                ref_after = _score(ref, task, "after")
                 why = _not_paired_downstream(results, ref, task)
                 comparison = None if why else _paired(after, ref_after)
                 row.update({"metric": after["metric"], "mean": after["mean"], "reference_mean": ref_after.get("mean"),
@@ -292,7 +291,7 @@ def reference_rows(spec: StudySpec, finished: dict[str, dict[str, Any]], docs: d
             for key, test_set in (("domain_ppl_change_vs_reference", "domain"), ("general_ppl_change_vs_reference", "general")):
                 why = "another start model" if other_start else _not_alike(results, ref, "test", test_set)
                 change = None if why else paired_ppl({"docs": (docs.get(arm.name) or {}).get("after") or {}},
-                                                     {"docs": (docs.get(spec.reference) or {}).get("after") or {}}, f"{test_set}_ppl")
+                                                     {"docs": (docs.get(ref_name) or {}).get("after") or {}}, f"{test_set}_ppl")
                 row[key], row[f"{key}_ci_low"], row[f"{key}_ci_high"] = change or (None, None, None)
                 if change is None:
                     row[f"{key}_missing"] = why or "no per-document losses"
@@ -355,18 +354,26 @@ def _machine(finished: dict[str, dict[str, Any]]) -> str:
     return "; ".join(machines) or "unknown"
 
 
-def _reference_lines(spec: StudySpec, rows: list[dict[str, Any]]) -> list[str]:
-    label = spec.arm(spec.reference).label if spec.reference else ""
+def _reference_lines(spec: StudySpec, rows: list[dict[str, Any]], finished: dict[str, dict[str, Any]]) -> list[str]:
+    """The reference block. With one reference the header names it; when arms name their own (an arm's
+    ``reference``), each row says which reference it was paired with."""
+    labels = [spec.arm(name).label for name in spec.references()]
+    single = len(labels) == 1
     alpha = next((r["vs_reference_alpha"] for r in rows if r.get("vs_reference_alpha") is not None), 0.05)
-    lines = ["", f"Each arm against {label} (this study's reference arm; pairs need the same start model): downstream test score "
+    whom = f"{labels[0]} (this study's reference arm" if single else "its reference arm (the row's 'reference'"
+    lines = ["", f"Each arm against {whom}; pairs need the same start model): downstream test score "
              f"difference paired over the same fine-tuning seeds ({round(100 * (1 - alpha))}% t CI, unadjusted), its verdict "
              "Holm-adjusted over this block's m comparisons (tasks × arms) with that p and the MDE at that level, so a CI that "
              "excludes 0 can still be inconclusive; test perplexity change paired over the same documents and masks (95% bootstrap "
              "CI over documents, given one training run per arm). '—': the reason is in brackets.", ""]
     if not rows:
-        return lines + [f"{label} has not finished."]
-    lines += [f"| arm | task | score | {label} | Δ vs {label} [CI] | verdict | domain ppl vs {label} | general ppl vs {label} |",
-              "|---|---|---|---|---|---|---|---|"]
+        waiting = [spec.arm(name).label for name in spec.references() if name not in finished]
+        return lines + [f"{' and '.join(waiting)} {'has' if len(waiting) == 1 else 'have'} not finished." if waiting
+                        else "No arm compared with a reference has finished."]
+    ref = labels[0] if single else "reference"
+    lines += [f"| arm | task | score | {labels[0]} | Δ vs {ref} [CI] | verdict | domain ppl vs {ref} | general ppl vs {ref} |" if single else
+              f"| arm | task | score | reference | reference's score | Δ vs {ref} [CI] | verdict | domain ppl vs {ref} | general ppl vs {ref} |",
+              "|---|---|---|---|---|---|---|---|" + ("" if single else "---|")]
     for row in rows:
         task = f"{row['task']} ({row['metric']})" if row.get("metric") else (row["task"] or "—")
         if row.get("vs_reference") is None:
@@ -376,7 +383,8 @@ def _reference_lines(spec: StudySpec, rows: list[dict[str, Any]]) -> list[str]:
             verdict = _verdict(row.get("vs_reference_verdict"), row.get("vs_reference_holm_m"), row.get("vs_reference_p_holm"))
         ppl = [_direction(row, key) + (f" ({row[f'{key}_missing']})" if row.get(f"{key}_missing") else "")
                for key in ("domain_ppl_change_vs_reference", "general_ppl_change_vs_reference")]
-        lines.append(f"| {row['label']} | {task} | {_pts(row.get('mean'))} | {_pts(row.get('reference_mean'))} | {delta} | {verdict} "
+        reference = "" if single else f" {row['reference_label']} |"
+        lines.append(f"| {row['label']} | {task} | {_pts(row.get('mean'))} |{reference} {_pts(row.get('reference_mean'))} | {delta} | {verdict} "
                      f"| {ppl[0]} | {ppl[1]} |")
     return lines
 
@@ -435,8 +443,8 @@ def _markdown(spec: StudySpec, down: list[dict[str, Any]], ppl: list[dict[str, A
                      for key in ("domain_ppl_change_vs_base", "forgetting_vs_base")]
             data = f" · {row['data']}" if row.get("data") else ""
             lines.append(f"| {row['label']} (from {row['start']}){data} | {cells[0]} | {cells[1]} |")
-    if spec.reference:
-        lines += _reference_lines(spec, ref_rows)
+    if spec.references():
+        lines += _reference_lines(spec, ref_rows, finished)
     jobs = [{"results": r, "label": name} for name, r in finished.items()]
     lines += ["", provenance_lines(jobs, lambda job: job["label"]) if jobs else "No finished arm."]
     lines += [f"Arms finished: {len(finished)} of {len(spec.arms)}." + (f" Not finished (no complete results.json): {', '.join(missing)}." if missing else "")]
@@ -465,7 +473,7 @@ def _documents(out: Path, spec: StudySpec, finished: dict[str, dict[str, Any]]) 
     """heldout_documents.json of the arms whose base or reference comparisons need them (chained arms,
     arms from the base, the reference), by arm name; an arm without a readable file is left out (its
     cells say '—')."""
-    if not spec.reference and not any(arm.start for arm in spec.arms if arm.name in finished):
+    if not spec.references() and not any(arm.start for arm in spec.arms if arm.name in finished):
         return {}
     docs = {}
     for arm in spec.arms:
@@ -537,7 +545,11 @@ def figure(spec: StudySpec, report: Report) -> Any | None:
     _bars(axes[1], *_series(ppl, [("domain_ppl_change_vs_control", "domain"), ("forgetting_vs_control", "general")]),
           "test perplexity vs control (%, 95% CI; < 0 is better)")
     if ref:
-        _bars(axes[2], *_series(ref, [("vs_reference", "")]), f"test score − {spec.arm(spec.reference).label} (points ×100, CI)")
+        labels = {r["reference_label"] for r in ref}
+        if len(labels) > 1:  # arms with their own reference: each bar names its pair
+            ref = [r | {"label": f"{r['label']} − {r['reference_label']}"} for r in ref]
+        _bars(axes[2], *_series(ref, [("vs_reference", "")]),
+              f"test score − {labels.pop() if len(labels) == 1 else 'its reference'} (points ×100, CI)")
     fig.suptitle(spec.title, fontsize=10)
     fig.tight_layout()
     return fig
@@ -551,7 +563,7 @@ def write(spec: StudySpec, out: Path, command: str) -> tuple[Report, list[Path]]
     paths = [atomic_write_text(out / "table.md", report.markdown + "\n"),
              atomic_write_text(out / "downstream.csv", _csv(report.downstream)),
              atomic_write_text(out / "perplexity.csv", _csv(report.perplexity))]
-    if spec.reference:
+    if spec.references():
         paths.append(atomic_write_text(out / "vs_reference.csv", _csv(report.reference)))
     fig = figure(spec, report)
     if fig is not None:

@@ -27,7 +27,7 @@ from dapt.errors import ConfigError
 ARM_NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 STUDY_KEYS = {"title", "question", "paper_source", "wall_time", "paper_scale", "gpu_hours", "common", "base_paper",
               "arms", "notes", "readme", "control_label", "guard", "reference"}
-ARM_KEYS = {"name", "label", "overrides", "start", "paper"}
+ARM_KEYS = {"name", "label", "overrides", "start", "paper", "reference"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,9 @@ class Arm:
         overrides: Hydra overrides of this arm, after the study's ``common`` ones.
         start: name of an earlier arm whose adapted model this arm continues (None: the study's start).
         paper: the paper's score per task for this arm, in the paper's units (F1 x 100).
+        reference: the arm this one is compared with directly, in place of the study's ``reference``
+            (masking_rate: 0.30 mask-only against 0.15 mask-only, because the study-wide 0.15 80/10/10
+            scores held-out text with another corruption and answers the other question, scheme vs scheme).
     """
 
     name: str
@@ -47,6 +50,7 @@ class Arm:
     overrides: tuple[str, ...] = ()
     start: str | None = None
     paper: dict[str, float] = field(default_factory=dict)
+    reference: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,20 @@ class StudySpec:
             if arm.name == name:
                 return arm
         raise ConfigError(f"study {self.name}: no arm '{name}' (arms: {', '.join(a.name for a in self.arms)})")
+
+    def reference_of(self, arm: Arm) -> str | None:
+        """The arm ``arm`` is compared with directly: its own ``reference``, else the study's; None for
+        the reference itself and for an arm that continues another (it has no equal-start counterpart)."""
+        name = arm.reference or self.reference
+        return None if arm.start is not None or name == arm.name else name
+
+    def references(self) -> list[str]:
+        """Every arm some arm is compared with, in order of first use (empty: no reference block)."""
+        names: list[str] = []
+        for arm in self.arms:
+            if (name := self.reference_of(arm)) and name not in names:
+                names.append(name)
+        return names
 
 
 def studies_dir() -> Path:
@@ -161,8 +179,19 @@ def load(name_or_path: str | Path) -> StudySpec:
         start = item.get("start")
         if start is not None and not any(a.name == start for a in arms):
             raise ConfigError(f"{where}: start '{start}' names no earlier arm (an arm can only continue an arm listed before it)")
+        own_reference = item.get("reference")
+        if own_reference is not None and start is not None:
+            raise ConfigError(f"{where}: an arm that continues another (start: {start}) has no reference; drop its 'reference'")
         arms.append(Arm(name=name, label=str(item.get("label") or name), overrides=_strings(item.get("overrides"), f"{where}.overrides"),
-                        start=start, paper=_scores(item.get("paper"), f"{where}.paper")))
+                        start=start, paper=_scores(item.get("paper"), f"{where}.paper"),
+                        reference=None if own_reference is None else str(own_reference)))
+    from_base = [a.name for a in arms if a.start is None]
+    for i, arm in enumerate(arms):
+        if arm.reference == arm.name:
+            raise ConfigError(f"{path}: arms[{i}]: reference '{arm.reference}' is the arm itself")
+        if arm.reference is not None and arm.reference not in from_base:
+            raise ConfigError(f"{path}: arms[{i}]: reference '{arm.reference}' names no arm that starts from the study's base "
+                              f"(arms: {', '.join(from_base)})")
     guard = raw.get("guard") or {}
     if not isinstance(guard, dict):
         raise ConfigError(f"{path}: guard must be a mapping")
