@@ -77,7 +77,7 @@ def test_the_ablation_studies_name_their_reference_arm_and_help_says_so():
     rate = study_spec.load("masking_rate")  # within a scheme, a rate against 0.15 of the same scheme
     assert {a.name: rate.reference_of(a) for a in rate.arms if "mask_only" in a.name} == {
         "r15_mask_only": "r15_801010", "r30_mask_only": "r15_mask_only", "r40_mask_only": "r15_mask_only", "r60_mask_only": "r15_mask_only"}
-    assert "(compared with r15_801010; r30_mask_only, r40_mask_only, r60_mask_only with r15_mask_only)" in _epilog()
+    assert "(r30_mask_only, r40_mask_only, r60_mask_only compared with r15_mask_only; the others with r15_801010)" in _epilog()
 
 
 def test_the_issue_studies_ship_with_5_seeds_and_a_budget():
@@ -394,7 +394,7 @@ def test_an_arm_may_name_its_own_reference_and_the_block_says_which(tmp_path):
     assert rows["m30"]["vs_reference"] == pytest.approx((0.01 + 0.02 - 0.01) / 3)
     assert rows["m15"]["vs_reference"] == pytest.approx((0.02 + 0.03 + 0.01) / 3)
     assert {r["vs_reference_holm_m"] for r in rows.values()} == {2}
-    assert rows["m15"]["domain_ppl_change_vs_reference"] is None  # another corruption than its reference
+    assert rows["m15"]["domain_ppl_change_vs_reference_missing"] == "other masking settings for held-out sets"  # mask-only vs 80/10/10
     expected = math.exp((sum(losses["m30"]["domain_ppl"]["sums"]) - sum(losses["m15"]["domain_ppl"]["sums"])) / counts.sum()) - 1
     assert rows["m30"]["domain_ppl_change_vs_reference"] == pytest.approx(expected)
     assert "| arm | task | score | reference | reference's score | Δ vs reference [CI] |" in report.markdown
@@ -407,8 +407,11 @@ def test_an_arm_may_name_its_own_reference_and_the_block_says_which(tmp_path):
         (out / name / "run" / "results.json").unlink()
     assert not study_report.build(s, out, "cmd").reference and "M15 has not finished." in study_report.build(s, out, "cmd").markdown
     (out / "m15" / "run" / "results.json").write_text(json.dumps(_results(scores["m15"], {0: 0.5, 1: 0.5, 2: 0.5})))
-    (out / "ref" / "run" / "results.json").unlink()
-    assert "R has not finished." in study_report.build(s, out, "cmd").markdown
+    (out / "ref" / "run" / "results.json").unlink()  # an arm whose reference is missing is listed, with why
+    report = study_report.build(s, out, "cmd")
+    assert [(r["arm"], r["vs_reference_missing"], r["general_ppl_change_vs_reference_missing"]) for r in report.reference] == [
+        ("m15", "R has not finished", "R has not finished")]
+    assert "| M15 | t | — | R | — | — (R has not finished) | — |" in report.markdown
 
 
 @pytest.mark.parametrize("arms, message", [
@@ -416,6 +419,8 @@ def test_an_arm_may_name_its_own_reference_and_the_block_says_which(tmp_path):
     ("[{name: a}, {name: b, reference: b}]", "arms[1]: reference 'b' is the arm itself"),
     ("[{name: a}, {name: c, start: a}, {name: b, reference: c}]", "arms[2]: reference 'c' names no arm"),
     ("[{name: a}, {name: c, start: a, reference: a}]", "arms[1]: an arm that continues another (start: a) has no reference"),
+    ("[{name: a, reference: b}, {name: b, reference: a}]", "arms 'b' and 'a' are each other's reference"),
+    ("[{name: a, reference: b}, {name: b}]\nreference: a", "arms 'b' and 'a' are each other's reference"),
 ])
 def test_an_arms_reference_must_be_another_arm_from_the_base(tmp_path, arms, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -27,13 +27,15 @@ from dapt.study import spec as study_spec
 
 
 def _compared(s: study_spec.StudySpec) -> str:
-    """' (each compared with X; a, b with Y)': which reference each arm's paired comparisons use."""
-    own = {}
+    """' (each compared with X)' or ' (a, b compared with Y; the others with X)': which reference each
+    arm's paired comparisons use."""
+    own: dict[str, list[str]] = {}
     for arm in s.arms:
         if arm.reference and s.reference_of(arm) != s.reference:
             own.setdefault(arm.reference, []).append(arm.name)
-    parts = ([f"{'' if own else 'each '}compared with {s.reference}"] if s.reference else [])
-    parts += [f"{', '.join(names)} with {ref}" for ref, names in own.items()]
+    parts = [f"{', '.join(names)} compared with {ref}" for ref, names in own.items()]
+    if s.reference:
+        parts.append(f"the others with {s.reference}" if own else f"each compared with {s.reference}")
     return f" ({'; '.join(parts)})" if parts else ""
 
 

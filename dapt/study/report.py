@@ -269,11 +269,16 @@ def reference_rows(spec: StudySpec, finished: dict[str, dict[str, Any]], docs: d
     for task in _tasks(finished) or [None]:
         for arm in spec.arms:
             results, ref_name = finished.get(arm.name), spec.reference_of(arm)
-            ref = finished.get(ref_name) if ref_name else None
-            if results is None or ref is None:
+            if results is None or ref_name is None:
                 continue
             row: dict[str, Any] = {"arm": arm.name, "label": arm.label, "reference": ref_name,
                                    "reference_label": spec.arm(ref_name).label, "task": task}
+            ref = finished.get(ref_name)
+            if ref is None:  # listed, not dropped: a missing row would read as "not part of the study"
+                waiting = f"{row['reference_label']} has not finished"
+                rows.append(row | {"vs_reference_missing": waiting, "domain_ppl_change_vs_reference_missing": waiting,
+                                   "general_ppl_change_vs_reference_missing": waiting})
+                continue
             after = _score(results, task, "after") if task else {}
             comparison = None
             if not after:
@@ -358,7 +363,7 @@ def _reference_lines(spec: StudySpec, rows: list[dict[str, Any]], finished: dict
     """The reference block. With one reference the header names it; when arms name their own (an arm's
     ``reference``), each row says which reference it was paired with."""
     labels = [spec.arm(name).label for name in spec.references()]
-    single = len(labels) == 1
+    single = spec.references() == [spec.reference]
     alpha = next((r["vs_reference_alpha"] for r in rows if r.get("vs_reference_alpha") is not None), 0.05)
     whom = f"{labels[0]} (this study's reference arm" if single else "its reference arm (the row's 'reference'"
     lines = ["", f"Each arm against {whom}; pairs need the same start model): downstream test score "
@@ -470,9 +475,8 @@ def collect(spec: StudySpec, out: Path) -> tuple[dict[str, dict[str, Any]], list
 
 
 def _documents(out: Path, spec: StudySpec, finished: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """heldout_documents.json of the arms whose base or reference comparisons need them (chained arms,
-    arms from the base, the reference), by arm name; an arm without a readable file is left out (its
-    cells say '—')."""
+    """heldout_documents.json of every finished arm, by name, when a base or reference comparison needs
+    any (a chained arm, a reference); an arm without a readable file is left out (its cells say '—')."""
     if not spec.references() and not any(arm.start for arm in spec.arms if arm.name in finished):
         return {}
     docs = {}
@@ -545,11 +549,11 @@ def figure(spec: StudySpec, report: Report) -> Any | None:
     _bars(axes[1], *_series(ppl, [("domain_ppl_change_vs_control", "domain"), ("forgetting_vs_control", "general")]),
           "test perplexity vs control (%, 95% CI; < 0 is better)")
     if ref:
-        labels = {r["reference_label"] for r in ref}
-        if len(labels) > 1:  # arms with their own reference: each bar names its pair
+        single = spec.references() == [spec.reference]
+        if not single:  # arms with their own reference: each bar names its pair
             ref = [r | {"label": f"{r['label']} − {r['reference_label']}"} for r in ref]
         _bars(axes[2], *_series(ref, [("vs_reference", "")]),
-              f"test score − {labels.pop() if len(labels) == 1 else 'its reference'} (points ×100, CI)")
+              f"test score − {spec.arm(spec.reference).label if single else 'its reference'} (points ×100, CI)")
     fig.suptitle(spec.title, fontsize=10)
     fig.tight_layout()
     return fig

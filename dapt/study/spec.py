@@ -9,7 +9,8 @@ seeds (``dapt.pipeline``), so the study only has to run arms and read their resu
 
 An arm may ``start`` from another arm's adapted model (DAPT+TAPT continues the DAPT model); the runner
 then passes that model as ``model.source``. The file is checked when it is read: an unknown key, a
-duplicate or malformed arm name or a ``start`` naming no earlier arm is a one-line error naming the file.
+duplicate or malformed arm name, a ``start`` naming no earlier arm, or a ``reference`` naming no arm
+from the base (or two arms naming each other) is a one-line error naming the file.
 """
 
 from __future__ import annotations
@@ -70,9 +71,10 @@ class StudySpec:
         readme: the README (repo-relative) that embeds the generated table (``--readme``).
         control_label: the control rows' label.
         guard: the regression guard's expectations (``dapt.study.report.check_guard``).
-        reference: an arm every other arm is compared with directly (an ablation's default, e.g. random
-            masking): the question such a study asks is which arm beats it, which the control and base
-            columns answer only indirectly (the difference of two CIs is not the CI of the difference).
+        reference: an arm every other arm is compared with directly, unless the arm names its own
+            ``reference`` (an ablation's default, e.g. random masking): the question such a study asks
+            is which arm beats it, which the control and base columns answer only indirectly (the
+            difference of two CIs is not the CI of the difference).
         path: the YAML file it was read from.
     """
 
@@ -199,7 +201,7 @@ def load(name_or_path: str | Path) -> StudySpec:
     if reference is not None and not any(a.name == reference and a.start is None for a in arms):
         raise ConfigError(f"{path}: reference '{reference}' names no arm that starts from the study's base "
                           f"(arms: {', '.join(a.name for a in arms if a.start is None)})")
-    return StudySpec(
+    spec = StudySpec(
         name=path.stem, title=str(raw["title"]), question=str(raw["question"]).strip(), arms=tuple(arms),
         common=_strings(raw.get("common"), f"{path}: common"), paper_source=str(raw.get("paper_source") or ""),
         base_paper=_scores(raw.get("base_paper"), f"{path}: base_paper"), wall_time=str(raw.get("wall_time") or "").strip(),
@@ -208,3 +210,10 @@ def load(name_or_path: str | Path) -> StudySpec:
         control_label=str(raw.get("control_label") or StudySpec.control_label), guard=dict(guard),
         reference=None if reference is None else str(reference), path=path,
     )
+    pairs: set[frozenset[str]] = set()
+    for arm in spec.arms:  # a and b naming each other would put one comparison twice into the Holm family
+        if (ref := spec.reference_of(arm)) is not None:
+            if frozenset((arm.name, ref)) in pairs:
+                raise ConfigError(f"{path}: arms '{arm.name}' and '{ref}' are each other's reference (one comparison, named twice)")
+            pairs.add(frozenset((arm.name, ref)))
+    return spec
