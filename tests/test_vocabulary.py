@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dapt.errors import ConfigError
-from dapt.modeling.vocabulary import CandidateWord, extend_vocabulary, fertility, mine_domain_words
+from dapt.modeling.vocabulary import CandidateWord, extend_vocabulary, fertilities, fertility, mine_domain_words
 from dapt.pipeline.vocabulary import MARKER, VocabularyConfig, VocabularyResult, prepare_vocabulary
 from tests.helpers import minilm_tokenizer
 
@@ -187,6 +187,22 @@ def test_fertility_falls_on_domain_text_after_extension(pair):
     assert after["pieces_per_word"] < before["pieces_per_word"]
 
 
+def test_fertilities_read_the_text_once_for_several_tokenizers(pair):
+    model, tok = pair
+    alone = fertility(stream(domain_docs()), tok)
+    extended = copy.deepcopy(tok)
+    extend_vocabulary(copy.deepcopy(model), extended, NEW_WORDS)
+    reads = []
+
+    def counted():
+        reads.append(1)
+        yield from stream(domain_docs())
+
+    both = fertilities(counted(), [tok, extended])
+    assert len(reads) == 1 and both[0] == alone and both[1] == fertility(stream(domain_docs()), extended)
+    assert both[0]["pieces"] - both[1]["pieces"] == 30 * 3 + 10 * 3 + 8 * 5
+
+
 # (7) the cached pipeline step ---------------------------------------------------------------------
 
 def test_prepare_vocabulary_caches_and_never_mutates_the_callers_pair(tmp_path: Path):
@@ -194,10 +210,17 @@ def test_prepare_vocabulary_caches_and_never_mutates_the_callers_pair(tmp_path: 
     model = tiny_model(len(tok))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = VocabularyConfig(name="extend", top_n=3, min_count=5, max_documents=8)
-    kwargs = dict(model=model, tokenizer=tok, start_fingerprint={"weights": "tiny"}, domain_documents=lambda: stream(domain_docs()),
-                  general_documents=lambda: stream(general_docs()), domain_description={"corpus": "synthetic"}, cache_dir=str(tmp_path))
+    reads = {"domain": 0, "general": 0}
+
+    def read(name: str, docs: list[str]):
+        reads[name] += 1
+        return stream(docs)
+
+    kwargs = dict(model=model, tokenizer=tok, start_fingerprint={"weights": "tiny"}, domain_documents=lambda: read("domain", domain_docs()),
+                  general_documents=lambda: read("general", general_docs()), domain_description={"corpus": "synthetic"}, cache_dir=str(tmp_path))
     first = prepare_vocabulary(cfg, **kwargs)
     assert isinstance(first, VocabularyResult) and not first.cached and first.added == 3
+    assert reads == {"domain": 2, "general": 1}  # mining, then one fertility pass for both tokenizers
     assert first.examples == ["cardiomyopathy", "nephrotoxicity", "quarterbacks"]
     assert Path(first.path) == tmp_path / "vocabulary" / first.cache_key and (Path(first.path) / MARKER).exists()
     assert first.fertility["domain"]["after"] < first.fertility["domain"]["before"]

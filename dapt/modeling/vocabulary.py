@@ -253,10 +253,17 @@ def fertility(documents: Iterable[str], tokenizer: Any) -> dict[str, Any]:
     pieces are the tokens the full tokenizer makes of the documents (added tokens matched, no special
     tokens), so the ratio falls exactly by the pieces the added words save. Streamed in batches.
     """
-    backend = _check_wordpiece(tokenizer)
-    plain = _plain_backend_copy(tokenizer)
-    n_words = n_pieces = 0
+    return fertilities(documents, [tokenizer])[0]
+
+
+def fertilities(documents: Iterable[str], tokenizers: Sequence[Any]) -> list[dict[str, Any]]:
+    """``fertility`` of the same documents under each tokenizer, reading them once: a corpus streamed
+    from disk is read one time for "before" and "after" extension, not once per tokenizer."""
+    backends = [(_check_wordpiece(tok), _plain_backend_copy(tok)) for tok in tokenizers]
+    counts = [[0, 0] for _ in tokenizers]
     for batch in _batches(documents, _ENCODE_BATCH):
-        n_words += sum(len(_words(text, backend)) for text in batch)
-        n_pieces += sum(len(enc.ids) for enc in plain.encode_batch(batch, add_special_tokens=False))
-    return {"words": n_words, "pieces": n_pieces, "pieces_per_word": n_pieces / n_words if n_words else float("nan")}
+        for count, (backend, plain) in zip(counts, backends):
+            count[0] += sum(len(_words(text, backend)) for text in batch)
+            count[1] += sum(len(enc.ids) for enc in plain.encode_batch(batch, add_special_tokens=False))
+    return [{"words": words, "pieces": pieces, "pieces_per_word": pieces / words if words else float("nan")}
+            for words, pieces in counts]

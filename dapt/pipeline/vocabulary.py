@@ -158,8 +158,8 @@ def prepare_vocabulary(
 
     Only for ``cfg.name == "extend"`` (with ``none`` the caller keeps its model and never calls this).
     ``model`` and ``tokenizer`` are never modified: a deep copy of each is extended. The document
-    callables return a fresh iterable per call (domain text is read up to three times: mining,
-    fertility before, fertility after; general text once or twice), each capped at
+    callables return a fresh iterable per call (domain text is read twice: mining, then fertility
+    before and after in one pass; general text once, or twice with ``domain_ratio``), each capped at
     ``cfg.max_documents``. ``start_fingerprint`` identifies the start weights (e.g.
     ``base_prep.model_fingerprint`` or the base's cache key) and ``domain_description`` the corpus
     (``data.sources.describe``); both enter the key, so a different start or corpus re-mines.
@@ -197,10 +197,10 @@ def prepare_vocabulary(
         new_model = copy.deepcopy(model)
         new_tokenizer = copy.deepcopy(tokenizer)
         added = vocab.extend_vocabulary(new_model, new_tokenizer, [c.word for c in candidates])
-        before = {"domain": vocab.fertility(_capped(domain_documents, limit), tokenizer),
-                  "general": vocab.fertility(_capped(general_documents, limit), tokenizer)}
-        after = {"domain": vocab.fertility(_capped(domain_documents, limit), new_tokenizer),
-                 "general": vocab.fertility(_capped(general_documents, limit), new_tokenizer)}
+        (domain_before, domain_after), (general_before, general_after) = (
+            vocab.fertilities(_capped(documents, limit), [tokenizer, new_tokenizer]) for documents in (domain_documents, general_documents))
+        before = {"domain": domain_before, "general": general_before}
+        after = {"domain": domain_after, "general": general_after}
         fert = {name: {"before": _round(before[name]), "after": _round(after[name])} for name in ("domain", "general")}
         log.info("vocabulary: added %d domain words (e.g. %s); pieces per word on domain text %s -> %s, on general text %s -> %s",
                  len(added), ", ".join(added[:10]), fert["domain"]["before"], fert["domain"]["after"],
