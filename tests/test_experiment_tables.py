@@ -24,7 +24,10 @@ def _job(folder: Path, active: list[str], sums: list[float], counts: list[int], 
                "changes": {"domain_ppl_change": -0.2, "domain_ppl_change_ci": [-0.25, -0.15], "forgetting": 0.05, "forgetting_ci": [0.01, 0.09]},
                "remedies": {"active": active, "trainable_parameters": 50, "parameters": 100}, "control": {"cache_key": control_key},
                "steps": 200, "provenance": {"git_commit": "abcdef0123", "git_dirty": False, "code_digest": "d1"},
-               "precision": {"value": "bf16-mixed"}}
+               "precision": {"value": "bf16-mixed"},
+               "heldout_sets": {"test": {name: {"documents": len(sums), "tokens": 999, "masked_tokens": sum(counts), "digest": name[0] * 16}
+                                         for name in ("domain", "general")}},
+               "config": {"masking": {"eval_strategy": "random", "eval_rate": 0.15, "eval_seed": 1, "mask_fraction": 0.8, "random_fraction": 0.1}}}
     (folder / "results.json").write_text(json.dumps(results))
     (folder / "heldout_documents.json").write_text(json.dumps({"after": docs}))
 
@@ -51,6 +54,14 @@ def test_rows_reference_and_paired_changes(tmp_path):
     assert "2 different (rows marked 'own control'" in text
     llrd = next(line for line in text.splitlines() if line.startswith("| llrd"))
     assert llrd.count("(own control)") == 2 and "own control" not in next(line for line in text.splitlines() if line.startswith("| l2sp"))
+
+    # same documents and masked-token counts, but scored with mask-only corruption: not paired with plain
+    path = tmp_path / "s" / "1" / "results.json"
+    results = json.loads(path.read_text())
+    results["config"]["masking"]["mask_fraction"], results["config"]["masking"]["random_fraction"] = 1.0, 0.0
+    path.write_text(json.dumps(results))
+    l2sp_row = next(line for line in table([tmp_path / "s"]).splitlines() if line.startswith("| l2sp"))
+    assert [c.strip() for c in l2sp_row.split("|")[1:-1]][8:] == ["—", "—"]
 
 
 def test_vocabulary_table_reads_fertility_and_pairs_f1_over_seeds(tmp_path):

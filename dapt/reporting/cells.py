@@ -47,9 +47,39 @@ def ppl_cell(results: dict[str, Any], key: str) -> str:
     return f"{value:.1f} [{low:.1f}, {high:.1f}]" if value is not None and low is not None else f"{value}"
 
 
+# what builds a held-out set besides its text: two runs' per-document losses pair up only if these agree
+_EVAL_MASKING_KEYS = ("eval_strategy", "eval_rate", "eval_seed", "mask_fraction", "random_fraction")
+_EVAL_DATA_KEYS = ("max_seq_length", "eval_sample_seed", "eval_max_doc_tokens")
+
+
+def not_pairable(a: dict[str, Any], b: dict[str, Any], split: str, name: str) -> str | None:
+    """Why two runs' scores on held-out set ``name`` (``split``) cannot be paired, or None when they can:
+    the same set (``same_heldout_set``: the digest of its tokens and masks where both recorded one,
+    else its counts, backed by the same eval masking, block size and sampling), the same precision,
+    and neither run scored with an extended vocabulary."""
+    ca, cb = a.get("config") or {}, b.get("config") or {}
+    if any(((c.get("vocabulary") or {}).get("name") or "none") != "none" for c in (ca, cb)):
+        return "an extended vocabulary"
+    if (a.get("precision") or {}).get("value") != (b.get("precision") or {}).get("value"):
+        return "another precision"
+    data_keys = _EVAL_DATA_KEYS if name == "domain" else tuple(k for k in _EVAL_DATA_KEYS if k != "eval_max_doc_tokens")
+    # general sets: not truncated since fc8ac23; older truncated ones are told apart by same_heldout_set below (digest, else counts)
+    for group, keys in (("masking", _EVAL_MASKING_KEYS), ("data", data_keys)):
+        if any((ca.get(group) or {}).get(k) != (cb.get(group) or {}).get(k) for k in keys):
+            return f"other {group} settings for held-out sets"
+    sets_a, sets_b = ((r.get("heldout_sets") or {}).get(split) or {} for r in (a, b))
+    if not same_heldout_set(sets_a.get(name), sets_b.get(name)):
+        return "another held-out set"
+    return None
+
+
 def paired_ppl(job: dict[str, Any], ref: dict[str, Any], key: str) -> tuple[float, float, float] | None:
-    """``ppl_job / ppl_ref - 1`` on held-out set ``key`` (e.g. ``domain_ppl``) with a paired CI; None
-    when the two jobs were not scored on the same documents and masked tokens."""
+    """``ppl_job / ppl_ref - 1`` on held-out test set ``key`` (e.g. ``domain_ppl``) with a paired CI; None
+    when the two jobs were not scored on the same documents and masked tokens, or, where both carry
+    their ``results``, when those say the sets were built or scored otherwise (``not_pairable``: equal
+    per-document counts do not show equal masks or equal input corruption)."""
+    if "results" in job and "results" in ref and not_pairable(job["results"], ref["results"], "test", key.removesuffix("_ppl")):
+        return None
     a, b = job["docs"].get(key), ref["docs"].get(key)
     if not a or not b or a["ids"] != b["ids"] or a["counts"] != b["counts"]:
         return None

@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dapt.data.heldout import same_heldout_set
 from dapt.errors import ConfigError
 from dapt.evaluation.stats import apply_holm, paired_comparison
 from dapt.io import atomic_write_text, read_json_object
-from dapt.reporting.cells import paired_ppl, pct, provenance_lines
+from dapt.reporting.cells import not_pairable, paired_ppl, pct, provenance_lines
 from dapt.reporting.plots import pyplot, save_figure
 from dapt.study.runner import arm_record, results_of, run_folder, start_rerun, wall_seconds
 from dapt.study.spec import StudySpec
@@ -149,37 +148,11 @@ def _root(spec: StudySpec, name: str) -> str:
     return name
 
 
-# what builds a held-out set besides its text: two runs' per-document losses pair up only if these agree
-_EVAL_MASKING_KEYS = ("eval_strategy", "eval_rate", "eval_seed", "mask_fraction", "random_fraction")
-_EVAL_DATA_KEYS = ("max_seq_length", "eval_sample_seed", "eval_max_doc_tokens")
-
-
-def _not_alike(a: dict[str, Any], b: dict[str, Any], split: str, name: str) -> str | None:
-    """Why two runs' scores on held-out set ``name`` (``split``) cannot be paired, or None when they can:
-    the same set (``same_heldout_set``: the digest of its tokens and masks where both recorded one,
-    else its counts, backed by the same eval masking, block size and sampling), the same precision,
-    and neither run scored with an extended vocabulary."""
-    ca, cb = a.get("config") or {}, b.get("config") or {}
-    if any(((c.get("vocabulary") or {}).get("name") or "none") != "none" for c in (ca, cb)):
-        return "an extended vocabulary"
-    if (a.get("precision") or {}).get("value") != (b.get("precision") or {}).get("value"):
-        return "another precision"
-    data_keys = _EVAL_DATA_KEYS if name == "domain" else tuple(k for k in _EVAL_DATA_KEYS if k != "eval_max_doc_tokens")
-    # general sets: not truncated since fc8ac23; older truncated ones are told apart by same_heldout_set below (digest, else counts)
-    for group, keys in (("masking", _EVAL_MASKING_KEYS), ("data", data_keys)):
-        if any((ca.get(group) or {}).get(k) != (cb.get(group) or {}).get(k) for k in keys):
-            return f"other {group} settings for held-out sets"
-    sets_a, sets_b = ((r.get("heldout_sets") or {}).get(split) or {} for r in (a, b))
-    if not same_heldout_set(sets_a.get(name), sets_b.get(name)):
-        return "another held-out set"
-    return None
-
-
 def _vs_base(spec: StudySpec, out: Path | None, arm_name: str, finished: dict[str, dict[str, Any]],
              docs: dict[str, dict[str, Any]], key: str) -> tuple[tuple[float, float, float] | None, str]:
     """A chained arm's ``ppl_after / ppl_base - 1`` on test set ``key`` (``domain_ppl``/``general_ppl``)
     with its paired CI, and the arm whose start evaluation scored the base on that set (an arm from the
-    same cached base, scored alike: ``_not_alike``, and on the same documents and masked-token counts);
+    same cached base, scored alike: ``not_pairable``, and on the same documents and masked-token counts);
     without a change, the reason instead."""
     arm = spec.arm(arm_name)
     if out is not None and start_rerun(spec, out, arm, arm_record(out, arm)):
@@ -196,7 +169,7 @@ def _vs_base(spec: StudySpec, out: Path | None, arm_name: str, finished: dict[st
         candidate, other_docs = finished.get(other.name), docs.get(other.name) or {}
         if other.start is not None or candidate is None or (candidate.get("base") or {}).get("cache_key") != base_key:
             continue
-        if _not_alike(results, candidate, "test", name) is None:
+        if not_pairable(results, candidate, "test", name) is None:
             change = paired_ppl({"docs": after}, {"docs": other_docs.get("before") or {}}, key)
             if change is not None:
                 return change, other.name
@@ -263,7 +236,7 @@ def reference_rows(spec: StudySpec, finished: dict[str, dict[str, Any]], docs: d
     this block's comparisons (tasks x arms, as a run's own verdicts are over its tasks), with its MDE at
     the adjusted level; and the domain and general test perplexity change paired over the same
     documents and masks, where both arms adapted the same start model and their held-out sets were
-    scored alike (``_not_alike``). A cell that cannot be paired says why instead."""
+    scored alike (``not_pairable``). A cell that cannot be paired says why instead."""
     rows: list[dict[str, Any]] = []
     family: list[dict[str, Any]] = []
     for task in _tasks(finished) or [None]:
@@ -294,7 +267,7 @@ def reference_rows(spec: StudySpec, finished: dict[str, dict[str, Any]], docs: d
             row["comparison"] = comparison
             other_start = _start_model(results) != _start_model(ref)
             for key, test_set in (("domain_ppl_change_vs_reference", "domain"), ("general_ppl_change_vs_reference", "general")):
-                why = "another start model" if other_start else _not_alike(results, ref, "test", test_set)
+                why = "another start model" if other_start else not_pairable(results, ref, "test", test_set)
                 change = None if why else paired_ppl({"docs": (docs.get(arm.name) or {}).get("after") or {}},
                                                      {"docs": (docs.get(ref_name) or {}).get("after") or {}}, f"{test_set}_ppl")
                 row[key], row[f"{key}_ci_low"], row[f"{key}_ci_high"] = change or (None, None, None)
