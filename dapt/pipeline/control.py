@@ -90,10 +90,11 @@ def recipe_fingerprint() -> str:
                               base_prep.base_data_config, labels, sample_stats, *strategies)
 
 
-# Trainer settings that never change the control's weights (evaluation and logging only).
+# Trainer settings that never change the control's weights (evaluation and logging only), and the
+# CPU thread count, which changes only the last bits of its sums, as another machine would.
 CONTROL_IRRELEVANT_TRAINER_KEYS = (
     "val_check_interval", "check_val_every_n_epoch", "limit_val_batches", "limit_test_batches", "num_sanity_val_steps",
-    "log_every_n_steps", "enable_model_summary", "enable_progress_bar",
+    "log_every_n_steps", "enable_model_summary", "enable_progress_bar", "cpu_threads",
 )
 
 

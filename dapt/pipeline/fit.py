@@ -20,6 +20,7 @@ import torch
 from dapt import metric_names
 from dapt.modeling.callbacks import AtomicCheckpointIO
 from dapt.modeling.mlm_module import MLMModule
+from dapt.pipeline.run_config import CPU_THREADS
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def make_module(model: torch.nn.Module, run: Any, *, eval_names: Sequence[str], 
     adds its penalty and layer-wise learning-rate decay."""
     return MLMModule(
         model,
+        tune_cpu_threads=run.trainer.get(CPU_THREADS) == "auto",
         optimizer=run.optimizer,
         scheduler=run.scheduler,
         total_steps=int(run.trainer["max_steps"]),
@@ -69,9 +71,28 @@ def make_module(model: torch.nn.Module, run: Any, *, eval_names: Sequence[str], 
     )
 
 
+def apply_cpu_threads(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
+    """Set a fixed ``trainer.cpu_threads`` count for the rest of the process and say what the run uses
+    (``results.json`` ``cpu_threads``; ``run_config.cpu_threads`` says why it matters)."""
+    setting = trainer_cfg.get(CPU_THREADS, "all")
+    if isinstance(setting, int):
+        torch.set_num_threads(setting)
+    threads = torch.get_num_threads()
+    log.info("cpu threads: %s", f"{threads}, fixed (the same bits on the same machine and software)" if setting != "auto" else
+             f"tuned to the load from {threads} (trainer.cpu_threads=auto: fastest, but runs are not bit-reproducible)")
+    return {"setting": setting, "threads": threads}
+
+
+def tuner_history(trainer: pl.Trainer) -> list[list[int]]:
+    """[global step, threads kept] after each probe of a ``CpuThreadTuner`` (empty: fixed threads)."""
+    from dapt.modeling.callbacks import CpuThreadTuner
+
+    return [[int(step), int(n)] for cb in trainer.callbacks if isinstance(cb, CpuThreadTuner) for step, n in cb.history]
+
+
 def make_trainer(trainer_kwargs: dict[str, Any], *, callbacks: list[Any], loggers: list[Any] | None, root_dir: str,
                  checkpointing: bool = False) -> pl.Trainer:
-    kwargs = dict(trainer_kwargs)
+    kwargs = {k: v for k, v in trainer_kwargs.items() if k != CPU_THREADS}
     kwargs.setdefault("enable_checkpointing", checkpointing)
     # Held-out metrics are evaluated before, during and after fit; metric states created under
     # inference_mode could not be updated later, so evaluation runs under no_grad instead.

@@ -45,6 +45,7 @@ class RunResults:
     train_seconds: float
     attempts: int
     precision: dict[str, str]
+    cpu_threads: dict[str, Any]
     provenance: dict[str, Any]
     heldout_sets: Any
     base: dict[str, Any]

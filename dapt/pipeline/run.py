@@ -29,7 +29,7 @@ from dapt.modeling.callbacks import RngStateCheckpoint, ThroughputMeter
 from dapt.modeling.loading import load_mlm_model, load_tokenizer
 from dapt.pipeline.base_prep import BaseInfo, base_stream, model_fingerprint, needs_preparation, prepare_base
 from dapt.pipeline.control import control_config, run_control
-from dapt.pipeline.fit import DOCUMENTS, cached_start_evaluation, evaluate_heldout, make_module, make_trainer
+from dapt.pipeline.fit import DOCUMENTS, apply_cpu_threads, cached_start_evaluation, evaluate_heldout, make_module, make_trainer, tuner_history
 from dapt.pipeline.preflight import preflight
 from dapt.pipeline.remedies import apply_remedies
 from dapt.pipeline.results import RunResults, flat_metrics, log_summary, perplexity_changes, print_summary, stage_failure
@@ -142,6 +142,7 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
     cache_dir = str(cfg.paths.cache_dir)
     pl.seed_everything(seed, workers=True, verbose=False)
     log.info("precision %s (%s)", run.precision.value, run.precision.reason)
+    threads = apply_cpu_threads(run.trainer)
 
     tokenizer = load_tokenizer(run.model.tokenizer or run.model.source)
     selection = None
@@ -276,6 +277,7 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path, checkpoint: Checkpoin
             train_seconds=train_seconds,
             attempts=clock.attempts,
             precision={"value": run.precision.value, "reason": run.precision.reason},
+            cpu_threads={**threads, "tuner_history": tuner_history(trainer)},
             provenance=provenance(),  # git commit, code digest, libraries, CPU/GPU, host, time
             heldout_sets=datamodule.eval_info,
             base=base.as_dict(),

@@ -48,6 +48,21 @@ class RunConfig:
     raw: DictConfig
 
 
+CPU_THREADS = "cpu_threads"  # dapt's own trainer key (not a Lightning argument): make_trainer drops it
+
+
+def cpu_threads(value: Any) -> str | int:
+    """``trainer.cpu_threads``: ``all`` (torch's thread count, fixed for the run), ``auto`` (the
+    ``CpuThreadTuner`` picks the fastest count for the machine's current load and re-checks it) or
+    ``N`` (fixed N). Why fixed is the default: the thread count sets how CPU reductions are split, so
+    it changes the last bits of sums; under ``auto`` the same config and seed can train slightly
+    different weights when the load differs (a fine-tune amplifies that to tenths of an F1 point per
+    seed), while a fixed count trains the same bits on the same machine and software."""
+    if isinstance(value, bool) or not (value in ("all", "auto") or (isinstance(value, int) and value >= 1)):
+        raise ConfigError(f"trainer.cpu_threads={value!r}: expected all, auto or a thread count >= 1")
+    return value
+
+
 _TOP_LEVEL = {
     "model", "data", "masking", "optimizer", "scheduler", "trainer", "logger", "paths", "base_prep", "control",
     "experiment_name", "seed", "tasks", "downstream", "optimized_metric", "save_model", "tags",
@@ -62,8 +77,9 @@ def validate(cfg: DictConfig) -> RunConfig:
         raise ConfigError(f"unknown top-level config key '{unknown[0]}'{renamed_hint(unknown[0])}")
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True) or {}
     valid = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self", "callbacks", "logger", "plugins"}
+    trainer[CPU_THREADS] = cpu_threads(trainer.get(CPU_THREADS, "all"))
     for key in trainer:
-        if key not in valid:
+        if key not in valid and key != CPU_THREADS:
             raise ConfigError(f"unknown config key 'trainer.{key}' (not a Lightning Trainer argument)")
     if not trainer.get("max_steps") or trainer["max_steps"] < 1:
         raise ConfigError("trainer.max_steps must be >= 1 (streamed corpora have no epoch length)")
