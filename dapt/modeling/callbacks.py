@@ -114,6 +114,10 @@ class ThroughputMeter(pl.Callback):
         return None if rate is None else self._utilisation(rate)
 
 
+CPU_THREADS = "cpu_threads"  # the trainer config key that chooses between fixed threads and this tuner
+START_THREADS = torch.get_num_threads()  # the process's count before any run set one ("all")
+
+
 class CpuThreadTuner(pl.Callback):
     """On CPU, trains with the intra-op thread count that is fastest *now*, re-checked as load changes.
 

@@ -38,7 +38,7 @@ class MLMModule(pl.LightningModule):
         eval_names: Sequence[str] = ("domain", "general"),
         test_names: Sequence[str] | None = None,
         compile_model: bool = False,
-        tune_cpu_threads: bool = True,
+        tune_cpu_threads: bool = False,
         penalty: torch.nn.Module | None = None,
         layer_decay: float = 1.0,
     ) -> None:
@@ -77,8 +77,9 @@ class MLMModule(pl.LightningModule):
             self._compiled = (torch.compile(self.model.base_model),)
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """On CPU, a ``CpuThreadTuner`` (the best thread count changes with the machine's load; see its
-        docstring); it disables itself on GPU and under multi-process training."""
+        """With ``tune_cpu_threads`` (``trainer.cpu_threads=auto``), a ``CpuThreadTuner`` on CPU (the best
+        thread count changes with the machine's load; see its docstring); it disables itself on GPU and
+        under multi-process training. Off by default: switching thread counts changes the bits trained."""
         if not self.tune_cpu_threads:
             return []
         from dapt.modeling.callbacks import CpuThreadTuner

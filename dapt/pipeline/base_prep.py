@@ -239,6 +239,7 @@ def _train_base(model: torch.nn.Module, tokenizer: Any, sources: list[Any], cfg:
 
     from dapt.data.datamodule import PackedCorpusDataModule
     from dapt.masking import build_masker
+    from dapt.modeling.callbacks import CPU_THREADS
     from dapt.modeling.mlm_module import MLMModule
     from dapt.modeling.optim import OptimizerConfig, SchedulerConfig
     from dapt.progress import StepProgressBar
@@ -253,7 +254,7 @@ def _train_base(model: torch.nn.Module, tokenizer: Any, sources: list[Any], cfg:
         scheduler=SchedulerConfig(name="linear", warmup_ratio=cfg.warmup_ratio),
         total_steps=cfg.steps,
         eval_names=(),
-        tune_cpu_threads=trainer_kwargs.get("cpu_threads") == "auto",
+        tune_cpu_threads=trainer_kwargs.get(CPU_THREADS) == "auto",
     )
     kwargs = {k: v for k, v in trainer_kwargs.items() if k in BASE_TRAINER_KEYS}
     trainer = pl.Trainer(

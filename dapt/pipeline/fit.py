@@ -18,9 +18,8 @@ import pytorch_lightning as pl
 import torch
 
 from dapt import metric_names
-from dapt.modeling.callbacks import AtomicCheckpointIO
+from dapt.modeling.callbacks import CPU_THREADS, START_THREADS, AtomicCheckpointIO
 from dapt.modeling.mlm_module import MLMModule
-from dapt.pipeline.run_config import CPU_THREADS
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +71,12 @@ def make_module(model: torch.nn.Module, run: Any, *, eval_names: Sequence[str], 
 
 
 def apply_cpu_threads(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
-    """Set a fixed ``trainer.cpu_threads`` count for the rest of the process and say what the run uses
-    (``results.json`` ``cpu_threads``; ``run_config.cpu_threads`` says why it matters)."""
+    """Set the thread count ``trainer.cpu_threads`` asks for and say what the run uses (``results.json``
+    ``cpu_threads``; ``run_config.cpu_threads`` says why it matters). Every setting sets the count
+    explicitly (``all`` and ``auto`` the process's starting count), so an earlier job of a sweep in the
+    same process, or a tuner stopped mid-run, cannot leave its count to the next run."""
     setting = trainer_cfg.get(CPU_THREADS, "all")
-    if isinstance(setting, int):
-        torch.set_num_threads(setting)
+    torch.set_num_threads(setting if isinstance(setting, int) else START_THREADS)
     threads = torch.get_num_threads()
     log.info("cpu threads: %s", f"{threads}, fixed (the same bits on the same machine and software)" if setting != "auto" else
              f"tuned to the load from {threads} (trainer.cpu_threads=auto: fastest, but runs are not bit-reproducible)")

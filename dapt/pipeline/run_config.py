@@ -18,6 +18,7 @@ from dapt.config import renamed_hint, to_dataclass
 from dapt.data.config import DataConfig
 from dapt.data.sources import SourceConfig, as_source
 from dapt.errors import ConfigError
+from dapt.modeling.callbacks import CPU_THREADS  # dapt's own trainer key (not a Lightning argument): make_trainer drops it
 from dapt.modeling.loading import ModelConfig
 from dapt.modeling.optim import OptimizerConfig, SchedulerConfig
 from dapt.modeling.remedies import RemedyConfig
@@ -48,7 +49,6 @@ class RunConfig:
     raw: DictConfig
 
 
-CPU_THREADS = "cpu_threads"  # dapt's own trainer key (not a Lightning argument): make_trainer drops it
 
 
 def cpu_threads(value: Any) -> str | int:
