@@ -49,15 +49,13 @@ class RunConfig:
     raw: DictConfig
 
 
-
-
 def cpu_threads(value: Any) -> str | int:
     """``trainer.cpu_threads``: ``all`` (torch's thread count, fixed for the run), ``auto`` (the
     ``CpuThreadTuner`` picks the fastest count for the machine's current load and re-checks it) or
     ``N`` (fixed N). Why fixed is the default: the thread count sets how CPU reductions are split, so
-    it changes the last bits of sums; under ``auto`` the same config and seed can train slightly
-    different weights when the load differs (a fine-tune amplifies that to tenths of an F1 point per
-    seed), while a fixed count trains the same bits on the same machine and software."""
+    it changes the last bits of sums; under ``auto`` the same config and seed can train other bits when
+    the load differs (such differences can grow through training and fine-tuning), while a fixed count
+    trains the same bits on the same machine and software (experiments/throughput/README.md)."""
     if isinstance(value, bool) or not (value in ("all", "auto") or (isinstance(value, int) and value >= 1)):
         raise ConfigError(f"trainer.cpu_threads={value!r}: expected all, auto or a thread count >= 1")
     return value
