@@ -51,6 +51,7 @@ class MLMModule(pl.LightningModule):
         if penalty is not None:  # DDP would broadcast these model-sized, never-changing buffers at every forward
             self._ddp_params_and_buffers_to_ignore = [f"penalty.{name}" for name, _ in penalty.named_buffers()]
         self.tune_cpu_threads = tune_cpu_threads
+        self._tuner: pl.Callback | None = None
         self.optimizer_cfg = optimizer or OptimizerConfig()
         self.scheduler_cfg = scheduler or SchedulerConfig()
         self.total_steps = total_steps
@@ -84,7 +85,10 @@ class MLMModule(pl.LightningModule):
             return []
         from dapt.modeling.callbacks import CpuThreadTuner
 
-        return [CpuThreadTuner()]
+        # one instance: Lightning calls this at every fit/validate/test and swaps in what it returns,
+        # so a new tuner per call would drop the history results.json reports after the final evaluation
+        self._tuner = self._tuner or CpuThreadTuner()
+        return [self._tuner]
 
     def mlm_loss(self, batch: dict[str, torch.Tensor], reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return sparse_mlm_loss(
