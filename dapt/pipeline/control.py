@@ -31,6 +31,7 @@ from dapt.data.datamodule import PackedCorpusDataModule
 from dapt.data.sources import as_source, describe
 from dapt.errors import ConfigError
 from dapt.io import atomic_save_dir, atomic_write_json, cache_build_lock
+from dapt.modeling.callbacks import CPU_THREADS
 from dapt.pipeline.base_prep import BaseStream
 from dapt.pipeline.fit import content_key, evaluate_heldout, evaluation_code_fingerprint, heldout_eval_payload, make_module, make_trainer, stage_keys
 from dapt.pipeline.run_config import general_sources
@@ -94,7 +95,7 @@ def recipe_fingerprint() -> str:
 # CPU thread count, which changes only the last bits of its sums, as another machine would.
 CONTROL_IRRELEVANT_TRAINER_KEYS = (
     "val_check_interval", "check_val_every_n_epoch", "limit_val_batches", "limit_test_batches", "num_sanity_val_steps",
-    "log_every_n_steps", "enable_model_summary", "enable_progress_bar", "cpu_threads",
+    "log_every_n_steps", "enable_model_summary", "enable_progress_bar", CPU_THREADS,
 )
 
 

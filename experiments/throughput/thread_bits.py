@@ -48,6 +48,7 @@ def run(threads: int, switch: bool = False) -> tuple[str, float]:
         h.update(p.detach().float().numpy().tobytes())
     return h.hexdigest()[:16], float(loss)
 
+
 def run_folders(folders: list[Path]) -> None:
     """One line per ``dapt train`` run folder: weight digest, domain test perplexity, tokens/s, threads."""
     for folder in folders:
